@@ -577,6 +577,52 @@ def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: 
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * t))
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D *view* of t in memory order: contiguous and channels_last tensors alike.
+
+    Masks are allocated like their weights (same strides), so equal flat positions are the
+    same weight whatever the memory format.
+    """
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return t.view(-1)
+
+
+def _like(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Bool copy of mask m on p's device with p's memory layout."""
+    return torch.empty_like(p, dtype=torch.bool).copy_(m)
+
+
+def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest entries of a 1-D tensor (ties broken by position).
+
+    A selection (kthvalue, O(n)) instead of a sort: the hot part of a topology update.
+    """
+    if k >= len(v):
+        return torch.arange(len(v), device=v.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=v.device)
+    kth = v.kthvalue(k).values
+    below = (v < kth).nonzero().squeeze(1)
+    ties = (v == kth).nonzero().squeeze(1)[:k - len(below)]
+    return torch.cat([below, ties])
+
+
+def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct integers drawn uniformly from range(n), without an O(n) permutation when k << n.
+
+    Distinct values of i.i.d. draws form a uniformly random set given its size; a random
+    k-subset of it is a uniformly random k-subset of range(n).
+    """
+    if 4 * k > n:
+        return torch.randperm(n, generator=generator)[:k]
+    picked = torch.empty(0, dtype=torch.long)
+    while len(picked) < k:
+        draws = torch.randint(n, (k - len(picked) + k // 8 + 16,), generator=generator)
+        picked = torch.cat([picked, draws]).unique()
+    return picked[torch.randperm(len(picked), generator=generator)[:k]]
+
+
 class SparseMask:
     """One boolean mask per conv/linear weight of any nn.Module, and the rules that change them.
 
@@ -598,11 +644,10 @@ class SparseMask:
             counts = allocate_counts(shapes, density, allocation)
             masks = {}
             for name, k in zip(self.names, counts):
-                p = self.params[name]
-                flat = torch.zeros(p.numel(), dtype=torch.bool)
-                flat[torch.randperm(p.numel(), generator=self.generator)[:k]] = True
-                masks[name] = flat.view(p.shape)
-        self.masks = {n: masks[n].to(self.params[n].device, torch.bool).clone() for n in self.names}
+                m = torch.zeros_like(self.params[name], dtype=torch.bool, device="cpu")
+                _flat(m)[torch.randperm(m.numel(), generator=self.generator)[:k]] = True
+                masks[name] = m
+        self.masks = {n: _like(self.params[n], masks[n]) for n in self.names}
         self.ever_active = {n: m.clone() for n, m in self.masks.items()}
         self.steps = 0
         self._refresh()
@@ -664,7 +709,7 @@ class SparseMask:
         """
         pruned = grown = 0
         for i, name in enumerate(self.names):
-            p, mask = self.params[name], self.masks[name].view(-1)
+            p, mask = self.params[name], _flat(self.masks[name])
             nnz, size = self.counts[i], self.sizes[i]
             k = min(math.ceil(death_rate * nnz), size - nnz)  # a dense layer stays dense
             k_drop = k + min(math.ceil(death_rate * extra_prune * nnz), nnz - k - 1) if extra_prune else k
@@ -673,20 +718,18 @@ class SparseMask:
                 continue
             active = mask.nonzero().squeeze(1)
             inactive = (~mask).nonzero().squeeze(1)
-            w = p.view(-1)
-            drop = active[w[active].abs().topk(k_drop, largest=False, sorted=False).indices]
+            drop = active[_smallest(_flat(p)[active].abs(), k_drop)]
             if growth == "gradient":
                 if p.grad is None:
                     raise SparseWinError("gradient growth needs p.grad: call update() after backward()")
-                grow = inactive[p.grad.view(-1)[inactive].abs().topk(k_grow, sorted=False).indices]
+                grow = inactive[_smallest(-_flat(p.grad)[inactive].abs(), k_grow)]
             else:
-                grow = inactive[torch.randperm(len(inactive), generator=self.generator)[:k_grow].to(p.device)]
-            mask[drop] = False
-            mask[grow] = True
-            self.ever_active[name].view(-1)[grow] = True
+                grow = inactive[_choose(len(inactive), k_grow, self.generator).to(p.device)]
+            both = torch.cat([drop, grow])
+            mask.index_fill_(0, drop, False).index_fill_(0, grow, True)  # index_fill_: ~50x faster than t[idx] =
+            _flat(self.ever_active[name]).index_fill_(0, grow, True)
             for t in [p, *self._state_of(optimizer, p)]:
-                t.view(-1)[drop] = 0
-                t.view(-1)[grow] = 0  # regrown weights and momentum start at zero
+                _flat(t).index_fill_(0, both, 0)  # pruned zero; regrown weights and momentum start at zero
             self.counts[i] = nnz - k_drop + k_grow
             pruned, grown = pruned + k_drop, grown + k_grow
         self._mult = [m.to(self.params[n].dtype) if m.is_cuda else m for n, m in self.masks.items()]
@@ -702,7 +745,7 @@ class SparseMask:
         if list(state["masks"]) != self.names or any(state["masks"][n].shape != self.masks[n].shape for n in self.names):
             raise SparseWinError("mask state does not match this model's prunable weights")
         for key in ("masks", "ever_active"):
-            setattr(self, key, {n: state[key][n].to(self.params[n].device) for n in self.names})
+            setattr(self, key, {n: _like(self.params[n], state[key][n]) for n in self.names})
         self.steps = state["steps"]
         self.generator.set_state(state["generator"])
         self._refresh()
@@ -762,7 +805,8 @@ def magnitude_mask(weights: dict[str, torch.Tensor], density: float) -> dict[str
     flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[flat.topk(round(density * flat.numel()), sorted=False).indices] = True
-    return dict(zip(weights, keep.split([w.numel() for w in weights.values()])))
+    parts = keep.split([w.numel() for w in weights.values()])
+    return {n: k.view(w.shape) for (n, w), k in zip(weights.items(), parts)}
 
 
 def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -889,33 +933,37 @@ RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "progress", "amp",
                "download", "data_dir", "preset", "benchmark"}  # may differ between a run and its resume
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create and check the run directory; never overwrite a previous run without --resume."""
+def check_run_dir(cfg: Config) -> Path:
+    """Refuse early, before anything is created: never overwrite a previous run without --resume."""
     d = cfg.run_dir
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
-    has_run = (d / "last.pt").exists() or (d / "metrics.jsonl").exists()
     if cfg.resume and not (d / "last.pt").exists():
         raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
-    if has_run and not cfg.resume:
+    if not cfg.resume and ((d / "last.pt").exists() or (d / "metrics.jsonl").exists()):
         raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
+    parent = next(p for p in [d, *d.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SparseWinError(f"cannot write to run directory {d}: {parent} is not a writable directory")
+    return d
+
+
+def make_run_dir(d: Path) -> Path:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
     return d
 
 
 def train(cfg: Config, log=print) -> dict:
     """Run one experiment end to end; returns the summary (also written to summary.json)."""
     validate(cfg)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     info = DATASETS[cfg.dataset]
     data = load_data(cfg)
+    make_run_dir(run_dir)
     if cfg.train_subset:
         data["train"] = tuple(t[:cfg.train_subset] for t in data["train"])
     if cfg.eval_subset:
