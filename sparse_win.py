@@ -638,15 +638,18 @@ class SparseMask:
                  masks: dict[str, torch.Tensor] | None = None):
         self.params = prunable(model)
         self.names = list(self.params)
-        self.generator = torch.Generator().manual_seed(seed)  # CPU: identical draws on every device
+        # CPU generator: identical draws on every device. Topology updates index weights in memory
+        # order, so a channels_last run (CUDA default) regrows other positions than a CPU run.
+        self.generator = torch.Generator().manual_seed(seed)
         if masks is None:
             shapes = [tuple(self.params[n].shape) for n in self.names]
             counts = allocate_counts(shapes, density, allocation)
             masks = {}
             for name, k in zip(self.names, counts):
-                m = torch.zeros_like(self.params[name], dtype=torch.bool, device="cpu")
-                _flat(m)[torch.randperm(m.numel(), generator=self.generator)[:k]] = True
-                masks[name] = m
+                shape = self.params[name].shape
+                m = torch.zeros(shape.numel(), dtype=torch.bool)  # drawn in logical order: same on every layout
+                m[torch.randperm(shape.numel(), generator=self.generator)[:k]] = True
+                masks[name] = m.view(shape)
         self.masks = {n: _like(self.params[n], masks[n]) for n in self.names}
         self.ever_active = {n: m.clone() for n, m in self.masks.items()}
         self.steps = 0
@@ -712,7 +715,7 @@ class SparseMask:
             p, mask = self.params[name], _flat(self.masks[name])
             nnz, size = self.counts[i], self.sizes[i]
             k = min(math.ceil(death_rate * nnz), size - nnz)  # a dense layer stays dense
-            k_drop = k + min(math.ceil(death_rate * extra_prune * nnz), nnz - k - 1) if extra_prune else k
+            k_drop = k + max(0, min(math.ceil(death_rate * extra_prune * nnz), nnz - k - 1)) if extra_prune else k
             k_grow = min(k + (math.ceil(extra_growth * k) if extra_growth else 0), size - nnz)
             if k_drop <= 0 and k_grow <= 0:
                 continue
@@ -867,7 +870,8 @@ def layer_flops(model: nn.Module, input_shape: tuple) -> dict[str, int]:
     for name, m in modules.items():
         channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         hooks.append(m.register_forward_hook(
-            lambda mod, inp, o, name=name, c=channels: out.__setitem__(name, 2 * o.numel() // (o.shape[0] * c))))
+            lambda mod, inp, o, name=name, c=channels:  # accumulate: a layer may run more than once
+            out.__setitem__(name, out.get(name, 0) + 2 * o.numel() // (o.shape[0] * c))))
     was_training = model.training
     p = next(model.parameters())
     try:
@@ -1039,7 +1043,6 @@ def train(cfg: Config, log=print) -> dict:
 
     def run_epoch(attack_steps: int, desc: str) -> tuple[float, float]:
         """One epoch of AT (attack_steps > 0) or standard training; returns (loss, accuracy %)."""
-        nonlocal mask
         model.train()
         sums = torch.zeros(2, device=device)  # loss sum, correct (no host sync inside the loop)
         n = 0
