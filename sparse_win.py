@@ -501,18 +501,19 @@ def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int,
     """
     was_training = model.training
     model.eval()
-    n, total = 0, torch.zeros(4, dtype=torch.float64)  # clean correct, adv correct, clean loss, adv loss
+    n, total = 0, None  # on the device: clean correct, adv correct, clean loss, adv loss (one sync at the end)
     for x, y in batches:
         with autocast():
             logits = model(x)
             adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                                    generator=generator)) if steps > 0 else logits
-        total += torch.stack([(logits.argmax(1) == y).sum().double(), (adv_logits.argmax(1) == y).sum().double(),
-                              F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                              F.cross_entropy(adv_logits.float(), y, reduction="sum").double()]).cpu()
+        batch = torch.stack([(logits.argmax(1) == y).sum().double(), (adv_logits.argmax(1) == y).sum().double(),
+                             F.cross_entropy(logits.float(), y, reduction="sum").double(),
+                             F.cross_entropy(adv_logits.float(), y, reduction="sum").double()])
+        total = batch if total is None else total + batch
         n += len(y)
     model.train(was_training)
-    sa, ra, loss, adv_loss = (total / max(n, 1)).tolist()
+    sa, ra, loss, adv_loss = (total / n).tolist() if n else [0.0] * 4
     return dict(sa=100 * sa, ra=100 * ra, loss=loss, adv_loss=adv_loss)
 
 
@@ -1258,6 +1259,8 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
             for _ in range(3):
                 step()
             sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             n, t0 = 0, time.perf_counter()
             while n < 5 or time.perf_counter() - t0 < 2.0:
                 step()
@@ -1267,10 +1270,12 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
             executed = (2 * cfg.train_steps + 3) * dense_fwd  # the hardware runs dense kernels
             rows.append(dict(variant=label, model="sparse" if sparse else "dense", images_per_s=ips,
                              epoch_s=45000 / ips, tflops=executed * ips / 1e12,
-                             peak_fraction=executed * ips / peak if peak else None))
+                             peak_fraction=executed * ips / peak if peak else None,
+                             peak_memory=torch.cuda.max_memory_allocated() if device.type == "cuda" else None))
             r = rows[-1]
             log(f"{label:28s} {r['model']:6s} {ips:9.1f} img/s  epoch (45k) {r['epoch_s']:8.1f} s  "
-                f"{r['tflops']:7.2f} TFLOP/s" + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else ""))
+                f"{r['tflops']:7.2f} TFLOP/s" + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
+                + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
     return rows
 
 
