@@ -1086,8 +1086,7 @@ def train(cfg: Config, log=print) -> dict:
         log(f"ticket epoch {run['ticket_epochs']:3d} loss {loss:.4f} acc {acc:5.2f} "
             f"mask distance {early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
         if emerged or run["ticket_epochs"] >= cfg.eb_max_epochs:
-            run["phase"], run["ticket_flops"] = "adv", ledger.actual
-            run["ticket_flops_paper"] = ledger.paper
+            run["phase"], run["ticket_flops"], run["ticket_images"] = "adv", ledger.actual, ledger.images
             mask = SparseMask(net, masks=early.ticket(net))  # prune, keep weights; fresh optimizer + schedule
             optimizer, scheduler = make_optimizer(cfg.milestones)
         run["wall"] = time.time() - t0
@@ -1162,7 +1161,9 @@ def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, mask, fbpl
         ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
-        train_flops_dense_ratio=ledger.paper / (33 * dense_fwd * ledger.images) if ledger.images else 1.0,
+        # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
+        train_flops_dense_ratio=ledger.paper / (3 * (cfg.train_steps + 1) * dense_fwd
+                                                * (ledger.images - run.get("ticket_images", 0))),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=mask.density if mask else 1.0, itop_rate=mask.itop_rate() if mask else 1.0,

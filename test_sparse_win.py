@@ -1150,12 +1150,17 @@ def test_dense_end_to_end(dense_run):
     assert s["train_flops_dense_ratio"] == 1.0
 
 
-def test_dynamic_end_to_end(dynamic_run):
-    recs, s, last, per_weight = check_common(dynamic_run, "dynamic", 2)
+def smoke_igq(density=0.2):
+    """The smoke model, its prunable shapes, the IGQ counts at `density` and their exact density."""
     net = smoke_model()
     shapes = [tuple(p.shape) for p in sw.prunable(net).values()]
-    counts = sw.allocate_counts(shapes, 0.2, "igq")
-    target = sum(counts) / sum(math.prod(sh) for sh in shapes)
+    counts = sw.allocate_counts(shapes, density, "igq")
+    return net, shapes, counts, sum(counts) / sum(math.prod(sh) for sh in shapes)
+
+
+def test_dynamic_end_to_end(dynamic_run):
+    recs, s, last, per_weight = check_common(dynamic_run, "dynamic", 2)
+    net, shapes, counts, target = smoke_igq()
     assert sum(counts) == round(0.2 * sum(math.prod(sh) for sh in shapes))
     assert all(r["density"] == target for r in recs) and s["final_density"] == target
     # Flying Bird keeps every layer's count (IGQ allocation) through all prune/regrow updates
@@ -1179,10 +1184,7 @@ def test_dynamic_end_to_end(dynamic_run):
 
 def test_fbplus_end_to_end(fbplus_run):
     recs, s, last, per_weight = check_common(fbplus_run, "dynamic+", 3)
-    net = smoke_model()
-    shapes = [tuple(p.shape) for p in sw.prunable(net).values()]
-    counts = sw.allocate_counts(shapes, 0.2, "igq")
-    target = sum(counts) / sum(math.prod(sh) for sh in shapes)
+    net, shapes, counts, target = smoke_igq()
     ups = last["run"]["updates"]
     steps = update_steps(3, N_TRAIN // 64, 2, 3)
     assert [u["step"] for u in ups] == steps == [2, 4, 6, 9, 12]
