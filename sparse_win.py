@@ -98,7 +98,7 @@ class Config:
     test_steps: int = opt(20, "evaluation PGD steps (PGD-20)")
     train_subset: int = opt(0, "use only the first N training images (0 = all)")
     eval_subset: int = opt(0, "evaluate on the first N val/test images (0 = all)")
-    gap_subset: int = opt(5000, "training images for the final robust generalization gap")
+    gap_subset: int = opt(5000, "training images for the final robust generalization gap (0 = all)")
     device: str = opt("auto", "auto | cpu | cuda")
     seed: int = opt(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = opt("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
@@ -113,10 +113,6 @@ class Config:
     @property
     def density(self) -> float:
         return 1.0 - self.sparsity
-
-    @property
-    def sparse(self) -> bool:
-        return self.mode != "dense"
 
     def eps(self, train: bool) -> tuple[float, float]:
         """(eps, alpha) in pixel units for the training or evaluation attack."""
@@ -167,6 +163,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.train_steps >= 0 and cfg.test_steps >= 0, "attack steps must be >= 0")
     need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
+    need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
+    need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     return cfg
@@ -201,7 +199,8 @@ def load_cifar(name: str, root: str, download: bool = False):
     except Exception as e:  # offline download failure, missing or corrupt files
         folder = Path(root) / cls.base_folder
         files = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
-        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {why}); "
                              f"put the python-version files ({files}) there, or run online with --download")
     (x, y), (xt, yt) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
                          torch.tensor(d.targets, dtype=torch.long)) for d in parts]
@@ -662,6 +661,9 @@ class SparseMask:
         """Recount after a topology change; build the multipliers apply() uses."""
         self.counts = [int(self.masks[n].sum()) for n in self.names]
         self.sizes = [self.masks[n].numel() for n in self.names]
+        self._build_multipliers()
+
+    def _build_multipliers(self):
         # CUDA: one fused _foreach kernel needs masks in the weights' dtype; CPU multiplies by bool.
         self._mult = [m.to(self.params[n].dtype) if m.is_cuda else m for n, m in self.masks.items()]
 
@@ -736,7 +738,7 @@ class SparseMask:
                 _flat(t).index_fill_(0, both, 0)  # pruned zero; regrown weights and momentum start at zero
             self.counts[i] = nnz - k_drop + k_grow
             pruned, grown = pruned + k_drop, grown + k_grow
-        self._mult = [m.to(self.params[n].dtype) if m.is_cuda else m for n, m in self.masks.items()]
+        self._build_multipliers()
         return dict(pruned=pruned, grown=grown)
 
     # -- checkpoints
@@ -746,7 +748,8 @@ class SparseMask:
                     steps=self.steps, generator=self.generator.get_state())
 
     def load_state_dict(self, state: dict):
-        if list(state["masks"]) != self.names or any(state["masks"][n].shape != self.masks[n].shape for n in self.names):
+        masks = state["masks"]
+        if list(masks) != self.names or any(masks[n].shape != self.masks[n].shape for n in self.names):
             raise SparseWinError("mask state does not match this model's prunable weights")
         for key in ("masks", "ever_active"):
             setattr(self, key, {n: _like(self.params[n], state[key][n]) for n in self.names})
@@ -943,7 +946,7 @@ def check_run_dir(cfg: Config) -> Path:
     d = cfg.run_dir
     if cfg.resume and not (d / "last.pt").exists():
         raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
-    if not cfg.resume and ((d / "last.pt").exists() or (d / "metrics.jsonl").exists()):
+    if not cfg.resume and (d / "last.pt").exists():
         raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
     parent = next(p for p in [d, *d.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -1019,7 +1022,12 @@ def train(cfg: Config, log=print) -> dict:
                     ledger=ledger.state_dict(), run=run, generator=gen.get_state(), torch_rng=torch.get_rng_state())
 
     if cfg.resume:
-        ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+        # map to the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+        try:
+            ck = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+            ck["config"], ck["run"]
+        except Exception as e:
+            raise SparseWinError(f"{run_dir / 'last.pt'} is not a readable sparse_win checkpoint ({type(e).__name__})")
         changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k) != config[k]]
         if changed:
             k = changed[0]
@@ -1032,6 +1040,10 @@ def train(cfg: Config, log=print) -> dict:
         if mask is not None:
             mask.load_state_dict(ck["mask"])
         optimizer.load_state_dict(ck["optimizer"])
+        for p, state in optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)
         scheduler.load_state_dict(ck["scheduler"])
         for obj, key in ((fbplus, "fbplus"), (early, "early"), (ledger, "ledger")):
             if obj is not None:
@@ -1063,7 +1075,7 @@ def train(cfg: Config, log=print) -> dict:
             ledger.charge(len(y), fwd, attack_steps)
             sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
             n += len(y)
-            if mask is not None and cfg.mode != "static" and attack_steps:
+            if cfg.mode in ("dynamic", "dynamic+"):
                 late = run["epoch"] >= cfg.epochs // 2
                 if mask.steps % (cfg.update_interval_late if late else cfg.update_interval) == 0:
                     p = cosine_death_rate(mask.steps, total_steps, cfg.death_rate, cfg.death_rate_final)
@@ -1123,7 +1135,7 @@ def train(cfg: Config, log=print) -> dict:
         atomic_save(checkpoint(), run_dir / "last.pt")
 
     # Robust generalization gap of the final model: train RA (eval mode, no augmentation) - test RA
-    gap_x, gap_y = (t[:cfg.gap_subset] for t in data["train"])
+    gap_x, gap_y = (t[:cfg.gap_subset or None] for t in data["train"])
     train_final = evaluate(model, Batches(gap_x, gap_y, batch_size=max(cfg.batch_size, 256)), **test_attack,
                            autocast=autocast)
     summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd,
@@ -1237,19 +1249,20 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
     for label, amp, cl, comp in variants:
         for sparse in (False, True):
             net = build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                              mean=info["mean"], std=info["std"]).to(device)
+                              mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth,
+                              wrn_widen=cfg.wrn_widen).to(device)
             per_weight = layer_flops(net, shape)
             dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()})
-            mask = SparseMask(net, density=cfg.density, allocation=cfg.allocation) if sparse else None
             if cl:
                 net = net.to(memory_format=torch.channels_last)
+            mask = SparseMask(net, density=cfg.density, allocation=cfg.allocation) if sparse else None  # as train()
             model = torch.compile(net) if comp else net
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
 
             def step():
                 with ctx():
-                    xa = pgd(model, x, y, eps=eps, alpha=alpha, steps=cfg.train_steps, generator=gen)
+                    xa = pgd(model, x, y, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
                     loss = F.cross_entropy(model(xa), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -1287,13 +1300,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
-    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         kw = {k: v for k, v in f.metadata.items() if k != "help"}
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                help=f"{f.metadata['help']} (default: {f.default})")
         else:
             kw.setdefault("type", type(f.default))
             parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)

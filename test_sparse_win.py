@@ -1322,6 +1322,8 @@ def assert_cli_error(capsys, args, *words) -> str:
     (["--preset", "nope"], ["nope", "smoke"]),
     (["--bogus-flag"], ["--bogus-flag"]),
     (["--epochs", "0"], ["--epochs"]),
+    (["--fbplus-window", "0"], ["--fbplus-window"]),
+    (["--gap-subset", "-1"], ["subset"]),
 ])
 def test_cli_bad_options(capsys, tmp_path, args, words):
     assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "run", *args], *words)
@@ -1358,6 +1360,23 @@ def test_cli_unwritable_out(capsys, tmp_path):
 
 def test_cli_resume_without_checkpoint(capsys, tmp_path):
     assert_cli_error(capsys, ["--preset", "smoke", "--resume", "--out", tmp_path / "run"], "--resume", "last.pt")
+
+
+def test_cli_resume_unreadable_checkpoint(capsys, tmp_path, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert_cli_error(capsys, smoke(run, data_dir, "--resume"), "last.pt", "not a readable")
+    assert (run / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_run_killed_before_first_checkpoint_can_start_again(tmp_path, data_dir):
+    """metrics.jsonl without last.pt (killed in epoch 1): nothing to resume, so a new run may start."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    run_ok(smoke(run, data_dir, "--epochs", 1, "--train-subset", 64))
+    assert len(read_run(run)[0]) == 1
 
 
 def snapshot(d: Path) -> dict:
@@ -1443,7 +1462,8 @@ def write_cifar(root: Path, name: str, rng: np.random.Generator, n_per_batch=4, 
         meta = {"num_cases_per_batch": per, "label_names": ["c%d" % i for i in range(10)], "num_vis": 3072}
         (folder / "batches.meta").write_bytes(py2_pickle(meta))
     else:
-        meta = {"fine_label_names": ["f%d" % i for i in range(100)], "coarse_label_names": ["c%d" % i for i in range(20)]}
+        meta = {"fine_label_names": ["f%d" % i for i in range(100)],
+                "coarse_label_names": ["c%d" % i for i in range(20)]}
         (folder / "meta").write_bytes(py2_pickle(meta))
     with open(folder / batches[0], "rb") as f:  # the fixture has the real format's bytes keys
         assert b"data" in pickle.load(f, encoding="bytes")
@@ -1911,3 +1931,10 @@ def test_cpu_demo_learns(tmp_path):
     assert recs[-1]["train_loss"] < recs[0]["train_loss"]
     assert summary["ra_best"] > 40 and summary["sa_best"] > 60  # chance is 10%
     assert summary["topology_updates"] > 0 and summary["itop_rate"] > summary["final_density"]
+
+
+def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
+    """Flying Bird without an attack (--train-steps 0) still prunes and regrows on schedule."""
+    run = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--train-steps", 0, "--epochs", 1))
+    _, summary = read_run(run)
+    assert summary["topology_updates"] == N_TRAIN // 64 // 2 and summary["itop_rate"] > summary["final_density"]
