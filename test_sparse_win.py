@@ -1857,7 +1857,8 @@ def test_bench_pgd_ours(benchmark, step_setup):
     model, _, _, x, y, _ = step_setup
     model.eval()
     benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
-    benchmark.pedantic(lambda: sw.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: sw.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10), rounds=5, iterations=1,
+                       warmup_rounds=1)
 
 
 def test_bench_pgd_torchattacks(benchmark, step_setup):
@@ -1866,7 +1867,7 @@ def test_bench_pgd_torchattacks(benchmark, step_setup):
     model.eval()
     atk = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
     benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
-    benchmark.pedantic(lambda: atk(x, y), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: atk(x, y), rounds=5, iterations=1, warmup_rounds=1)
 
 
 PEAK_RSS = r"""
