@@ -39,8 +39,9 @@ done
 
 python - "$OUT" <<'PY'
 import json, sys, pathlib, sparse_win as sw
-rows = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/seed*/summary.json"))]
-for r in rows:
-    r["method"] = f"{r['dataset']} {r['method']}"
+paths = sorted(pathlib.Path(sys.argv[1]).glob("*/seed*/summary.json"))
+rows = [json.loads(p.read_text()) for p in paths]
+for p, r in zip(paths, rows):  # label by run directory: <dataset>-<mode>/seed<k>
+    r["method"] = f"{p.parent.parent.name} {p.parent.name} ({r['method']}, data: {r['dataset']})"
 print(sw.format_table(rows))
 PY
