@@ -1940,3 +1940,16 @@ def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
     _, summary = read_run(run)
     steps = update_steps(1, N_TRAIN // 64, 2, 3)  # one epoch: all of it is the "late" half, T = 3
     assert summary["topology_updates"] == len(steps) == 1 and summary["itop_rate"] > summary["final_density"]
+
+
+@pytest.mark.slow
+def test_run_experiments_smoke():
+    """run_experiments.sh --smoke: the 12 Table-1 commands for a few steps, then one table row each."""
+    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--smoke"], capture_output=True, text=True,
+                         cwd=HERE, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "seed0" in line]
+    assert len(rows) == 12
+    for data in ("cifar10", "cifar100", "tiny-imagenet"):
+        for method in ("dense AT", "Robust Bird", "Flying Bird,", "Flying Bird+"):
+            assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
