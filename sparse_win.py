@@ -962,6 +962,13 @@ def make_run_dir(d: Path) -> Path:
     return d
 
 
+def model_for(cfg: Config) -> nn.Module:
+    """The configured architecture, sized for the configured dataset."""
+    info = DATASETS[cfg.dataset]
+    return build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
+                       mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+
+
 def train(cfg: Config, log=print) -> dict:
     """Run one experiment end to end; returns the summary (also written to summary.json)."""
     validate(cfg)
@@ -978,8 +985,7 @@ def train(cfg: Config, log=print) -> dict:
         data["val"], data["test"] = [tuple(t[:cfg.eval_subset] for t in data[s]) for s in ("val", "test")]
     data = {s: (x.to(device), y.to(device)) for s, (x, y) in data.items()}
 
-    net = build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                      mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen).to(device)
+    net = model_for(cfg).to(device)
     input_shape = tuple(data["train"][0].shape[1:])
     per_weight = layer_flops(net, input_shape)
     dense_counts = {n: p.numel() for n, p in prunable(net).items()}
@@ -1248,9 +1254,7 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
     rows = []
     for label, amp, cl, comp in variants:
         for sparse in (False, True):
-            net = build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                              mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth,
-                              wrn_widen=cfg.wrn_widen).to(device)
+            net = model_for(cfg).to(device)
             per_weight = layer_flops(net, shape)
             dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()})
             if cl:
