@@ -14,6 +14,7 @@ cd "$(dirname "$0")"
 DATA=${DATA:-./data}
 OUT=${OUT:-runs}
 SEEDS=${SEEDS:-0}
+PYTHON=${PYTHON:-python3}   # the interpreter that has torch (e.g. a virtual environment's)
 EXTRA=()
 if [ "${1:-}" = "--smoke" ]; then
   OUT=$(mktemp -d)/runs
@@ -32,12 +33,12 @@ for dataset in cifar10 cifar100 tiny-imagenet; do
       [ -f "$dir/summary.json" ] && { echo "done already: $dir"; continue; }
       [ -f "$dir/last.pt" ] && args+=(--resume)
       echo "== $dataset $mode seed $seed"
-      python sparse_win.py "${args[@]}"
+      "$PYTHON" sparse_win.py "${args[@]}"
     done
   done
 done
 
-python - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" <<'PY'
 import json, sys, pathlib, sparse_win as sw
 paths = sorted(pathlib.Path(sys.argv[1]).glob("*/seed*/summary.json"))
 rows = [json.loads(p.read_text()) for p in paths]

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -50,6 +53,18 @@ ALLOCATIONS = ("igq", "erk", "uniform")
 
 class SparseWinError(ValueError):
     """Bad input: the CLI prints it as one line and exits with status 2."""
+
+
+# Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
+DIVERGED, IO_ERROR, INTERRUPTED, TERMINATED = 3, 74, 130, 143  # 74 = EX_IOERR; 128 + SIGINT / SIGTERM
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (diverged, disk full, preempted); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def opt(default, help: str, **kw):
@@ -104,9 +119,11 @@ class Config:
     out: str = opt("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
     resume: bool = opt(False, "continue the run in --out from its last.pt")
     stop_after_epoch: int = opt(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
-    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
-    compile: bool = opt(False, "torch.compile the model (CUDA)")
-    channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    checkpoint_every: int = opt(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
+                                   "at epoch ends only)")
+    amp: bool | None = opt(None, "bf16 autocast", switch="on for CUDA, off for CPU")
+    compile: bool = opt(False, "torch.compile the model")
+    channels_last: bool | None = opt(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = opt(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = opt(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
 
@@ -165,6 +182,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
     need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
+    need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     return cfg
@@ -315,14 +333,21 @@ class Batches:
     def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
+        self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
 
     def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0):
+        """One epoch from batch `start` on; `order` resumes an epoch whose permutation was drawn before."""
         n, dev = len(self.y), self.y.device
-        order = torch.randperm(n, device=dev, generator=self.generator) if self.shuffle else None
-        for i in range(0, n, self.batch_size):
+        if self.shuffle and order is None:
+            order = torch.randperm(n, device=dev, generator=self.generator)
+        self.order = order
+        for i in range(start * self.batch_size, n, self.batch_size):
             idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
             x = self.x[idx].float().div_(255)
             if self.augmentation is not None:
@@ -588,6 +613,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1)
 
 
+def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Positions in _flat(t) (memory order) of the logical (row-major) flat indices idx of t.
+
+    Topology updates choose weights in logical order, so that a channels_last model gets the
+    same masks as a contiguous one; they write through the memory-order view.
+    """
+    if t.is_contiguous():
+        return idx
+    coords = torch.unravel_index(idx, t.shape)  # one (k,) tensor per dim
+    return sum(c * s for c, s in zip(coords, t.stride()))
+
+
 def _like(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Bool copy of mask m on p's device with p's memory layout."""
     return torch.empty_like(p, dtype=torch.bool).copy_(m)
@@ -638,8 +675,8 @@ class SparseMask:
                  masks: dict[str, torch.Tensor] | None = None):
         self.params = prunable(model)
         self.names = list(self.params)
-        # CPU generator: identical draws on every device. Topology updates index weights in memory
-        # order, so a channels_last run (CUDA default) regrows other positions than a CPU run.
+        # CPU generator: identical draws on every device. Masks are drawn and updated in logical
+        # (row-major) order, so channels_last and contiguous weights get the same masks.
         self.generator = torch.Generator().manual_seed(seed)
         if masks is None:
             shapes = [tuple(self.params[n].shape) for n in self.names]
@@ -715,7 +752,7 @@ class SparseMask:
         """
         pruned = grown = 0
         for i, name in enumerate(self.names):
-            p, mask = self.params[name], _flat(self.masks[name])
+            p, mask = self.params[name], self.masks[name].reshape(-1)  # logical order (a copy if channels_last)
             nnz, size = self.counts[i], self.sizes[i]
             k = min(math.ceil(death_rate * nnz), size - nnz)  # a dense layer stays dense
             k_drop = k + max(0, min(math.ceil(death_rate * extra_prune * nnz), nnz - k - 1)) if extra_prune else k
@@ -724,15 +761,17 @@ class SparseMask:
                 continue
             active = mask.nonzero().squeeze(1)
             inactive = (~mask).nonzero().squeeze(1)
-            drop = active[_smallest(_flat(p)[active].abs(), k_drop)]
+            drop = active[_smallest(p.reshape(-1)[active].abs(), k_drop)]
             if growth == "gradient":
                 if p.grad is None:
                     raise SparseWinError("gradient growth needs p.grad: call update() after backward()")
-                grow = inactive[_smallest(-_flat(p.grad)[inactive].abs(), k_grow)]
+                grow = inactive[_smallest(-p.grad.reshape(-1)[inactive].abs(), k_grow)]
             else:
                 grow = inactive[_choose(len(inactive), k_grow, self.generator).to(p.device)]
+            drop, grow = _memory_index(p, drop), _memory_index(p, grow)  # where they sit in _flat(p)
             both = torch.cat([drop, grow])
-            mask.index_fill_(0, drop, False).index_fill_(0, grow, True)  # index_fill_: ~50x faster than t[idx] =
+            # index_fill_: ~50x faster than t[idx] = ...
+            _flat(self.masks[name]).index_fill_(0, drop, False).index_fill_(0, grow, True)
             _flat(self.ever_active[name]).index_fill_(0, grow, True)
             for t in [p, *self._state_of(optimizer, p)]:
                 _flat(t).index_fill_(0, both, 0)  # pruned zero; regrown weights and momentum start at zero
@@ -924,20 +963,63 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+def _finite(obj):
+    """obj with every non-finite float replaced by None (JSON null), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """JSON that strict readers (jq, JavaScript, pyarrow) accept: NaN and Infinity are written as null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write path.tmp, fsync, rename over path: the old file stays whole until the new one is.
+
+    An OSError (disk full, no permission, I/O error) removes the .tmp and becomes one line (exit 74).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise _io_error(path, e) from None
+
+
+def _io_error(path: Path, e: OSError) -> RunError:
+    why = f"{e.strerror or e}" + (f" [{errno.errorcode[e.errno]}]" if e.errno in errno.errorcode else "")
+    again = "rerun with --resume" if (path.parent / "last.pt").exists() else "run the same command again"
+    return RunError(f"cannot write {path}: {why}; its previous version is intact: fix that and {again}", IO_ERROR)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save into memory, then write_atomic: a crash or a full disk leaves the old file intact."""
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+    except OSError as e:
+        raise _io_error(path, e) from None
+    write_atomic(path, buf.getvalue())
 
 
 def write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
-RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "progress", "amp", "compile", "channels_last",
+RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile", "channels_last",
                "download", "data_dir", "preset", "benchmark"}  # may differ between a run and its resume
 
 
@@ -969,7 +1051,30 @@ def model_for(cfg: Config) -> nn.Module:
                        mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
 
 
-def train(cfg: Config, log=print) -> dict:
+class StopRequest:
+    """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
+    after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self):
+        import threading  # signal handlers can only be set from the main thread
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     """Run one experiment end to end; returns the summary (also written to summary.json)."""
     validate(cfg)
     run_dir = check_run_dir(cfg)
@@ -990,10 +1095,12 @@ def train(cfg: Config, log=print) -> dict:
     per_weight = layer_flops(net, input_shape)
     dense_counts = {n: p.numel() for n, p in prunable(net).items()}
     dense_fwd = forward_flops(per_weight, dense_counts)
-    if cuda and cfg.channels_last:
+    # The fast path (bf16 autocast, channels_last, compile): on by default on CUDA, on request on CPU.
+    amp = cuda if cfg.amp is None else cfg.amp
+    if (cuda if cfg.channels_last is None else cfg.channels_last):
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if cfg.compile else net
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and cfg.amp else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     gen = torch.Generator(device).manual_seed(cfg.seed)  # data order, augmentation, attack starts
     aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"])
@@ -1017,8 +1124,9 @@ def train(cfg: Config, log=print) -> dict:
                             growth_ratio=cfg.fbplus_grow) if cfg.mode == "dynamic+" else None
     early = EarlyBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold) \
         if cfg.mode == "static" else None
+    # partial: the epoch in progress when last.pt was written mid-epoch (order, batches done, running sums)
     run = dict(epoch=0, ticket_epochs=0, ticket_flops=0, phase="ticket" if early else "adv",
-               best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0)
+               best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0, partial=None)
     config = dataclasses.asdict(cfg)
 
     def checkpoint() -> dict:
@@ -1040,7 +1148,7 @@ def train(cfg: Config, log=print) -> dict:
             raise SparseWinError(f"{run_dir / 'last.pt'} was written with another config ({k}: "
                                  f"{ck['config'].get(k)!r}, now {config[k]!r}); resume with the same options")
         net.load_state_dict(ck["model"])
-        run = ck["run"]
+        run = {"partial": None, **ck["run"]}
         if run["phase"] == "adv" and early is not None:  # the ticket was adopted before the checkpoint
             mask = SparseMask(net, masks=ck["mask"]["masks"])
         if mask is not None:
@@ -1056,23 +1164,40 @@ def train(cfg: Config, log=print) -> dict:
                 obj.load_state_dict(ck[key])
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
-        log(f"resumed {run_dir} at epoch {run['epoch']} ({run['phase']})")
-    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run["history"]))
-    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
+        where = f", step {run['partial']['step']}" if run["partial"] else ""
+        log(f"resumed {run_dir} at epoch {run['epoch']}{where} ({run['phase']})")
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
+    write_text_atomic(run_dir / "config.json", strict_json(config, indent=1))
+
+    def where(step: int) -> str:
+        epoch = f"ticket epoch {run['ticket_epochs'] + 1}" if run["phase"] == "ticket" else f"epoch {run['epoch'] + 1}"
+        return f"{epoch}, step {step}/{len(train_batches)}"
 
     def run_epoch(attack_steps: int, desc: str) -> tuple[float, float]:
-        """One epoch of AT (attack_steps > 0) or standard training; returns (loss, accuracy %)."""
+        """One epoch of AT (attack_steps > 0) or standard training; returns (loss, accuracy %).
+
+        Resumes the epoch recorded in run["partial"], if any: same permutation, remaining batches,
+        running sums; the generator state restored with the checkpoint gives the same draws after it.
+        """
         model.train()
-        sums = torch.zeros(2, device=device)  # loss sum, correct (no host sync inside the loop)
-        n = 0
+        part = run["partial"] or {}
+        sums = part["sums"].to(device) if part else torch.zeros(2, device=device)  # loss sum, correct: no sync
+        n, start = part.get("n", 0), part.get("step", 0)
         fwd = forward_flops(per_weight, mask.layer_counts()) if mask else dense_fwd
         bar = _progress(len(train_batches), desc, cfg.progress)
-        for x, y in train_batches:
+        bar.update(start)
+        order = part["order"].to(device) if part.get("order") is not None else None
+        for i, (x, y) in enumerate(train_batches.epoch(order, start), start + 1):
             with autocast():
                 if attack_steps:
                     x = pgd(model, x, y, **{**attack, "steps": attack_steps})
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):  # one sync per step; stop before the bad step touches the weights
+                kept = ("last.pt and best.pt hold the last good checkpoint" if (run_dir / "last.pt").exists()
+                        else "no checkpoint had been written yet")
+                raise RunError(f"training diverged: the loss is {loss.item()} at {where(i)}; {kept}; try a smaller "
+                               f"--lr (now {cfg.lr:g})" + (" or --no-amp" if amp else ""), DIVERGED)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -1091,15 +1216,27 @@ def train(cfg: Config, log=print) -> dict:
                                                density=mask.density, **changed, **extra))
                     fwd = forward_flops(per_weight, mask.layer_counts())
             bar.update(1)
+            stopping = stop is not None and stop.signal is not None
+            if stopping or (cfg.checkpoint_every and ledger.steps % cfg.checkpoint_every == 0):
+                run["partial"] = dict(step=i, n=n, sums=sums.cpu(), order=train_batches.order.cpu()
+                                      if train_batches.order is not None else None)
+                run["wall"] = time.time() - t0
+                atomic_save(checkpoint(), run_dir / "last.pt")
+                run["partial"] = None
+            if stopping:
+                name = signal.Signals(stop.signal).name
+                raise RunError(f"stopped by {name} at {where(i)}; last.pt holds this step: continue with the "
+                               f"same command and --resume", TERMINATED if name == "SIGTERM" else INTERRUPTED)
         bar.close()
+        run["partial"] = None
         loss_sum, correct = sums.tolist()
         return loss_sum / n, 100 * correct / n
 
     t0 = time.time() - run["wall"]
     # Robust Bird stage 1: standard training until the early-bird ticket emerges (Sec. 3.1)
     while run["phase"] == "ticket":
+        loss, acc = run_epoch(0, f"ticket {run['ticket_epochs'] + 1}")
         run["ticket_epochs"] += 1
-        loss, acc = run_epoch(0, f"ticket {run['ticket_epochs']}")
         emerged = early.record(net)
         log(f"ticket epoch {run['ticket_epochs']:3d} loss {loss:.4f} acc {acc:5.2f} "
             f"mask distance {early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
@@ -1128,8 +1265,8 @@ def train(cfg: Config, log=print) -> dict:
                    density=mask.density if mask else 1.0, train_flops=ledger.actual, train_flops_paper=ledger.paper,
                    itop=mask.itop_rate() if mask else 1.0, time=time.time() - t0)
         run["history"].append(rec)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        # the whole file, atomically: an append cut short by a full disk would leave half a record
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
         log(f"epoch {rec['epoch']:3d}/{cfg.epochs} lr {lr:.4f} loss {train_loss:.4f} train RA {train_ra:5.2f} | "
             f"val SA {val['sa']:5.2f} RA {val['ra']:5.2f} | test SA {test['sa']:5.2f} RA {test['ra']:5.2f} | "
             f"density {rec['density']:.4f} | {rec['time']:.0f}s")
@@ -1147,7 +1284,7 @@ def train(cfg: Config, log=print) -> dict:
     summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd,
                         forward_flops(per_weight, mask.layer_counts()) if mask else dense_fwd,
                         mask, fbplus, early)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
     plot_curves(run["history"], fbplus.events if fbplus else [], run_dir / "curves.png", log)
     log(format_table([summary]))
     return summary
@@ -1223,10 +1360,10 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1306,11 +1443,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise SparseWinError(message)
     parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        kw = {k: v for k, v in f.metadata.items() if k != "help"}
+        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch")}
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or "switch" in f.metadata:  # --x / --no-x; a switch defaults by device
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+                                help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
         else:
             kw.setdefault("type", type(f.default))
             parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)
@@ -1330,13 +1467,17 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.benchmark:
             benchmark(cfg)
         else:
-            train(cfg)
+            with StopRequest() as stop:
+                train(cfg, stop=stop)
     except SparseWinError as e:
         print(f"sparse_win.py: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"sparse_win.py: {'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("sparse_win.py: interrupted; last.pt holds the last finished epoch (--resume)", file=sys.stderr)
-        return 130
+        print("sparse_win.py: interrupted; last.pt holds the last checkpoint (--resume)", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

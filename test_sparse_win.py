@@ -1,17 +1,18 @@
 """Tests of sparse_win.py: properties of the library parts, the training program end to end,
 and benchmarks against in-run baselines.
 
-    python -m pytest -p test_sparse_win test_sparse_win.py -q            # default suite (CI)
-    python -m pytest -p test_sparse_win test_sparse_win.py -m slow       # the longer runs
-    python -m pytest -p test_sparse_win test_sparse_win.py --benchmark-only
+    python -m pytest -q                   # default suite (CI)
+    python -m pytest -m slow              # the longer runs
+    python -m pytest -m cuda              # the CUDA tests (skipped without a GPU)
+    python -m pytest --benchmark-only     # the benchmarks
 
-`-p test_sparse_win` loads this file as a plugin too, so that pytest_configure below registers
-the `slow` marker and deselects slow tests unless -m is given. Benchmarks (pytest-benchmark)
-are skipped by default; their groups put our code beside its baseline, and the "(x.xx)" in
-the table is the ratio. Hypothesis runs the "ci" profile (derandomized) when CI is set.
+pyproject.toml registers the markers, deselects slow tests and skips benchmarks unless asked.
+Benchmark groups put our code beside its baseline, and the "(x.xx)" in the table is the ratio.
+Hypothesis runs the "ci" profile (derandomized) when CI is set.
 """
 import copy
 import dataclasses
+import errno
 import gzip
 import io
 import json
@@ -20,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -38,14 +40,6 @@ import sparse_win as sw
 settings.register_profile("dev", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer runs, deselected by default (run with -m slow)")
-    if not config.getoption("markexpr"):
-        config.option.markexpr = "not slow"
-    if not config.getoption("benchmark_only", False) and not config.getoption("benchmark_skip", False):
-        config.option.benchmark_skip = True  # benchmarks run with --benchmark-only
 
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -1027,6 +1021,7 @@ N_TRAIN = sw.PRESETS["smoke"]["train_subset"]
 REC_KEYS = {"epoch", "lr", "train_loss", "train_ra", "val_sa", "val_ra", "val_adv_loss", "test_sa", "test_ra",
             "test_adv_loss", "density", "train_flops", "train_flops_paper", "itop", "time"}
 WALL = {"time", "wall_seconds"}  # wall-clock fields: the only ones allowed to differ after a resume
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # for sparse_win.py in a subprocess beside the tests
 
 
 def smoke(out, data_dir, *extra) -> list[str]:
@@ -1297,6 +1292,282 @@ def test_resume_static_equivalent(tmp_path, data_dir, static_run, monkeypatch, c
     assert load_ck(tmp_path / "run" / "last.pt")["run"]["phase"] == "adv"
     run_ok(args + ["--resume"])
     assert_same_run(static_run, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- 2b. never lose a run
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN / Infinity, as jq, JavaScript and pyarrow do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_strict_json_writes_null_for_non_finite():
+    obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": 2, "e": "nan"}
+    assert strict_loads(sw.strict_json(obj)) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2, "e": "nan"}
+    with pytest.raises(ValueError):
+        strict_loads(json.dumps(obj))  # the plain json module writes NaN: the bug this guards against
+
+
+def poison_after(monkeypatch, step: int):
+    """Make the weights infinite after optimizer step `step`, so the loss of the next step is not finite."""
+    real = torch.optim.SGD.step
+    calls = []
+
+    def step_then_poison(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == step:
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.fill_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_poison)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_epoch(capsys, tmp_path, data_dir, monkeypatch):
+    steps = N_TRAIN // 64  # 4 steps per epoch
+    poison_after(monkeypatch, steps + 1)  # the loss of epoch 2, step 2 is nan
+    args = smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--epochs", 3)
+    capsys.readouterr()
+    assert sw.main(args) == sw.DIVERGED == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and f"epoch 2, step 2/{steps}" in err[0] and "--lr" in err[0], err
+    d = tmp_path / "run"
+    assert not list(d.glob("*.tmp")) and not (d / "summary.json").exists()
+    recs = [strict_loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1]
+    last, best = load_ck(d / "last.pt"), load_ck(d / "best.pt")
+    assert last["run"]["epoch"] == best["epoch"] == 1 and last["run"]["partial"] is None
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert last["ledger"]["steps"] == steps
+
+
+def test_divergence_with_a_huge_lr_is_one_line_and_strict_json(tmp_path, data_dir):
+    """The reported case: `--lr 1e8` used to train on with loss nan and write NaN into metrics.jsonl."""
+    p = subprocess.run([sys.executable, "sparse_win.py", *smoke(tmp_path / "run", data_dir, "--mode", "dense",
+                                                                "--lr", "1e8", "--epochs", 2)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert p.returncode == sw.DIVERGED, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparse_win.py: error: training diverged") and "1e+08" in lines[0]
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        strict_loads(line)
+
+
+# Every kind of file a run writes, and when it is written: a failed write gives one line and exit 74,
+# removes its .tmp, keeps the previous version, and the run continues identically once there is space.
+WRITES = ["config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png"]
+IO_ARGS = ["--mode", "dynamic", "--epochs", 2, "--train-steps", 1, "--test-steps", 1]
+
+
+class FullDisk(io.RawIOBase):
+    """A file opened for writing on a full disk: every write raises ENOSPC."""
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk_for(name: str):
+    real = open
+
+    def fake_open(path, mode="r", *a, **kw):
+        if Path(path).name == name + ".tmp" and "w" in mode:
+            real(path, mode, *a, **kw).close()  # the .tmp is created, then the disk is full
+            return FullDisk()
+        return real(path, mode, *a, **kw)
+    return fake_open
+
+
+@pytest.fixture(scope="module")
+def io_runs(tmp_path_factory, data_dir):
+    """An uninterrupted run, and one stopped after epoch 1 (the previous versions of every file)."""
+    base = tmp_path_factory.mktemp("io")
+    full = run_ok(smoke(base / "full", data_dir, *IO_ARGS))
+    run_ok(smoke(base / "half", data_dir, *IO_ARGS, "--stop-after-epoch", 1))
+    return full, base / "half"
+
+
+@pytest.mark.parametrize("name", WRITES + ["torch.save"])
+def test_io_error_is_one_line_and_loses_nothing(capsys, tmp_path, data_dir, monkeypatch, io_runs, name):
+    import errno as errno_mod
+    full, half = io_runs
+    d = tmp_path / "run"
+    shutil.copytree(half, d)
+    if name == "best.pt":  # make the resumed epoch 2 write best.pt for sure
+        ck = load_ck(d / "last.pt")
+        ck["run"]["best_val_ra"] = -1.0
+        torch.save(ck, d / "last.pt")
+    before = snapshot(d)
+    with monkeypatch.context() as m:
+        if name == "torch.save":
+            def no_space(*a, **kw):
+                raise OSError(errno_mod.ENOSPC, "No space left on device")
+            m.setattr(torch, "save", no_space)
+        else:
+            m.setattr(sw, "open", full_disk_for(name), raising=False)
+        capsys.readouterr()
+        assert sw.main(smoke(d, data_dir, *IO_ARGS, "--resume")) == sw.IO_ERROR == 74
+    err = capsys.readouterr().err.splitlines()
+    target = "last.pt" if name == "torch.save" else name
+    assert len(err) == 1 and f"cannot write {d / target}: No space left on device [ENOSPC]" in err[0], err
+    assert "Traceback" not in err[0] and "--resume" in err[0]
+    assert not list(d.glob("*.tmp"))
+    after = snapshot(d)
+    for f, data in before.items():  # the failed file and everything written before it: intact or newer
+        if f == target or f in ("config.json", "metrics.jsonl") and WRITES.index(target) <= 1:
+            assert after[f] == data, f
+    assert target not in after or target in before
+    # once there is space, --resume finishes the run as if nothing had happened
+    run_ok(smoke(d, data_dir, *IO_ARGS, "--resume"))
+    if name == "best.pt":  # its best epoch was moved on purpose; the training itself is the same
+        assert strip(read_run(full)[0]) == strip(read_run(d)[0])
+    else:
+        assert_same_run(full, d)
+
+
+def sigterm_at_pgd_call(monkeypatch, k: int):
+    """Send this process SIGTERM from inside the k-th training PGD call (mid-step, as a scheduler would)."""
+    real, calls = sw.pgd, []
+
+    def pgd(model, *a, **kw):
+        if model.training:
+            calls.append(1)
+            if len(calls) == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, *a, **kw)
+    monkeypatch.setattr(sw, "pgd", pgd)
+
+
+def test_sigterm_mid_epoch_then_resume_is_identical(capsys, tmp_path, data_dir, monkeypatch, fbplus_run):
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS)
+    steps = N_TRAIN // 64
+    with monkeypatch.context() as m:
+        sigterm_at_pgd_call(m, steps + 3)  # epoch 2, step 3
+        capsys.readouterr()
+        assert sw.main(args) == sw.TERMINATED == 143
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "SIGTERM" in err[0] and f"epoch 2, step 3/{steps}" in err[0] and "--resume" in err[0]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    ck = load_ck(tmp_path / "run" / "last.pt")
+    assert ck["run"]["epoch"] == 1 and ck["run"]["partial"]["step"] == 3 and ck["ledger"]["steps"] == steps + 3
+    run_ok(args + ["--resume"])
+    assert_same_run(fbplus_run, tmp_path / "run")
+
+
+def test_checkpoint_every_bounds_the_loss_of_a_kill(capsys, tmp_path, data_dir, monkeypatch, fbplus_run):
+    """A kill (here: an exception in step 7, no handler runs) loses only the steps since the last
+    --checkpoint-every checkpoint, and the resumed run is identical to an uninterrupted one."""
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS, "--checkpoint-every", 3)
+    real, calls = sw.pgd, []
+
+    def killed(model, *a, **kw):
+        if model.training:
+            calls.append(1)
+            if len(calls) == 7:
+                raise KeyboardInterrupt
+        return real(model, *a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(sw, "pgd", killed)
+        assert sw.main(args) == sw.INTERRUPTED
+    ck = load_ck(tmp_path / "run" / "last.pt")
+    assert ck["ledger"]["steps"] == 6 and ck["run"]["partial"]["step"] == 6 - N_TRAIN // 64
+    run_ok(args + ["--resume"])
+    assert_same_run(fbplus_run, tmp_path / "run")
+
+
+def test_sigterm_from_outside_stops_the_cli_with_143(tmp_path, data_dir):
+    proc = subprocess.Popen([sys.executable, "sparse_win.py", *smoke(tmp_path / "run", data_dir, "--mode", "dense",
+                                                                     "--epochs", 200, "--train-subset", 64)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    for line in proc.stdout:  # wait for the first finished epoch
+        if line.startswith("epoch   1/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert len(err.splitlines()) == 1 and "stopped by SIGTERM" in err and "--resume" in err
+    ck = load_ck(tmp_path / "run" / "last.pt")
+    assert 1 <= ck["run"]["epoch"] < 200
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 2c. the fast path on the CPU
+
+def check_fast_run(d: Path, channels_last: bool):
+    """Masks exact, masked weights and their momentum zero, losses finite, layout as asked."""
+    recs, summary = read_run(d)
+    assert all(math.isfinite(r["train_loss"]) for r in recs)
+    ck = load_ck(d / "last.pt")
+    momentum_of = dict(zip(ck["model"], [None] * len(ck["model"])))
+    names = [n for n, _ in smoke_model().named_parameters()]
+    for i, n in enumerate(names):
+        momentum_of[n] = ck["optimizer"]["state"].get(i, {}).get("momentum_buffer")
+    masks = ck["mask"]["masks"]
+    assert sum(int(m.sum()) for m in masks.values()) == round(summary["final_density"] * sum(m.numel() for m in
+                                                                                              masks.values()))
+    for n, m in masks.items():
+        w = ck["model"][n]
+        assert not w[~m].any() and not momentum_of[n][~m].any(), n
+        if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1:
+            assert w.is_contiguous(memory_format=torch.channels_last) == channels_last, n
+
+
+@pytest.mark.parametrize("amp, channels_last", [(True, False), (False, True), (True, True)])
+def test_fast_path_on_cpu(tmp_path, data_dir, amp, channels_last):
+    flags = ["--amp" if amp else "--no-amp", "--channels-last" if channels_last else "--no-channels-last"]
+    args = smoke(tmp_path / "run", data_dir, "--mode", "dynamic", *flags)
+    d = run_ok(args)
+    check_fast_run(d, channels_last)
+    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--stop-after-epoch", 1))
+    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--resume"))
+    assert_same_run(d, tmp_path / "half")
+
+
+def test_cpu_default_is_fp32_contiguous_eager(tmp_path, data_dir, dynamic_run):
+    """Asking for the CPU defaults explicitly changes nothing: the fast path is off on CPU unless asked."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--no-amp", "--no-channels-last",
+                     "--no-compile"))
+    assert_same_run(dynamic_run, d)
+    check_fast_run(d, channels_last=False)
+
+
+@pytest.mark.slow
+def test_compile_on_cpu(tmp_path, data_dir):
+    """torch.compile on the CPU (minutes here: inductor builds C++ kernels)."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--compile", "--amp", "--channels-last",
+                     "--epochs", 1))
+    check_fast_run(d, channels_last=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, density=st.floats(0.05, 0.9), growth=st.sampled_from(["random", "gradient"]))
+def test_topology_updates_do_not_depend_on_memory_layout(seed, density, growth):
+    """Same weights, same seed: channels_last and contiguous models get the same masks, update after update."""
+    gen = torch.Generator().manual_seed(seed)
+    a = tiny_cnn(gen, c=3, classes=4)
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in b.parameters())
+    ma, mb = (sw.SparseMask(m, density=density, seed=seed) for m in (a, b))
+    for step in range(10):
+        with torch.no_grad():
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                new = torch.randn(pa.shape, generator=gen).round(decimals=1)  # rounding: many ties
+                pa.copy_(new)
+                pb.copy_(new)
+                pa.grad = torch.randn(pa.shape, generator=gen).round(decimals=1)
+                pb.grad = torch.empty_like(pb).copy_(pa.grad)
+        ma.update(0.3, growth=growth)
+        mb.update(0.3, growth=growth)
+        for n in ma.names:
+            assert torch.equal(ma.masks[n], mb.masks[n]), (step, n)
+            assert torch.equal(ma.ever_active[n], mb.ever_active[n])
+        assert ma.counts == mb.counts
 
 
 # ----------------------------------------------------------------------------- 3. CLI errors
@@ -1946,10 +2217,83 @@ def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
 def test_run_experiments_smoke():
     """run_experiments.sh --smoke: the 12 Table-1 commands for a few steps, then one table row each."""
     out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--smoke"], capture_output=True, text=True,
-                         cwd=HERE, timeout=900)
+                         cwd=HERE, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "seed0" in line]
     assert len(rows) == 12
     for data in ("cifar10", "cifar100", "tiny-imagenet"):
         for method in ("dense AT", "Robust Bird", "Flying Bird,", "Flying Bird+"):
             assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
+
+
+def test_plain_pytest_is_the_default_suite():
+    """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
+                        "test_cpu_demo_learns or test_bench_mask_apply or test_normalize_module"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert "1 passed, 1 skipped, " in p.stdout and "deselected" in p.stdout, p.stdout[-2000:]
+    assert "benchmark-skip" in p.stdout  # the skip reason names pytest-benchmark's option
+
+
+# ----------------------------------------------------------------------------- CUDA (python -m pytest -m cuda)
+# The GPU code path: bf16 autocast, channels_last, torch.compile, the fused mask multiply.
+# Skipped without a GPU; run on a lent device by the GPU check (shared/gpu-check.sh).
+
+
+@pytest.fixture
+def gpu_data_dir(data_dir):
+    """Fashion-MNIST where the GPU check puts it (.device/data), else the Debian package."""
+    if (HERE / ".device" / "data" / "FashionMNIST" / "raw").is_dir():
+        return HERE / ".device" / "data"
+    if not Path(sw.DEBIAN_FASHION_MNIST).is_dir():
+        pytest.skip("no Fashion-MNIST on this machine")
+    return data_dir
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic+", "static"])
+def test_cuda_fast_path_trains_with_exact_masks(tmp_path, gpu_data_dir, mode):
+    extra = FBPLUS[2:] if mode == "dynamic+" else []
+    d = run_ok(smoke(tmp_path / "run", gpu_data_dir, "--mode", mode, "--device", "cuda", *extra))
+    check_fast_run(d, channels_last=True)  # CUDA default: bf16 autocast + channels_last
+    # resume on the GPU goes through (bitwise equality is a CPU property: cuDNN picks kernels per run)
+    run_ok(smoke(tmp_path / "half", gpu_data_dir, "--mode", mode, "--device", "cuda", *extra,
+                 "--stop-after-epoch", 1))
+    run_ok(smoke(tmp_path / "half", gpu_data_dir, "--mode", mode, "--device", "cuda", *extra, "--resume"))
+    check_fast_run(tmp_path / "half", channels_last=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compile_trains_with_exact_masks(tmp_path, gpu_data_dir):
+    d = run_ok(smoke(tmp_path / "run", gpu_data_dir, "--mode", "dynamic", "--device", "cuda", "--compile",
+                     "--epochs", 1))
+    check_fast_run(d, channels_last=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_cuda_channels_last_masks_equal_cpu_masks(growth):
+    """Same weights and seed: CUDA channels_last (bf16 multipliers) and CPU contiguous give equal masks."""
+    gen = torch.Generator().manual_seed(0)
+    cpu = smoke_model()
+    fill_(cpu, gen)
+    gpu = copy.deepcopy(cpu).cuda().to(memory_format=torch.channels_last)
+    mc, mg = sw.SparseMask(cpu, density=0.2, seed=3), sw.SparseMask(gpu, density=0.2, seed=3)
+    for step in range(5):
+        with torch.no_grad():
+            for pc, pg in zip(cpu.parameters(), gpu.parameters()):
+                pc.copy_(torch.randn(pc.shape, generator=gen))
+                pg.copy_(pc)
+                pc.grad = torch.randn(pc.shape, generator=gen)
+                pg.grad = torch.empty_like(pg).copy_(pc.grad)
+        mc.apply(), mg.apply()
+        mc.update(0.3, growth=growth), mg.update(0.3, growth=growth)
+        for n in mc.names:
+            assert torch.equal(mc.masks[n], mg.masks[n].cpu()), (step, n)
+        assert mc.counts == mg.counts
+    for n, p in sw.prunable(gpu).items():
+        assert not p[~mg.masks[n]].any()
