@@ -17,11 +17,11 @@ d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update inter
 
 Sections, in the order the data flows:
     config -> data -> models -> attack (pgd, evaluate) -> masks (SparseMask, FlyingBirdPlus)
-    -> early bird (EarlyBird) -> FLOPs (layer_flops, FlopLedger) -> train -> report -> main
+    -> early bird (EarlyBird) -> FLOPs (model_flops, layer_flops, FlopLedger) -> train -> report -> main
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
-Import:  from sparse_win import SparseMask, pgd, evaluate, layer_flops, FlopLedger
+Import:  from sparse_win import SparseMask, pgd, evaluate, model_flops, FlopLedger
          (library parts need torch only; torchvision/tqdm/matplotlib are imported where used)
 """
 from __future__ import annotations
@@ -543,10 +543,23 @@ def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int,
 
 # ----------------------------------------------------------------------------- masks
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _weight_names(m: nn.Module) -> tuple[str, ...]:
+    """Attribute names of m's prunable weights (none for modules that own no matmul weight)."""
+    if isinstance(m, nn.MultiheadAttention):  # out_proj is an nn.Linear child, covered on its own
+        packed = m.in_proj_weight is not None  # separate q/k/v weights when kdim or vdim != embed_dim
+        return ("in_proj_weight",) if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return ("weight",) if isinstance(m, (*CONVS, *CONV_TRANSPOSES, nn.Linear)) else ()
+
+
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights that sparsity covers: every conv and linear weight (biases, norms stay dense)."""
-    return {f"{name}.weight" if name else "weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """The weights that sparsity covers, in module order: every conv (1-3d, transposed too), linear
+    and attention input-projection weight (biases, norms, embeddings stay dense)."""
+    return {f"{name}.{a}" if name else a: getattr(m, a) for name, m in model.named_modules()
+            for a in _weight_names(m)}
 
 
 def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq") -> list[float]:
@@ -603,14 +616,15 @@ def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: 
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D *view* of t in memory order: contiguous and channels_last tensors alike.
+    """A 1-D *view* of t in memory order: contiguous, channels_last(_3d), any dense layout of any rank.
 
     Masks are allocated like their weights (same strides), so equal flat positions are the
     same weight whatever the memory format.
     """
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).view(-1)
-    return t.view(-1)
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dim first: (0, 2, 3, 1) for NHWC
+    return t.permute(order).view(-1)
 
 
 def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -639,6 +653,7 @@ def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(len(v), device=v.device)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=v.device)
+    v = v.nan_to_num(nan=-math.inf)  # NaN first: kthvalue would pick fewer than k (exact counts even then)
     kth = v.kthvalue(k).values
     below = (v < kth).nonzero().squeeze(1)
     ties = (v == kth).nonzero().squeeze(1)[:k - len(below)]
@@ -661,7 +676,8 @@ def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 class SparseMask:
-    """One boolean mask per conv/linear weight of any nn.Module, and the rules that change them.
+    """One boolean mask per prunable weight (conv, linear, attention in_proj) of any nn.Module, and
+    the rules that change them.
 
         mask = SparseMask(model, density=0.2, allocation="igq", seed=0)  # random, exact counts
         ... optimizer.step(); mask.apply(optimizer)       # after every step: weights + momentum
@@ -865,7 +881,8 @@ class EarlyBird:
     """Early-bird ticket detector (You et al. 2020; Robust Bird, Sec. 3.1).
 
     After every standard-training epoch, record() computes the global magnitude mask of the
-    conv weights at the target density (as the released code does) and keeps the last
+    conv weights (any conv: weight.dim() >= 3; linear and attention weights left out, as the
+    released code does for its CNNs) at the target density and keeps the last
     `queue` masks; the ticket has emerged when the newest is within `threshold` of each older one.
     """
 
@@ -875,7 +892,7 @@ class EarlyBird:
         self.distances: list[float] = []  # max distance newest-to-older, per record
 
     def record(self, model: nn.Module) -> bool:
-        convs = {n: w for n, w in prunable(model).items() if w.dim() == 4}
+        convs = {n: w for n, w in prunable(model).items() if w.dim() >= 3}
         self.masks = (self.masks + [{n: m.cpu() for n, m in magnitude_mask(convs, self.density).items()}])[-self.queue:]
         d = [mask_distance(self.masks[-1], m) for m in self.masks[:-1]]
         self.distances.append(max(d) if d else 1.0)
@@ -886,7 +903,7 @@ class EarlyBird:
         return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
 
     def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The ticket to train: global magnitude mask over conv *and* linear weights."""
+        """The ticket to train: global magnitude mask over every prunable weight (conv *and* linear)."""
         return magnitude_mask(prunable(model), self.density)
 
     def state_dict(self) -> dict:
@@ -898,38 +915,79 @@ class EarlyBird:
 
 # ----------------------------------------------------------------------------- FLOPs
 
-@torch.no_grad()
-def layer_flops(model: nn.Module, input_shape: tuple) -> dict[str, int]:
-    """Forward FLOPs per image *per active weight* of each prunable layer, from one forward pass.
+def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:
+    """FLOPs per weight of one call of a conv or linear layer: 2 (multiply + add) x its uses."""
+    if isinstance(m, CONV_TRANSPOSES):  # each input position scatters through the whole kernel
+        return 2 * inp[0].numel() // m.in_channels
+    return 2 * out.numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
-    A conv weight is used once per output position: 2 FLOPs (multiply + add) x H_out x W_out;
-    a linear weight 2 FLOPs. Dense FLOPs of a layer = value x weight.numel(); with nnz active
-    weights it costs value x nnz, so sparse counts are exact integers. This counts what
-    torch.utils.flop_counter.FlopCounterMode counts (convolutions and matmuls).
+
+def _attention_flops(m: nn.MultiheadAttention, prefix: str, args: tuple, kwargs: dict) -> tuple[dict, int]:
+    """One nn.MultiheadAttention call: FLOPs per weight of its projections, and the FLOPs of its
+    weight-free matmuls Q K^T and softmax(.) V (dense whatever the sparsity or attention mask)."""
+    q, k = (args[i] if len(args) > i else kwargs[key] for i, key in enumerate(("query", "key")))
+    b = 1 if q.dim() == 2 else q.shape[0 if m.batch_first else 1]  # q: (L, E), (B, L, E) or (L, B, E)
+    lq, lk = q.numel() // (b * q.shape[-1]), k.numel() // (b * k.shape[-1])  # query, key tokens
+    if m.in_proj_weight is not None and lq != lk:  # rows 0:E serve the queries, E:3E the keys
+        raise SparseWinError(f"{prefix}in_proj_weight: {lq} queries but {lk} keys use its rows unevenly, "
+                             "so no one FLOPs-per-weight value is exact")
+    w = {"in_proj_weight": 2 * b * lq} if m.in_proj_weight is not None else {
+        "q_proj_weight": 2 * b * lq, "k_proj_weight": 2 * b * lk, "v_proj_weight": 2 * b * lk}
+    w["out_proj.weight"] = 2 * b * lq  # applied by F.multi_head_attention_forward: out_proj's own hook never fires
+    keys = lk + (m.bias_k is not None) + m.add_zero_attn  # add_bias_kv / add_zero_attn append a key each
+    return {prefix + n: f for n, f in w.items()}, 2 * 2 * b * lq * keys * m.embed_dim  # heads x head_dim = E
+
+
+@torch.no_grad()
+def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], int]:
+    """Forward FLOPs per image, from one forward pass: (per active weight of each prunable layer,
+    the rest as a dense constant).
+
+    A conv weight is used once per output position, a transposed conv weight once per input
+    position, a linear or attention-projection weight once per token: 2 FLOPs (multiply + add)
+    per use. Dense FLOPs of a layer = value x weight.numel(); with nnz active weights it costs
+    value x nnz, so sparse counts are exact integers. The constant is what no weight owns, the
+    attention matmuls of every nn.MultiheadAttention; density does not scale it. Together they
+    count what torch.utils.flop_counter.FlopCounterMode counts (convolutions and matmuls), when
+    every matmul runs inside these modules (a hand-written F.scaled_dot_product_attention is not seen).
     """
-    modules = {f"{n}.weight" if n else "weight": m for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))}
-    out, hooks = {}, []
-    for name, m in modules.items():
-        channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        hooks.append(m.register_forward_hook(
-            lambda mod, inp, o, name=name, c=channels:  # accumulate: a layer may run more than once
-            out.__setitem__(name, out.get(name, 0) + 2 * o.numel() // (o.shape[0] * c))))
+    per_weight, constant = dict.fromkeys(prunable(model), 0), [0]  # a layer that never runs costs 0
+
+    def add(flops: dict[str, int], unowned: int = 0):  # accumulate: a layer may run more than once
+        for n, f in flops.items():
+            per_weight[n] += f
+        constant[0] += unowned
+    hooks = []
+    for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(m, nn.MultiheadAttention):  # with_kwargs: key may be passed by name
+            hook = lambda mod, a, kw, o, pre=pre: add(*_attention_flops(mod, pre, a, kw))  # noqa: E731
+            hooks.append(m.register_forward_hook(hook, with_kwargs=True))
+        elif _weight_names(m):
+            hook = lambda mod, i, o, n=pre + "weight": add({n: _weight_flops(mod, i, o)})  # noqa: E731
+            hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     p = next(model.parameters())
     try:
         model.eval()
+        # eval fast paths: MHA's still calls its own hook; TransformerEncoderLayer's is off while hooks are on
         model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return out
+    return per_weight, constant[0]
 
 
-def forward_flops(per_weight: dict[str, int], counts: dict[str, int]) -> int:
-    """Forward FLOPs per image of a model with `counts` active weights per layer."""
-    return sum(per_weight[n] * counts[n] for n in per_weight)
+def layer_flops(model: nn.Module, input_shape: tuple) -> dict[str, int]:
+    """Forward FLOPs per image *per active weight* of each prunable layer (model_flops without the constant)."""
+    return model_flops(model, input_shape)[0]
+
+
+def forward_flops(per_weight: dict[str, int], counts: dict[str, int], constant: int = 0) -> int:
+    """Forward FLOPs per image of a model with `counts` active weights per layer, plus the dense
+    `constant` that no weight owns (model_flops)."""
+    return sum(per_weight[n] * counts[n] for n in per_weight) + constant
 
 
 class FlopLedger:
@@ -1092,9 +1150,9 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
 
     net = model_for(cfg).to(device)
     input_shape = tuple(data["train"][0].shape[1:])
-    per_weight = layer_flops(net, input_shape)
+    per_weight, unowned = model_flops(net, input_shape)
     dense_counts = {n: p.numel() for n, p in prunable(net).items()}
-    dense_fwd = forward_flops(per_weight, dense_counts)
+    dense_fwd = forward_flops(per_weight, dense_counts, unowned)
     # The fast path (bf16 autocast, channels_last, compile): on by default on CUDA, on request on CPU.
     amp = cuda if cfg.amp is None else cfg.amp
     if (cuda if cfg.channels_last is None else cfg.channels_last):
@@ -1183,7 +1241,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
         part = run["partial"] or {}
         sums = part["sums"].to(device) if part else torch.zeros(2, device=device)  # loss sum, correct: no sync
         n, start = part.get("n", 0), part.get("step", 0)
-        fwd = forward_flops(per_weight, mask.layer_counts()) if mask else dense_fwd
+        fwd = forward_flops(per_weight, mask.layer_counts(), unowned) if mask else dense_fwd
         bar = _progress(len(train_batches), desc, cfg.progress)
         bar.update(start)
         order = part["order"].to(device) if part.get("order") is not None else None
@@ -1214,7 +1272,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
                     changed = mask.update(p, growth=cfg.growth, optimizer=optimizer, **extra)
                     run["updates"].append(dict(step=mask.steps, epoch=run["epoch"], death_rate=p,
                                                density=mask.density, **changed, **extra))
-                    fwd = forward_flops(per_weight, mask.layer_counts())
+                    fwd = forward_flops(per_weight, mask.layer_counts(), unowned)
             bar.update(1)
             stopping = stop is not None and stop.signal is not None
             if stopping or (cfg.checkpoint_every and ledger.steps % cfg.checkpoint_every == 0):
@@ -1282,7 +1340,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     train_final = evaluate(model, Batches(gap_x, gap_y, batch_size=max(cfg.batch_size, 256)), **test_attack,
                            autocast=autocast)
     summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd,
-                        forward_flops(per_weight, mask.layer_counts()) if mask else dense_fwd,
+                        forward_flops(per_weight, mask.layer_counts(), unowned) if mask else dense_fwd,
                         mask, fbplus, early)
     write_text_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
     plot_curves(run["history"], fbplus.events if fbplus else [], run_dir / "curves.png", log)
@@ -1392,8 +1450,8 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
     for label, amp, cl, comp in variants:
         for sparse in (False, True):
             net = model_for(cfg).to(device)
-            per_weight = layer_flops(net, shape)
-            dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()})
+            per_weight, unowned = model_flops(net, shape)
+            dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
             if cl:
                 net = net.to(memory_format=torch.channels_last)
             mask = SparseMask(net, density=cfg.density, allocation=cfg.allocation) if sparse else None  # as train()

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparse_win as sw
@@ -348,6 +349,20 @@ def test_update_many_random_updates(spec, density, alloc, seed, growth, channels
         # else: inactive weights and momentum are stale (nonzero); update() itself must zero what it regrows
         check_update(mask, model, opt, rng.choice([0.0, rng.uniform(0.005, 0.95)]), growth)
     assert mask.steps == steps
+
+
+def test_update_keeps_exact_counts_with_nan_weights():
+    """A step that turned weights into NaN (the loss check stops the run one step later) must not
+    break the exact counts: NaN magnitudes are pruned first."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, c=3, classes=4)
+    mask = sw.SparseMask(model, density=0.5, seed=0)
+    before = list(mask.counts)
+    with torch.no_grad():
+        for p in sw.prunable(model).values():
+            p.view(-1)[::3] = float("nan")
+    mask.update(0.3)
+    assert mask.counts == before == [int(m.sum()) for m in mask.masks.values()]
 
 
 def test_gradient_growth_needs_grad():
@@ -833,37 +848,43 @@ def test_early_bird_state_dict_round_trip():
 # ----------------------------------------------------------------------------- 9. FLOPs
 
 def flop_counter(model, input_shape):
+    """FlopCounterMode over one forward pass. Grad on and the math attention kernel: otherwise eval
+    MHA takes a fused path and CPU attention a flash kernel, and FlopCounterMode counts neither."""
     fc = FlopCounterMode(display=False)
     p = next(model.parameters())
-    with fc, torch.no_grad():
+    with fc, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.zeros(1, *input_shape, dtype=p.dtype))
     return fc
 
 
 def check_flops_against_counter(model, input_shape):
-    """Total and per-layer dense FLOPs of layer_flops agree with FlopCounterMode."""
+    """Dense FLOPs of model_flops agree with FlopCounterMode in total and per layer (an MHA and the
+    out_proj it runs itself: FlopCounterMode lumps them with attention; callers check those)."""
     training = model.training
-    per_weight = sw.layer_flops(model, input_shape)
-    assert model.training == training  # layer_flops restores the mode
+    per_weight, constant = sw.model_flops(model, input_shape)
+    assert model.training == training  # model_flops restores the mode
+    assert sw.layer_flops(model, input_shape) == per_weight
     model.eval()
     params = sw.prunable(model)
-    assert set(per_weight) == set(params)
-    dense = sw.forward_flops(per_weight, {n: p.numel() for n, p in params.items()})
+    assert list(per_weight) == list(params)
+    dense = sw.forward_flops(per_weight, {n: p.numel() for n, p in params.items()}, constant)
     fc = flop_counter(model, input_shape)
     total = fc.get_total_flops()
     assert abs(dense - total) <= 0.01 * total
     counts = fc.get_flop_counts()
     root = type(model).__name__
+    mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for n, p in params.items():
-        mod = n[: -len(".weight")]
-        assert per_weight[n] * p.numel() == sum(counts[f"{root}.{mod}"].values()), n
-    return per_weight, dense
+        mod = n.rsplit(".", 1)[0]
+        if mod not in mha and mod.removesuffix(".out_proj") not in mha:
+            assert per_weight[n] * p.numel() == sum(counts[f"{root}.{mod}"].values()), n
+    return per_weight, constant, dense
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn"])
 def test_dense_flops_match_flop_counter(arch):
     model = sw.build_model(arch, width=1.0, wrn_depth=10, wrn_widen=2)
-    _, dense = check_flops_against_counter(model.train(), (3, 32, 32))  # train mode: BN must not break it
+    *_, dense = check_flops_against_counter(model.train(), (3, 32, 32))  # train mode: BN must not break it
     if arch == "resnet18":
         assert abs(dense - 1.1108e9) <= 0.001 * 1.1108e9
 
@@ -885,8 +906,9 @@ class UserNet(nn.Module):
 
 
 def test_user_model_flops_match_flop_counter():
-    per_weight, _ = check_flops_against_counter(UserNet(), (2, 8, 8))
+    per_weight, constant, _ = check_flops_against_counter(UserNet(), (2, 8, 8))
     assert per_weight == {"a.weight": 2 * 16, "b.weight": 2 * 16, "tok.weight": 2 * 16, "head.weight": 2}
+    assert constant == 0  # no attention: every FLOP has a weight
 
 
 class SharedNet(nn.Module):
@@ -904,17 +926,27 @@ def test_layer_flops_counts_every_call_of_a_shared_layer():
     assert sw.forward_flops(per_weight, {"l.weight": 64}) == flop_counter(model, (8,)).get_total_flops()
 
 
-@settings(max_examples=20, deadline=None)
-@given(cin=st.integers(1, 4), cout_g=st.integers(1, 3), groups=st.integers(1, 2), k=st.integers(1, 3),
-       stride=st.integers(1, 2), pad=st.integers(0, 2), dil=st.integers(1, 2), hw=st.integers(5, 10))
-def test_conv_flops_closed_form(cin, cout_g, groups, k, stride, pad, dil, hw):
-    conv = nn.Conv2d(cin * groups, cout_g * groups, k, stride=stride, padding=pad, dilation=dil, groups=groups)
-    out = (hw + 2 * pad - dil * (k - 1) - 1) // stride + 1
+CONV_KINDS = {False: [nn.Conv1d, nn.Conv2d, nn.Conv3d],
+              True: [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]}
+
+
+@settings(max_examples=30, deadline=None)
+@given(dims=st.integers(1, 3), transposed=st.booleans(), cin=st.integers(1, 4), cout_g=st.integers(1, 3),
+       groups=st.integers(1, 2), k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2),
+       dil=st.integers(1, 2), out_pad=st.integers(0, 1), hw=st.integers(3, 7))
+def test_conv_flops_closed_form(dims, transposed, cin, cout_g, groups, k, stride, pad, dil, out_pad, hw):
+    """A conv weight is used once per output position, a transposed conv weight once per input position."""
+    extra = dict(output_padding=out_pad) if transposed else {}
+    assume(not transposed and out_pad == 0 or out_pad < max(stride, dil))  # torch's output_padding rule
+    out = ((hw - 1) * stride - 2 * pad + dil * (k - 1) + out_pad + 1 if transposed
+           else (hw + 2 * pad - dil * (k - 1) - 1) // stride + 1)
     assume(out >= 1)
-    model = nn.Sequential(conv)
-    per_weight = sw.layer_flops(model, (cin * groups, hw, hw))
-    assert per_weight == {"0.weight": 2 * out * out}
-    assert per_weight["0.weight"] * conv.weight.numel() == flop_counter(model, (cin * groups, hw, hw)).get_total_flops()
+    conv = CONV_KINDS[transposed][dims - 1](cin * groups, cout_g * groups, k, stride=stride, padding=pad,
+                                            dilation=dil, groups=groups, **extra)
+    model, shape = nn.Sequential(conv), (cin * groups, *[hw] * dims)
+    per_weight = sw.layer_flops(model, shape)
+    assert per_weight == {"0.weight": 2 * (hw if transposed else out) ** dims}
+    assert per_weight["0.weight"] * conv.weight.numel() == flop_counter(model, shape).get_total_flops()
 
 
 @settings(max_examples=8, deadline=None)
@@ -931,6 +963,193 @@ def test_sparse_flops_per_layer(density, alloc, seed):
                                rtol=1e-12, atol=0)
     if density == 1.0:
         assert sparse == sum(dense_l.values())
+
+
+def tiny_vit():
+    """torchvision's ViT, tiny: 16 patches + class token, width 16, 2 heads, 2 blocks."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                             num_classes=10)
+
+
+class SignalNet(nn.Module):
+    """1-D: a strided Conv1d, a grouped ConvTranspose1d back up, a Linear head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.down = nn.Conv1d(2, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1, groups=2)
+        self.head = nn.Linear(4 * 12, classes)
+
+    def forward(self, x):  # x: (B, 2, 12)
+        h = torch.tanh(self.down(x))  # (B, 6, 6)
+        return self.head(torch.tanh(self.up(h)).flatten(1))  # up: (B, 4, 12)
+
+
+class VolumeNet(nn.Module):
+    """3-D: Conv3d, ConvTranspose3d, ConvTranspose2d over a slice, Linear head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3, padding=1)
+        self.up = nn.ConvTranspose3d(4, 2, 2, stride=2)
+        self.up2d = nn.ConvTranspose2d(2, 3, 3)
+        self.head = nn.Linear(3, classes)
+
+    def forward(self, x):  # x: (B, 2, 4, 4, 4)
+        h = torch.tanh(self.up(torch.tanh(self.conv(x))))  # conv: (B, 4, 4, 4, 4), up: (B, 2, 8, 8, 8)
+        return self.head(self.up2d(h[:, :, 0]).mean((2, 3)))  # up2d: (B, 3, 10, 10) from an 8 x 8 slice
+
+
+class TokenNet(nn.Module):
+    """A one-block transformer on (B, 1, 28, 28), sequence first (batch_first=False)."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 7, stride=7)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).permute(2, 0, 1)  # (T=16, B, 8)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.head(t.mean(0))
+
+
+# model, input shape, closed-form per-weight FLOPs (uses x 2), attention FLOPs (no weight owns them)
+VIT_T = 4 * 4 + 1  # ViT tokens: patches + class token
+VIT_BLOCKS = [f"encoder.layers.encoder_layer_{i}." for i in range(2)]
+FLOP_MODELS = {
+    "vit": (tiny_vit, (3, 16, 16),
+            {"conv_proj.weight": 2 * 16,
+             **{b + w: 2 * VIT_T for b in VIT_BLOCKS for w in ("self_attention.in_proj_weight",
+                                                              "self_attention.out_proj.weight",
+                                                              "mlp.0.weight", "mlp.3.weight")},
+             "heads.head.weight": 2},  # the head sees the class token only
+            2 * 2 * 2 * 2 * VIT_T * VIT_T * 8),  # 2 blocks x (Q K^T, A V) x 2 FLOPs x 2 heads x T^2 x head_dim 8
+    "signal": (SignalNet, (2, 12), {"down.weight": 2 * 6, "up.weight": 2 * 6, "head.weight": 2}, 0),
+    "volume": (VolumeNet, (2, 4, 4, 4), {"conv.weight": 2 * 64, "up.weight": 2 * 64, "up2d.weight": 2 * 64,
+                                         "head.weight": 2}, 0),
+    "token": (TokenNet, (1, 28, 28), {"patch.weight": 2 * 16, "attn.in_proj_weight": 2 * 16,
+                                      "attn.out_proj.weight": 2 * 16, "head.weight": 2}, 2 * 2 * 16 * 16 * 8),
+}
+
+
+@pytest.mark.parametrize("which", FLOP_MODELS)
+def test_flops_beyond_cnns_match_closed_form_and_flop_counter(which):
+    """Every matmul counted, exactly: convs 1-3d and transposed, MHA in_proj, the out_proj MHA runs
+    itself, and the attention matmuls as a constant (ViT: 201,152 FLOPs; the old count saw 94,528)."""
+    build, shape, expect, attention = FLOP_MODELS[which]
+    model = build()
+    per_weight, constant, dense = check_flops_against_counter(model, shape)
+    assert list(per_weight) == list(expect) and per_weight == expect  # prunable() order: module order
+    assert constant == attention
+    fc = flop_counter(model, shape)
+    assert dense == fc.get_total_flops()  # exact, not just within 1%
+    root = type(model).__name__
+    for name, m in model.named_modules():  # attention part, per MHA: the closed form, FlopCounterMode's bmm
+        if isinstance(m, nn.MultiheadAttention):
+            t = {"vit": VIT_T, "token": 16}[which]
+            assert fc.get_flop_counts()[f"{root}.{name}"][torch.ops.aten.bmm] == 2 * 2 * t * t * m.embed_dim
+
+
+class CrossNet(nn.Module):
+    """lq query tokens attend to lk key tokens, both made from the input by linears."""
+
+    def __init__(self, e, heads, lq, lk, kdim, batch_first, bias_kv, zero_attn):
+        super().__init__()
+        self.lq, self.batch_first = lq, batch_first
+        self.q, self.k = nn.Linear(1, e), nn.Linear(1, kdim)
+        self.attn = nn.MultiheadAttention(e, heads, kdim=kdim, vdim=kdim, batch_first=batch_first,
+                                          add_bias_kv=bias_kv, add_zero_attn=zero_attn)
+
+    def forward(self, x):  # x: (B, lq + lk)
+        q, k = self.q(x[:, :self.lq, None]), self.k(x[:, self.lq:, None])  # (B, lq, e), (B, lk, kdim)
+        if not self.batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)  # (L, B, E)
+        return self.attn(q, key=k, value=k, need_weights=False)[0]  # key by keyword: the hook reads kwargs
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 3), head_dim=st.integers(1, 4), lq=st.integers(1, 5), lk=st.integers(1, 5),
+       separate=st.booleans(), batch_first=st.booleans(), bias_kv=st.booleans(), zero_attn=st.booleans())
+def test_attention_flops_closed_form(heads, head_dim, lq, lk, separate, batch_first, bias_kv, zero_attn):
+    """Both layouts, packed or separate q/k/v weights (kdim != embed_dim), extra keys from add_bias_kv
+    and add_zero_attn: per-weight uses and 2 x 2 x lq x keys x E attention FLOPs, as FlopCounterMode."""
+    e = heads * head_dim
+    model = CrossNet(e, heads, lq, lk, e + 1 if separate else e, batch_first, bias_kv, zero_attn)
+    if not separate and lq != lk:  # packed rows serve queries and keys unevenly: no exact per-weight value
+        with pytest.raises(sw.SparseWinError, match="attn.in_proj_weight"):
+            sw.model_flops(model, (lq + lk,))
+        return
+    proj = ({"attn.q_proj_weight": 2 * lq, "attn.k_proj_weight": 2 * lk, "attn.v_proj_weight": 2 * lk} if separate
+            else {"attn.in_proj_weight": 2 * lq})
+    expect = {"q.weight": 2 * lq, "k.weight": 2 * lk, **proj, "attn.out_proj.weight": 2 * lq}
+    per_weight, constant, dense = check_flops_against_counter(model, (lq + lk,))
+    assert list(per_weight) == list(expect) and per_weight == expect
+    assert constant == 2 * 2 * lq * (lk + bias_kv + zero_attn) * e
+    assert dense == flop_counter(model, (lq + lk,)).get_total_flops()
+
+
+@settings(max_examples=12, deadline=None)
+@given(which=st.sampled_from(list(FLOP_MODELS)), density=DENSITIES, alloc=ALLOCS, seed=SEEDS)
+def test_sparse_flops_are_weight_part_plus_constant(which, density, alloc, seed):
+    """Sparse forward FLOPs = sum of per-weight FLOPs x active weights, + the dense attention constant."""
+    build, shape, expect, attention = FLOP_MODELS[which]
+    torch.manual_seed(seed)
+    model = build()
+    dense = sw.model_flops(copy.deepcopy(model), shape)
+    mask = sw.SparseMask(model, density=density, allocation=alloc, seed=seed)
+    per_weight, constant = sw.model_flops(model, shape)
+    assert (per_weight, constant) == dense == (expect, attention)  # masking changes no use count
+    sparse = sw.forward_flops(per_weight, mask.layer_counts(), constant)
+    assert sparse - constant == sum(per_weight[n] * int(mask.masks[n].sum()) for n in mask.names)
+    assert sw.forward_flops(per_weight, mask.layer_counts()) == sparse - constant  # constant defaults to 0
+
+
+@pytest.mark.parametrize("which", ["vit", "signal", "volume"])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(density=st.floats(0.05, 0.95), alloc=ALLOCS, seed=SEEDS, growth=st.sampled_from(["random", "gradient"]))
+def test_sparse_mask_exact_counts_beyond_cnns(which, density, alloc, seed, growth):
+    """100 random updates between SGD steps: per-layer counts exact, masked weights zero, MHA included."""
+    build, shape, *_ = FLOP_MODELS[which]
+    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    torch.manual_seed(seed)
+    model = build()
+    if which == "volume":  # 5-D weights in channels_last_3d: masks must follow any layout
+        for m in (model.conv, model.up):  # Module.to(memory_format=) would reject the 4-D weight
+            m.to(memory_format=torch.channels_last_3d)
+        assert not model.conv.weight.is_contiguous() and not model.up.weight.is_contiguous()
+    params = sw.prunable(model)
+    assert list(params) == list(FLOP_MODELS[which][2])  # in_proj_weight included for the ViT
+    mask = sw.SparseMask(model, density=density, allocation=alloc, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    counts0, ever0 = list(mask.counts), {n: int(m.sum()) for n, m in mask.ever_active.items()}
+    x, y = torch.rand(2, *shape, generator=gen), torch.randint(3, (2,), generator=gen)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()  # bounded: weights stay finite
+        opt.step()
+        mask.step(opt)
+        p = rng.uniform(0.005, 0.95)
+        info = mask.update(p, growth=growth, optimizer=opt)
+        assert mask.counts == counts0 == [int(mask.masks[n].sum()) for n in mask.names]
+        assert info["pruned"] == info["grown"] == sum(min(math.ceil(p * c), params[n].numel() - c)
+                                                      for n, c in zip(mask.names, counts0))
+        for n in mask.names:
+            assert not params[n].detach()[~mask.masks[n]].any() and not momentum(opt, params[n])[~mask.masks[n]].any()
+    for n, c in zip(mask.names, counts0):  # every layer that is not dense changed its topology
+        assert (int(mask.ever_active[n].sum()) > ever0[n]) == (c < params[n].numel())
+
+
+def test_early_bird_records_every_conv_kind():
+    """EarlyBird.record masks conv weights of any rank (Conv1d, transposed); linear and attention stay out."""
+    for which, convs in [("signal", {"down.weight", "up.weight"}), ("vit", {"conv_proj.weight"}),
+                         ("volume", {"conv.weight", "up.weight", "up2d.weight"})]:
+        eb = sw.EarlyBird(density=0.3, queue=2)
+        eb.record(FLOP_MODELS[which][0]())
+        assert set(eb.masks[-1]) == convs
+        assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
 
 
 @settings(max_examples=20, deadline=None)
@@ -1175,6 +1394,23 @@ def test_dynamic_end_to_end(dynamic_run):
     for e, r in enumerate(recs, 1):
         assert r["train_flops"] == (2 * K + 3) * fwd * N_TRAIN * e
         assert r["train_flops_paper"] == 3 * (K + 1) * fwd * N_TRAIN * e
+
+
+def test_train_charges_the_attention_constant(tmp_path, data_dir, monkeypatch):
+    """Flying Bird on an attention model: ledger and summary add the dense attention FLOPs."""
+    monkeypatch.setattr(sw, "model_for", lambda cfg: TokenNet())
+    recs, s = read_run(run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--train-subset", 64)))
+    net = TokenNet()
+    per_weight, constant = sw.model_flops(net, (1, 28, 28))
+    assert constant == FLOP_MODELS["token"][3] > 0
+    params = sw.prunable(net)
+    assert s["inference_flops_dense"] == sw.forward_flops(per_weight, {n: p.numel() for n, p in params.items()},
+                                                          constant)
+    counts = dict(zip(params, sw.allocate_counts([tuple(p.shape) for p in params.values()], 0.2, "igq")))
+    fwd = sw.forward_flops(per_weight, counts, constant)  # Flying Bird keeps every layer's count
+    assert s["inference_flops"] == fwd
+    for e, r in enumerate(recs, 1):
+        assert r["train_flops"] == (2 * K + 3) * fwd * 64 * e
 
 
 def test_fbplus_end_to_end(fbplus_run):
