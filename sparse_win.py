@@ -16,18 +16,22 @@ d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update inter
 900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
 
 Sections, in the order the data flows:
-    config -> data -> models -> attack (pgd, evaluate) -> masks (SparseMask, FlyingBirdPlus)
-    -> early bird (EarlyBird) -> FLOPs (layer_flops, FlopLedger) -> train -> report -> main
+    config -> data -> models -> attack (pgd, fgsm_rs, evaluate) -> masks (SparseMask, FlyingBirdPlus)
+    -> early bird (EarlyBird) -> FLOPs (layer_flops, FlopLedger) -> train -> report
+    -> evaluate a checkpoint (load_model, autoattack_eval, masking_checks, evaluate_checkpoint) -> main
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
-Import:  from sparse_win import SparseMask, pgd, evaluate, layer_flops, FlopLedger
+         python sparse_win.py --eval runs/<run>          # clean, PGD-50 x 5 restarts, AutoAttack, checks
+Import:  from sparse_win import SparseMask, pgd, evaluate, layer_flops, FlopLedger, load_model
          (library parts need torch only; torchvision/tqdm/matplotlib are imported where used)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -44,6 +48,9 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 MODES = ("dense", "static", "dynamic", "dynamic+")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs")
+EVAL_ATTACKS = ("pgd", "autoattack", "all")
+AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
 ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")
 ALLOCATIONS = ("igq", "erk", "uniform")
 
@@ -109,6 +116,21 @@ class Config:
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
     progress: bool = opt(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = opt(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
+    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
+    train_attack: str = opt("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
+                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+    ticket_attack: str = opt("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
+    eval: str = opt("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
+    split: str = opt("test", "--eval: test | val")
+    eval_steps: int = opt(50, "--eval: PGD steps")
+    restarts: int = opt(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
+    attack: str = opt("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
+    aa_version: str = opt("standard", "--eval: AutoAttack version: standard | rand | plus")
+    aa_iters: int = opt(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
+                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
+    check_subset: int = opt(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
+    force: bool = opt(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
+    final_eval: str = opt("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
 
     @property
     def density(self) -> float:
@@ -165,6 +187,19 @@ def validate(cfg: Config) -> Config:
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
     need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
+    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
+    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
+         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
+    need(cfg.split in ("test", "val"), f"unknown split {cfg.split!r}; choose test or val")
+    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
+    need(cfg.aa_version in ("standard", "rand", "plus"),
+         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
+    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
+    need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
+    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
+    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
+    if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
+        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     return cfg
@@ -491,28 +526,68 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     return adv
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             generator=None, autocast=nullcontext) -> dict:
-    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """FGSM from a random start ("Fast is better than free", Wong et al. 2020): a uniform start
+    in the eps-ball, one signed-gradient step of 1.25 eps, clamped to the eps-ball and [0, 1].
+    It is PGD with one step, so it shares pgd's code and costs one attack step."""
+    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, random_start=True, generator=generator)
 
-    Everything runs under no_grad except pgd's input gradient; parameters get no gradient.
+
+def attack_cost(kind: str, steps: int) -> int:
+    """Attack steps per example that the FLOP ledger charges: PGD-K = K, FGSM-RS = 1, none = 0."""
+    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[kind]
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, eps: float, alpha: float,
+            steps: int, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training attack named by --train-attack / --ticket-attack: pgd | fgsm-rs | none (x itself)."""
+    if not attack_cost(kind, steps):
+        return x
+    if kind == "fgsm-rs":
+        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator)
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
+
+
+@torch.no_grad()
+def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                      restarts: int = 1, random_start: bool = True, generator=None,
+                      autocast=nullcontext) -> dict[str, torch.Tensor]:
+    """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
+    ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
+
+    With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
+    robust only if every run fails, adv_loss the largest. Everything runs under no_grad except pgd's
+    input gradient; parameters get no gradient.
     """
     was_training = model.training
     model.eval()
-    n, total = 0, None  # on the device: clean correct, adv correct, clean loss, adv loss (one sync at the end)
+    parts = []
     for x, y in batches:
         with autocast():
             logits = model(x)
-            adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
-                                   generator=generator)) if steps > 0 else logits
-        batch = torch.stack([(logits.argmax(1) == y).sum().double(), (adv_logits.argmax(1) == y).sum().double(),
-                             F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                             F.cross_entropy(adv_logits.float(), y, reduction="sum").double()])
-        total = batch if total is None else total + batch
-        n += len(y)
+        clean, loss = logits.argmax(1) == y, F.cross_entropy(logits.float(), y, reduction="none")
+        robust, adv_loss = clean, loss
+        for r in range(restarts if steps > 0 else 0):
+            with autocast():
+                adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                                       random_start=random_start, generator=generator))
+            hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits.float(), y, reduction="none")
+            robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
+        parts.append((clean, robust, loss, adv_loss))
     model.train(was_training)
-    sa, ra, loss, adv_loss = (total / n).tolist() if n else [0.0] * 4
+    keys = ("clean", "robust", "loss", "adv_loss")
+    return {k: torch.cat(v) for k, v in zip(keys, zip(*parts))} if parts else {k: torch.empty(0) for k in keys}
+
+
+def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+             generator=None, autocast=nullcontext) -> dict:
+    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode."""
+    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
+                           autocast=autocast)
+    if not len(ex["clean"]):
+        return dict(sa=0.0, ra=0.0, loss=0.0, adv_loss=0.0)
+    sa, ra, loss, adv_loss = torch.stack([ex[k].double().mean() for k in ex]).tolist()  # one host sync
     return dict(sa=100 * sa, ra=100 * ra, loss=loss, adv_loss=adv_loss)
 
 
@@ -938,7 +1013,8 @@ def write_text_atomic(path: Path, text: str):
 
 
 RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "progress", "amp", "compile", "channels_last",
-               "download", "data_dir", "preset", "benchmark"}  # may differ between a run and its resume
+               "download", "data_dir", "preset", "benchmark", "eval", "split", "eval_steps", "restarts", "attack",
+               "aa_version", "aa_iters", "check_subset", "force", "final_eval"}  # may differ in a resume
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -1060,8 +1136,9 @@ def train(cfg: Config, log=print) -> dict:
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run["history"]))
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
 
-    def run_epoch(attack_steps: int, desc: str) -> tuple[float, float]:
-        """One epoch of AT (attack_steps > 0) or standard training; returns (loss, accuracy %)."""
+    def run_epoch(kind: str, desc: str) -> tuple[float, float]:
+        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none); returns (loss, accuracy %)."""
+        attack_steps = attack_cost(kind, cfg.train_steps)  # what the ledger charges per example
         model.train()
         sums = torch.zeros(2, device=device)  # loss sum, correct (no host sync inside the loop)
         n = 0
@@ -1069,8 +1146,7 @@ def train(cfg: Config, log=print) -> dict:
         bar = _progress(len(train_batches), desc, cfg.progress)
         for x, y in train_batches:
             with autocast():
-                if attack_steps:
-                    x = pgd(model, x, y, **{**attack, "steps": attack_steps})
+                x = perturb(model, x, y, kind=kind, **attack)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -1099,7 +1175,7 @@ def train(cfg: Config, log=print) -> dict:
     # Robust Bird stage 1: standard training until the early-bird ticket emerges (Sec. 3.1)
     while run["phase"] == "ticket":
         run["ticket_epochs"] += 1
-        loss, acc = run_epoch(0, f"ticket {run['ticket_epochs']}")
+        loss, acc = run_epoch(cfg.ticket_attack, f"ticket {run['ticket_epochs']}")
         emerged = early.record(net)
         log(f"ticket epoch {run['ticket_epochs']:3d} loss {loss:.4f} acc {acc:5.2f} "
             f"mask distance {early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
@@ -1115,7 +1191,7 @@ def train(cfg: Config, log=print) -> dict:
             log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
             return dict(stopped_at=run["epoch"])
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_ra = run_epoch(cfg.train_steps, f"epoch {run['epoch'] + 1}")
+        train_loss, train_ra = run_epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
         scheduler.step()
         val = evaluate(model, eval_batches["val"], **test_attack, autocast=autocast)
         test = evaluate(model, eval_batches["test"], **test_attack, autocast=autocast)
@@ -1147,6 +1223,7 @@ def train(cfg: Config, log=print) -> dict:
     summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd,
                         forward_flops(per_weight, mask.layer_counts()) if mask else dense_fwd,
                         mask, fbplus, early)
+    summary.update(final_eval(cfg, run_dir, log))  # --final-eval autoattack: AA of best.pt and last.pt
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     plot_curves(run["history"], fbplus.events if fbplus else [], run_dir / "curves.png", log)
     log(format_table([summary]))
@@ -1180,8 +1257,8 @@ def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, mask, fbpl
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
         # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
-        train_flops_dense_ratio=ledger.paper / (3 * (cfg.train_steps + 1) * dense_fwd
-                                                * (ledger.images - run.get("ticket_images", 0))),
+        train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
+                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=mask.density if mask else 1.0, itop_rate=mask.itop_rate() if mask else 1.0,
@@ -1194,12 +1271,16 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference)."""
     head = ("| method | RA best | RA final | diff | SA best | SA final | diff | train FLOPs | "
             "inference FLOPs (x dense) | robust gen. gap | density | ITOP |")
+    aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
+    head += " AA best | AA final |" if aa else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['ra_best']:.2f} | {r['ra_final']:.2f} | {r['ra_diff']:.2f} | "
                      f"{r['sa_best']:.2f} | {r['sa_final']:.2f} | {r['sa_diff']:.2f} | {r['train_flops']:.3e} | "
                      f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f}) | {r['robust_gap']:.2f} | "
-                     f"{r['final_density']:.4f} | {r['itop_rate']:.3f} |")
+                     f"{r['final_density']:.4f} | {r['itop_rate']:.3f} |"
+                     + ("".join(f" {r[k]:.2f} |" if k in r else " - |" for k in ("ra_aa_best", "ra_aa_final"))
+                        if aa else ""))
     return "\n".join(lines)
 
 
@@ -1227,6 +1308,363 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- evaluate a checkpoint
+# python sparse_win.py --eval RUN_DIR: clean accuracy, PGD with restarts, AutoAttack (Croce & Hein 2020,
+# the field's standard) and gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial
+# Robustness", Sec. 5), written to eval-<checkpoint>-<options>.json beside the checkpoint.
+
+EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
+
+
+def strict_json(obj) -> str:
+    """Indented JSON in which NaN and infinities are null (json.dumps would write NaN, which is not JSON)."""
+    def finite(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {str(k): finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return o
+    return json.dumps(finite(obj), indent=1, allow_nan=False)
+
+
+def find_checkpoint(path) -> Path:
+    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
+    p = Path(path)
+    if not p.exists():
+        raise SparseWinError(f"no such checkpoint or run directory: {p}")
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
+        return p / "best.pt"
+    return p
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A sparse_win checkpoint, read with torch's weights-only unpickler (no code in the file runs)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
+    return ck
+
+
+def config_of(ck: dict, **overrides) -> Config:
+    """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in ck["config"].items() if k in names}
+    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
+
+
+def model_of(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
+    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
+    net = model_for(cfg)
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
+            from None
+    masks = ck["mask"]["masks"] if ck["mask"] else None
+    if masks is not None:
+        weights = prunable(net)
+        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
+            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
+        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
+        if alive:
+            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
+    return net.eval(), masks
+
+
+def load_model(path, *, device="cpu") -> nn.Module:
+    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
+    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
+    RobustBench / torchattacks convention)."""
+    path = find_checkpoint(path)
+    ck = read_checkpoint(path)
+    return model_of(ck, config_of(ck), path)[0].to(device)
+
+
+def density_of(net: nn.Module, masks: dict | None) -> tuple[float, float]:
+    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too."""
+    weights = prunable(net)
+    total = sum(w.numel() for w in weights.values())
+    active = sum(int(m.sum()) for m in masks.values()) if masks else total
+    return active / total, sum(int(w.count_nonzero()) for w in weights.values()) / total
+
+
+def _import_autoattack():
+    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise SparseWinError(AA_MISSING) from None
+    return AutoAttack
+
+
+def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
+                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
+    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
+
+    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
+    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
+    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
+    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
+    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
+    seeds torch's global generator.
+    """
+    import logging
+    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
+                              attacks=attacks, seed=seed, device=x.device)
+    if iters:
+        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+            attack.n_iter = attack.n_iter_orig = iters
+        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
+            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
+            attack.size_decr = max(int(0.03 * iters), 1)
+        aa.square.n_queries = iters
+    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
+
+    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
+        def emit(self, record):
+            if record.getMessage() not in result["flags"]:
+                result["flags"].append(record.getMessage())
+    handler = Flags(logging.WARNING)
+    aa.logger.addHandler(handler)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(result["robust"]), len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
+            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
+            if on_batch is not None:
+                on_batch(result)
+    finally:
+        aa.logger.removeHandler(handler)
+        model.train(was_training)
+    return result
+
+
+def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) from PGD's accuracy (%) on `batches`.
+
+    Every PGD run draws the same random start (one seed), so two runs differ only in what is varied:
+        eps0_equals_clean    PGD at eps 0 leaves every prediction as it is (no randomness, no attack bug)
+        ra_falls_with_steps  RA(PGD-K) <= RA(PGD-1) + tol: more steps never help the model
+        ra_falls_with_eps    RA(2 eps) <= RA(eps) + tol: a larger ball never helps the model
+        unbounded_ra_zero    RA <= tol with eps = the whole input box: every input can be made wrong
+    Accuracy here is that of PGD's output, not and-ed with clean, so that a model which an "attack"
+    pushes towards the right class shows it. Each check: {'ok': bool, 'detail': the numbers}.
+    """
+    x0 = next(iter(batches))[0]
+    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
+
+    def run(e, a, k):
+        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
+                               generator=torch.Generator(x0.device).manual_seed(seed))
+        return ex, 100 * ex["robust"].double().mean().item()
+    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
+        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
+        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
+    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
+    n = len(zero["clean"])
+    return dict(
+        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
+                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
+        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
+                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
+        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
+                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
+        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
+                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
+    )
+
+
+def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
+    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
+    if ra_aa is None:
+        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
+                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
+    return dict(
+        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
+                              detail="PGD not run" if ra_pgd is None else
+                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
+        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
+
+
+class EvalProgress:
+    """The finished parts of one evaluation, saved atomically after each part (and each AutoAttack
+    batch), so that the same --eval after an interruption continues where it stopped."""
+
+    def __init__(self, path: Path, key: dict, log=print):
+        self.path, self.key, self.done = path, key, {}
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            state = {}
+        if state.get("key") == key:
+            self.done = state["done"]
+            log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
+
+    def save(self):
+        write_text_atomic(self.path, strict_json(dict(key=self.key, done=self.done)))
+
+    def part(self, name: str, compute):
+        if name not in self.done:
+            self.done[name] = compute()
+            self.save()
+        return self.done[name]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eval_filename(ck_path: Path, *, split, subset, steps, restarts, attack, aa_version, aa_iters, overrides) -> str:
+    """eval-<checkpoint>-<split>-<images>-<attacks>[-<overridden eps, alpha, norm>].json"""
+    parts = [ck_path.stem, split, f"n{subset}" if subset else "all"]
+    if attack != "autoattack":
+        parts.append(f"pgd{steps}x{restarts}")
+    if attack != "pgd":
+        parts.append(f"aa-{aa_version}" + (f"-i{aa_iters}" if aa_iters else ""))
+    parts += [f"{k.removeprefix('test_')}{overrides[k]:g}" for k in ("test_eps", "test_alpha") if k in overrides]
+    parts += [overrides["norm"]] if "norm" in overrides else []
+    return "eval-" + "-".join(parts) + ".json"
+
+
+def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: int = 50, restarts: int = 5,
+                        attack: str = "all", aa_version: str = "standard", aa_iters: int = 0,
+                        check_subset: int = 1000, seed: int = 0, device: str = "auto", force: bool = False,
+                        reuse: bool = False, overrides: dict | None = None, log=print) -> dict:
+    """--eval: clean accuracy, PGD with restarts, AutoAttack and the gradient-masking checks of a checkpoint.
+
+    Model, data, eps, step size and norm come from the checkpoint's config; `overrides` replaces
+    config fields (EVAL_OVERRIDES). Writes eval-<checkpoint>-<options>.json beside the checkpoint
+    (refused when it exists, unless force; reuse returns it when made from the same checkpoint and
+    options) and returns its content. Progress goes to the same name with .partial.json.
+    """
+    t0 = time.time()
+    ck_path = find_checkpoint(path)
+    ck = read_checkpoint(ck_path)
+    overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
+    cfg = config_of(ck, device=device, **overrides)
+    out = ck_path.with_name(eval_filename(ck_path, split=split, subset=subset, steps=steps, restarts=restarts,
+                                          attack=attack, aa_version=aa_version, aa_iters=aa_iters, overrides=overrides))
+    key = dict(checkpoint_sha256=_sha256(ck_path), split=split, subset=subset, steps=steps, restarts=restarts,
+               attack=attack, aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed,
+               eps=cfg.eps(train=False)[0], alpha=cfg.eps(train=False)[1], norm=cfg.norm)
+    if out.exists() and reuse and json.loads(out.read_text()).get("key") == key:
+        return json.loads(out.read_text())
+    if out.exists() and not (force or reuse):
+        raise SparseWinError(f"{out} exists; pass --force to overwrite it")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise SparseWinError(f"cannot write the results to {out.parent}: not a writable directory")
+    if attack != "pgd":
+        _import_autoattack()  # fail now, not after the PGD part
+    dev = resolve_device(cfg.device)
+    net, masks = model_of(ck, cfg, ck_path)
+    net = net.to(dev)
+    density, nonzero = density_of(net, masks)
+    x, y = (t[:subset or None].to(dev) for t in load_data(cfg)[split])
+    bs = overrides.get("batch_size") or max(cfg.batch_size, 256)  # as train() evaluates: the same SA, bit for bit
+    eps, alpha = cfg.eps(train=False)
+    progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
+
+    def pgd_part():  # worst case per example over the restarts and the clean input (as AutoAttack counts)
+        ex = evaluate_examples(net, Batches(x, y, batch_size=bs), eps=eps, alpha=alpha,
+                               steps=steps if attack != "autoattack" else 0, norm=cfg.norm, restarts=restarts,
+                               generator=torch.Generator(dev).manual_seed(seed))
+        return dict(clean=ex["clean"].tolist(), robust=(ex["clean"] & ex["robust"]).tolist(),
+                    loss=ex["loss"].mean().item(), adv_loss=ex["adv_loss"].mean().item())
+    first = progress.part("pgd", pgd_part)
+    n_check = check_subset or len(y)
+    checks = progress.part("checks", lambda: masking_checks(
+        net, Batches(x[:n_check], y[:n_check], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm,
+        seed=seed))
+
+    def aa_part():
+        def save(partial):
+            progress.done["autoattack_partial"] = partial
+            progress.save()
+        result = autoattack_eval(net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version,
+                                 iters=aa_iters, batch_size=bs, seed=seed,
+                                 done=progress.done.get("autoattack_partial"), on_batch=save)
+        progress.done.pop("autoattack_partial", None)
+        return result
+    aa = progress.part("autoattack", aa_part) if attack != "pgd" else None
+
+    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
+    ra_pgd = pct(first["robust"]) if attack != "autoattack" else None
+    ra_aa = pct(aa["robust"]) if aa else None
+    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
+    warnings = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
+                if c["ok"] is False]
+    epoch = ck["epoch"] if "epoch" in ck else ck["run"]["epoch"]
+    result = dict(
+        file=out.name, checkpoint=str(ck_path.resolve()), epoch=epoch, key=key,
+        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
+        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
+        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
+        sa=pct(first["clean"]), loss=first["loss"],
+        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
+        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
+        checks=checks, warnings=warnings, wall_seconds=time.time() - t0)
+    try:
+        write_text_atomic(out, strict_json(result))
+    except OSError as e:
+        raise SparseWinError(f"cannot write {out}: {e.strerror or e}") from None
+    progress.path.unlink(missing_ok=True)
+    for w in warnings:
+        log(w)
+    log(format_eval_table([result]))
+    log(f"wrote {out}")
+    return result
+
+
+def format_eval_table(rows: list[dict]) -> str:
+    """Markdown table of --eval results (accuracies in %)."""
+    lines = ["| checkpoint | split | images | density | SA | PGD RA | AutoAttack RA | gradient-masking checks |",
+             "|" + "---|" * 8]
+    for r in rows:
+        pgd, aa = r["pgd"], r["autoattack"]
+        failed = [k for k, c in r["checks"].items() if c["ok"] is False]
+        lines.append(
+            f"| {Path(r['checkpoint']).name} (epoch {r['epoch']}) | {r['split']} | {r['examples']} | "
+            f"{r['density']:.4f} | {r['sa']:.2f} | "
+            + (f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-") + " | "
+            + (f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" if aa else "-")
+            + f" | {'failed: ' + ', '.join(failed) if failed else 'passed'} |")
+    return "\n".join(lines)
+
+
+def eval_options(cfg: Config) -> dict:
+    """evaluate_checkpoint() keyword arguments from the --eval flags."""
+    return dict(split=cfg.split, subset=cfg.eval_subset, steps=cfg.eval_steps, restarts=cfg.restarts,
+                attack=cfg.attack, aa_version=cfg.aa_version, aa_iters=cfg.aa_iters, check_subset=cfg.check_subset,
+                seed=cfg.seed, device=cfg.device, force=cfg.force)
+
+
+def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
+    """--final-eval autoattack: the --eval path on best.pt and on the final model (last.pt) when training
+    ends; returns the fields for summary.json (ra_aa_best, ra_aa_final and the results files)."""
+    if cfg.final_eval == "none":
+        return {}
+    out = {}
+    for which, name in (("best", "best.pt"), ("final", "last.pt")):
+        r = evaluate_checkpoint(run_dir / name, **{**eval_options(cfg), "force": False}, reuse=True, log=log)
+        out.update({f"ra_aa_{which}": r["autoattack"]["ra"], f"eval_{which}": r["file"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1299,8 +1737,8 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Config from the command line: preset values first, explicit flags over them."""
+def _parser() -> argparse.ArgumentParser:
+    """The CLI, generated from Config's fields; a flag that is not given is absent from the result."""
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
@@ -1314,7 +1752,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         else:
             kw.setdefault("type", type(f.default))
             parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Config from the command line: preset values first, explicit flags over them."""
+    args = vars(_parser().parse_args(argv))
     preset = args.get("preset", "")
     if preset and preset not in PRESETS:
         raise SparseWinError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -1325,9 +1768,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
         cfg = parse_args(argv)
-        if cfg.benchmark:
+        if cfg.eval:  # flags given explicitly replace the checkpoint's own (eps, step size, norm, data dir)
+            given = set(vars(_parser().parse_args(argv)))
+            evaluate_checkpoint(cfg.eval, **eval_options(cfg), overrides={k: getattr(cfg, k) for k in given})
+        elif cfg.benchmark:
             benchmark(cfg)
         else:
             train(cfg)
@@ -1335,7 +1782,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparse_win.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparse_win.py: interrupted; last.pt holds the last finished epoch (--resume)", file=sys.stderr)
+        then = ("the same --eval continues from its .partial.json" if cfg is not None and cfg.eval
+                else "last.pt holds the last finished epoch (--resume)")
+        print(f"sparse_win.py: interrupted; {then}", file=sys.stderr)
         return 130
     return 0
 
