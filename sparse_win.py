@@ -16,12 +16,16 @@ d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update inter
 900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
 
 Sections, in the order the data flows:
-    config -> data -> models -> attack (pgd, evaluate) -> masks (SparseMask, FlyingBirdPlus)
-    -> early bird (EarlyBird) -> FLOPs (model_flops, layer_flops, FlopLedger) -> train -> report -> main
+    config -> data -> models -> attack (pgd, fgsm_rs, evaluate) -> masks (SparseMask) -> early bird
+    (EarlyBird) -> FLOPs (model_flops, FlopLedger) -> methods (Dense, RobustBird, FlyingBird,
+    FlyingBirdPlus) -> distributed (torchrun) -> train -> report
+    -> evaluate a checkpoint (load_model, autoattack_eval, masking_checks, evaluate_checkpoint) -> main
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
-Import:  from sparse_win import SparseMask, pgd, evaluate, model_flops, FlopLedger
+         torchrun --nproc_per_node=4 sparse_win.py ...    # the same run on 4 GPUs (DDP)
+         python sparse_win.py --eval runs/<run>          # clean, PGD-50 x 5 restarts, AutoAttack, checks
+Import:  from sparse_win import SparseMask, FlyingBird, pgd, evaluate, model_flops, FlopLedger, load_model
          (library parts need torch only; torchvision/tqdm/matplotlib are imported where used)
 """
 from __future__ import annotations
@@ -30,6 +34,8 @@ import argparse
 import dataclasses
 import errno
 import io
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +53,9 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 MODES = ("dense", "static", "dynamic", "dynamic+")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs")
+EVAL_ATTACKS = ("pgd", "autoattack", "all")
+AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
 ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")
 ALLOCATIONS = ("igq", "erk", "uniform")
 
@@ -56,7 +65,7 @@ class SparseWinError(ValueError):
 
 
 # Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
-DIVERGED, IO_ERROR, INTERRUPTED, TERMINATED = 3, 74, 130, 143  # 74 = EX_IOERR; 128 + SIGINT / SIGTERM
+DIVERGED, DESYNC, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 74, 130, 143  # 74 EX_IOERR; 128 + SIGINT/SIGTERM
 
 
 class RunError(RuntimeError):
@@ -123,9 +132,26 @@ class Config:
                                    "at epoch ends only)")
     amp: bool | None = opt(None, "bf16 autocast", switch="on for CUDA, off for CPU")
     compile: bool = opt(False, "torch.compile the model")
+    sync_bn: bool = opt(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
+    dist_timeout: int = opt(600, "torchrun: seconds a collective waits for the other ranks before the job fails")
     channels_last: bool | None = opt(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = opt(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = opt(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
+    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
+    train_attack: str = opt("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
+                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+    ticket_attack: str = opt("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
+    eval: str = opt("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
+    split: str = opt("test", "--eval: test | val")
+    eval_steps: int = opt(50, "--eval: PGD steps")
+    restarts: int = opt(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
+    attack: str = opt("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
+    aa_version: str = opt("standard", "--eval: AutoAttack version: standard | rand | plus")
+    aa_iters: int = opt(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
+                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
+    check_subset: int = opt(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
+    force: bool = opt(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
+    final_eval: str = opt("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
 
     @property
     def density(self) -> float:
@@ -162,10 +188,12 @@ PRESETS = {
 }
 
 
+def need(ok: bool, msg: str):
+    if not ok:
+        raise SparseWinError(msg)
+
+
 def validate(cfg: Config) -> Config:
-    def need(ok, msg):
-        if not ok:
-            raise SparseWinError(msg)
     need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
     need(cfg.mode in MODES, f"unknown mode {cfg.mode!r}; choose from {', '.join(MODES)}")
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
@@ -183,6 +211,20 @@ def validate(cfg: Config) -> Config:
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
     need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
     need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
+    need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
+    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
+    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
+         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
+    need(cfg.split in ("test", "val"), f"unknown split {cfg.split!r}; choose test or val")
+    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
+    need(cfg.aa_version in ("standard", "rand", "plus"),
+         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
+    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
+    need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
+    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
+    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
+    if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
+        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     return cfg
@@ -328,15 +370,25 @@ class Batches:
 
     No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
     step never waits on host workers.
+
+    Under torchrun, batch_size is the global batch: every rank draws the same order and
+    augmentation for all of it and keeps its shard, rows lo:hi (self.rows = (lo, hi, n) of the
+    batch in flight), so the draws do not depend on the number of ranks. drop_small: skip a last
+    batch with fewer examples than ranks (training; every rank must take a step).
     """
 
-    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None):
+    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
+                 drop_small=False):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
+        self.rank, self.world, self.drop_small = rank, world, drop_small
         self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
+        self.rows = None
 
     def __len__(self):
-        return math.ceil(len(self.y) / self.batch_size)
+        n, b = len(self.y), self.batch_size
+        small = self.drop_small and 0 < n % b < self.world
+        return n // b + (n % b > 0) - small
 
     def __iter__(self):
         return self.epoch()
@@ -347,12 +399,16 @@ class Batches:
         if self.shuffle and order is None:
             order = torch.randperm(n, device=dev, generator=self.generator)
         self.order = order
-        for i in range(start * self.batch_size, n, self.batch_size):
+        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
             idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
             x = self.x[idx].float().div_(255)
             if self.augmentation is not None:
                 x = augment(x, **self.augmentation, generator=self.generator)
-            yield x, self.y[idx]
+            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
+            lo = self.rank * q + min(self.rank, r)
+            hi = lo + q + (self.rank < r)
+            self.rows = (lo, hi, len(x))
+            yield x[lo:hi], self.y[idx][lo:hi]
 
 
 # ----------------------------------------------------------------------------- models
@@ -485,24 +541,29 @@ def _project(adv, x, eps, norm):
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: bool = True, generator: torch.Generator | None = None,
-        loss_fn=F.cross_entropy) -> torch.Tensor:
+        loss_fn=F.cross_entropy, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) on the loss of model(x) against y.
 
     Serves training (model in train mode) and evaluation (eval mode): the mode is left as
     it is, and only the input gradient is computed (torch.autograd.grad), so parameters'
     .grad stay untouched and no weight-gradient FLOPs are spent. Returns detached
     adversarial inputs within the eps-ball (L-inf or L2) and [0, 1].
+
+    rows = (lo, hi, n): x holds rows lo:hi of a global batch of n (torchrun: each rank its shard);
+    the random start is drawn for all n rows and sliced, so the draws equal one process's.
     """
     x = x.detach()
     adv = x.clone()
     if random_start and steps > 0:
+        lo, hi, n_all = rows or (0, len(x), len(x))
+        shape = (n_all, *x.shape[1:])
         if norm == "linf":
-            adv = adv + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+            adv = adv + torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)[lo:hi]
         else:  # uniform radius along a Gaussian direction, as torchattacks.PGDL2
-            d = torch.empty_like(x).normal_(generator=generator)
+            d = torch.empty(shape, device=x.device, dtype=x.dtype).normal_(generator=generator)
             n = d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-            r = torch.empty(len(x), *[1] * (x.dim() - 1), device=x.device).uniform_(0, 1, generator=generator)
-            adv = adv + d * r / n * eps
+            r = torch.empty(n_all, *[1] * (x.dim() - 1), device=x.device).uniform_(0, 1, generator=generator)
+            adv = adv + (d * r / n * eps)[lo:hi]
         adv = torch.clamp(adv, min=0, max=1).detach()
     with torch.enable_grad():
         for _ in range(steps):
@@ -516,28 +577,78 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     return adv
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             generator=None, autocast=nullcontext) -> dict:
-    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+            generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """FGSM from a random start ("Fast is better than free", Wong et al. 2020): a uniform start
+    in the eps-ball, one signed-gradient step of 1.25 eps, clamped to the eps-ball and [0, 1].
+    It is PGD with one step, so it shares pgd's code and costs one attack step."""
+    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, random_start=True, generator=generator,
+               rows=rows)
 
-    Everything runs under no_grad except pgd's input gradient; parameters get no gradient.
+
+def attack_cost(kind: str, steps: int) -> int:
+    """Attack steps per example that the FLOP ledger charges: PGD-K = K, FGSM-RS = 1, none = 0."""
+    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[kind]
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, eps: float, alpha: float,
+            steps: int, norm: str = "linf", generator: torch.Generator | None = None,
+            rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The training attack named by --train-attack / --ticket-attack: pgd | fgsm-rs | none (x itself)."""
+    if not attack_cost(kind, steps):
+        return x
+    if kind == "fgsm-rs":
+        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator, rows=rows)
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, rows=rows)
+
+
+@torch.no_grad()
+def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                      restarts: int = 1, random_start: bool = True, generator=None,
+                      autocast=nullcontext) -> dict[str, torch.Tensor]:
+    """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
+    ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
+
+    With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
+    robust only if every run fails, adv_loss the largest. Everything runs under no_grad except pgd's
+    input gradient; parameters get no gradient.
     """
     was_training = model.training
     model.eval()
-    n, total = 0, None  # on the device: clean correct, adv correct, clean loss, adv loss (one sync at the end)
+    parts = []
     for x, y in batches:
         with autocast():
             logits = model(x)
-            adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
-                                   generator=generator)) if steps > 0 else logits
-        batch = torch.stack([(logits.argmax(1) == y).sum().double(), (adv_logits.argmax(1) == y).sum().double(),
-                             F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                             F.cross_entropy(adv_logits.float(), y, reduction="sum").double()])
-        total = batch if total is None else total + batch
-        n += len(y)
+        clean, loss = logits.argmax(1) == y, F.cross_entropy(logits.float(), y, reduction="none")
+        robust, adv_loss = clean, loss
+        for r in range(restarts if steps > 0 else 0):
+            with autocast():
+                adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                                       random_start=random_start, generator=generator,
+                                       rows=getattr(batches, "rows", None)))  # a rank's shard of the batch
+            hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits.float(), y, reduction="none")
+            robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
+        parts.append((clean, robust, loss, adv_loss))
     model.train(was_training)
-    sa, ra, loss, adv_loss = (total / n).tolist() if n else [0.0] * 4
+    keys = ("clean", "robust", "loss", "adv_loss")
+    return {k: torch.cat(v) for k, v in zip(keys, zip(*parts))} if parts else {k: torch.empty(0) for k in keys}
+
+
+def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+             generator=None, autocast=nullcontext, all_reduce=None) -> dict:
+    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
+
+    all_reduce (torchrun): sums each rank's counts in place, so that sharded batches give the
+    accuracies of one process, exactly in counts.
+    """
+    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
+                           autocast=autocast)
+    sums = torch.stack([ex[k].double().sum() for k in ex] + [torch.tensor(float(len(ex["clean"])))
+                                                             .to(ex["clean"].device, torch.float64)])
+    if all_reduce is not None:
+        all_reduce(sums)
+    *totals, n = sums.tolist()  # one host sync
+    sa, ra, loss, adv_loss = (t / n for t in totals) if n else (0.0,) * 4
     return dict(sa=100 * sa, ra=100 * ra, loss=loss, adv_loss=adv_loss)
 
 
@@ -830,36 +941,6 @@ def fbplus_decision(gaps: list[float], losses: list[float], *, window: int = 4,
     return count(gaps, True) >= need, count(losses, False) >= need
 
 
-class FlyingBirdPlus:
-    """FB+ state: per-epoch gap and val adversarial loss histories, and the events that fired."""
-
-    def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5,
-                 prune_ratio: float = 0.4, growth_ratio: float = 0.05):
-        self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
-        self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
-        self.gaps: list[float] = []
-        self.losses: list[float] = []
-        self.events: list[dict] = []
-
-    def record(self, gap: float, val_adv_loss: float):
-        self.gaps.append(gap)
-        self.losses.append(val_adv_loss)
-
-    def decide(self, epoch: int, step: int) -> dict:
-        """update() keyword arguments for this topology update; fired events are recorded."""
-        prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
-                       if epoch >= self.start_epoch else (False, False))
-        if prune or grow:
-            self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
-        return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
-
-    def state_dict(self) -> dict:
-        return dict(gaps=self.gaps, losses=self.losses, events=self.events)
-
-    def load_state_dict(self, state: dict):
-        self.gaps, self.losses, self.events = list(state["gaps"]), list(state["losses"]), list(state["events"])
-
-
 # ----------------------------------------------------------------------------- early bird
 
 def magnitude_mask(weights: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
@@ -1015,6 +1096,272 @@ class FlopLedger:
         self.__dict__.update(state)
 
 
+# ----------------------------------------------------------------------------- methods
+
+class Dense:
+    """Dense PGD adversarial training (Madry et al. 2018): the baseline rows of Table 1.
+
+    The four methods share one interface, which train() (or your own loop) calls at fixed points:
+        start(model, total_steps=, epochs=)   once, after the model is built and placed
+        pretraining                           True while a stage before AT runs (Robust Bird's ticket)
+        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh
+        after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
+                                              update (returned as a record, else None)
+        end_epoch(train_ra, val)              after every AT epoch's validation
+        mask, summary(), state_dict(), load_state_dict()
+    """
+    name = "dense AT"
+
+    def __init__(self):
+        self.mask: SparseMask | None = None
+        self.pretraining = False
+
+    def start(self, model: nn.Module, *, total_steps: int, epochs: int):
+        self.model = model
+
+    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
+        return False
+
+    def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
+        if self.mask is not None:
+            self.mask.step(optimizer)  # masked weights and their momentum back to zero
+        return None
+
+    def end_epoch(self, train_ra: float, val: dict):
+        pass
+
+    def summary(self) -> dict:
+        return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
+
+    def state_dict(self) -> dict:
+        return dict(mask=self.mask.state_dict() if self.mask else None, pretraining=self.pretraining)
+
+    def load_state_dict(self, state: dict):
+        self.pretraining = state["pretraining"]
+        if state["mask"] is not None:
+            if self.mask is None:  # adopted after start(): Robust Bird's ticket
+                self.mask = SparseMask(self.model, masks=state["mask"]["masks"])
+            self.mask.load_state_dict(state["mask"])
+
+
+class RobustBird(Dense):
+    """Robust Bird (Sec. 3.1): an early-bird ticket found by cheap *standard* training, then AT of
+    that fixed sparse subnetwork.
+
+    Stage 1 trains the dense model without an attack and, after every epoch, records the global
+    magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
+    is within `threshold` (0.08, normalized Hamming) of each older one, or after `max_epochs`,
+    the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
+    start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
+    """
+    name = "Robust Bird"
+
+    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, max_epochs: int = 50):
+        super().__init__()
+        self.early = EarlyBird(density=density, queue=queue, threshold=threshold)
+        self.max_epochs, self.ticket_epochs, self.pretraining = max_epochs, 0, True
+
+    def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
+        self.ticket_epochs += 1
+        emerged = self.early.record(model)
+        log(f"ticket epoch {self.ticket_epochs:3d} loss {loss:.4f} acc {acc:5.2f} "
+            f"mask distance {self.early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
+        if not (emerged or self.ticket_epochs >= self.max_epochs):
+            return False
+        self.mask = SparseMask(model, masks=self.early.ticket(model))  # prune; the weights stay
+        self.pretraining = False
+        return True
+
+    def summary(self) -> dict:
+        return dict(ticket_epochs=self.ticket_epochs, fbplus_events=[], early_bird_distances=self.early.distances)
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), early=self.early.state_dict(), ticket_epochs=self.ticket_epochs)
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.early.load_state_dict(state["early"])
+        self.ticket_epochs = state["ticket_epochs"]
+
+
+class FlyingBird(Dense):
+    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
+
+    A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
+    steps (900, then 1200 from half of training, as released) each layer prunes its ceil(p * nnz)
+    smallest |w| and regrows as many (random, or by |grad| as RigL); p decays on a cosine from
+    0.5 to 0.005 over all steps. Regrown weights and their momentum start at zero.
+    """
+    name = "Flying Bird"
+
+    def __init__(self, *, density: float = 0.2, allocation: str = "igq", growth: str = "random", seed: int = 0,
+                 death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
+                 interval_late: int = 1200):
+        super().__init__()
+        self.density, self.allocation, self.growth, self.seed = density, allocation, growth, seed
+        self.death_rate, self.death_rate_final = death_rate, death_rate_final
+        self.interval, self.interval_late = interval, interval_late
+
+    def start(self, model, *, total_steps, epochs):
+        super().start(model, total_steps=total_steps, epochs=epochs)
+        self.mask = SparseMask(model, density=self.density, allocation=self.allocation, seed=self.seed)
+        self.total_steps, self.late_epoch = total_steps, epochs // 2
+
+    def extra(self, epoch: int, step: int) -> dict:
+        """More pruning / growth for this update (Flying Bird+); none for FB."""
+        return {}
+
+    def after_step(self, optimizer, epoch) -> dict | None:
+        self.mask.step(optimizer)
+        interval = self.interval_late if epoch >= self.late_epoch else self.interval  # released: T 900, then 1200
+        if self.mask.steps % interval:
+            return None
+        p = cosine_death_rate(self.mask.steps, self.total_steps, self.death_rate, self.death_rate_final)
+        extra = self.extra(epoch, self.mask.steps)
+        changed = self.mask.update(p, growth=self.growth, optimizer=optimizer, **extra)
+        return dict(step=self.mask.steps, epoch=epoch, death_rate=p, density=self.mask.density, **changed, **extra)
+
+
+class FlyingBirdPlus(FlyingBird):
+    """Flying Bird+ (Sec. 3.2): Flying Bird whose sparsity adapts from `start_epoch` (half of training).
+
+    After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
+    topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
+    least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
+    (1 + growth_ratio) x the pruned count when the val adversarial loss did not fall in as many.
+    """
+    name = "Flying Bird+"
+
+    def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5, prune_ratio: float = 0.4,
+                 growth_ratio: float = 0.05, **flying_bird):
+        super().__init__(**flying_bird)
+        self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
+        self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
+        self.gaps: list[float] = []
+        self.losses: list[float] = []
+        self.events: list[dict] = []
+
+    def record(self, gap: float, val_adv_loss: float):
+        self.gaps.append(gap)
+        self.losses.append(val_adv_loss)
+
+    def end_epoch(self, train_ra, val):
+        self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
+
+    def decide(self, epoch: int, step: int) -> dict:
+        """update() keyword arguments for this topology update; fired events are recorded."""
+        prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
+                       if epoch >= self.start_epoch else (False, False))
+        if prune or grow:
+            self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
+        return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
+
+    extra = decide
+
+    def summary(self) -> dict:
+        return dict(super().summary(), fbplus_events=self.events)
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), gaps=self.gaps, losses=self.losses, events=self.events)
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.gaps, self.losses, self.events = list(state["gaps"]), list(state["losses"]), list(state["events"])
+
+
+def method_for(cfg: Config) -> Dense:
+    """The configured method (--mode), with its constants from the config."""
+    if cfg.mode == "static":
+        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold,
+                          max_epochs=cfg.eb_max_epochs)
+    if cfg.mode in ("dynamic", "dynamic+"):
+        fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
+                  death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
+                  interval_late=cfg.update_interval_late)
+        if cfg.mode == "dynamic":
+            return FlyingBird(**fb)
+        return FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
+                              threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
+                              growth_ratio=cfg.fbplus_grow, **fb)
+    return Dense()
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+class Dist:
+    """This process's place in a torchrun job, and the few collectives train() needs.
+
+    One process is the same code with world = 1 and every collective a no-op. Under torchrun
+    (`torchrun --nproc_per_node=N sparse_win.py ...`) main() joins the process group (NCCL on
+    CUDA, gloo on CPU) with a timeout, so that a rank that dies or hangs fails the job instead
+    of blocking it.
+    """
+
+    def __init__(self):
+        import torch.distributed as td
+        self.td = td
+        self.on = td.is_available() and td.is_initialized()
+        self.rank = td.get_rank() if self.on else 0
+        self.world = td.get_world_size() if self.on else 1
+        self.main = self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            self.td.all_reduce(t)
+        return t
+
+    def any(self, flags: list[bool], device) -> list[bool]:
+        """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
+        t = torch.tensor(flags, dtype=torch.float32, device=device)
+        if self.on:
+            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.on:
+            self.td.broadcast(t, src)
+        return t
+
+    def share_masks(self, mask: SparseMask):
+        """Rank 0's masks on every rank, the weights masked again."""
+        if not self.on:
+            return
+        for name in mask.names:
+            m = mask.masks[name].to(torch.uint8)
+            mask.masks[name].copy_(self.broadcast_(m).bool())
+        mask._refresh()
+        mask.apply()
+
+    def check_masks(self, mask: SparseMask, where: str):
+        """Stop the run when the masks differ between ranks (a checksum all-reduce)."""
+        if not self.on:
+            return
+        dev = next(iter(mask.masks.values())).device
+        sums = torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
+                            for i, m in enumerate(mask.masks.values())]).sum()
+        both = torch.stack([sums, -sums]).to(dev)
+        self.td.all_reduce(both, op=self.td.ReduceOp.MAX)  # max and -min of the checksums
+        if both[0] != -both[1]:
+            raise RunError(f"the masks differ between ranks after the topology update at {where}; "
+                           f"stopping (rank {self.rank})", DESYNC)
+
+    def barrier(self):
+        if self.on:
+            self.td.barrier()
+
+
+def init_distributed(cfg: Config):
+    """Join the torchrun job named by the environment (WORLD_SIZE > 1), once per process."""
+    import datetime
+    import torch.distributed as td
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
+        return
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+
+
 # ----------------------------------------------------------------------------- train
 
 def resolve_device(name: str) -> torch.device:
@@ -1077,8 +1424,10 @@ def write_text_atomic(path: Path, text: str):
     write_atomic(path, text.encode())
 
 
-RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile", "channels_last",
-               "download", "data_dir", "preset", "benchmark"}  # may differ between a run and its resume
+RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
+               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
+               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
+               "final_eval"}  # may differ between a run and its resume
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -1133,219 +1482,238 @@ class StopRequest:
 
 
 def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
-    """Run one experiment end to end; returns the summary (also written to summary.json)."""
+    """Run one experiment end to end; returns the summary (also written to summary.json).
+
+    Under torchrun every rank runs this; rank 0 alone logs and writes files.
+    """
     validate(cfg)
+    dist = Dist()
+    log = log if dist.main else (lambda *a, **k: None)
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
+    need(cfg.batch_size % dist.world == 0, f"--batch-size {cfg.batch_size} (the global batch) must be divisible "
+                                           f"by the number of processes, {dist.world}")
+    need(not cfg.sync_bn or cuda, "--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     torch.manual_seed(cfg.seed)
-    info = DATASETS[cfg.dataset]
     data = load_data(cfg)
-    make_run_dir(run_dir)
-    if cfg.train_subset:
-        data["train"] = tuple(t[:cfg.train_subset] for t in data["train"])
-    if cfg.eval_subset:
-        data["val"], data["test"] = [tuple(t[:cfg.eval_subset] for t in data[s]) for s in ("val", "test")]
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if dist.main:
+        make_run_dir(run_dir)
+    data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
+    for s in ("val", "test"):
+        data[s] = tuple(t[:cfg.eval_subset or None] for t in data[s])
     data = {s: (x.to(device), y.to(device)) for s, (x, y) in data.items()}
 
     net = model_for(cfg).to(device)
-    input_shape = tuple(data["train"][0].shape[1:])
-    per_weight, unowned = model_flops(net, input_shape)
-    dense_counts = {n: p.numel() for n, p in prunable(net).items()}
-    dense_fwd = forward_flops(per_weight, dense_counts, unowned)
+    per_weight, unowned = model_flops(net, tuple(data["train"][0].shape[1:]))
+    dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
     # The fast path (bf16 autocast, channels_last, compile): on by default on CUDA, on request on CPU.
     amp = cuda if cfg.amp is None else cfg.amp
-    if (cuda if cfg.channels_last is None else cfg.channels_last):
+    if cuda if cfg.channels_last is None else cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if cfg.compile else net
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    core = torch.compile(net) if cfg.compile else net  # attacks and evaluation: no gradient sync needed
+    model = core  # the update step: under torchrun, DDP all-reduces the gradients
+    if dist.on:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(net, broadcast_buffers=False)  # BN buffers: synced once per epoch
+        model = torch.compile(ddp) if cfg.compile else ddp
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # data order, augmentation, attack starts
+    # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    info = DATASETS[cfg.dataset]
     aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"])
-    train_batches = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=gen)
-    eval_batches = {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256)) for s in ("val", "test")}
+    shard = dict(rank=dist.rank, world=dist.world)
+    train_batches = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug,
+                            generator=gen, drop_small=True, **shard)
+    eval_batches = {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test")}
     (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
     attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
-    test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm, generator=gen)
-    total_steps = cfg.epochs * len(train_batches)
+    test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm, generator=gen,
+                       autocast=autocast, all_reduce=dist.sum_)
 
-    def make_optimizer(milestones):
+    def make_optimizer():
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
 
-    optimizer, scheduler = make_optimizer(cfg.milestones)
+    optimizer, scheduler = make_optimizer()
     ledger = FlopLedger()
-    mask = SparseMask(net, density=cfg.density, allocation=cfg.allocation, seed=cfg.seed) \
-        if cfg.mode in ("dynamic", "dynamic+") else None
-    fbplus = FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
-                            threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
-                            growth_ratio=cfg.fbplus_grow) if cfg.mode == "dynamic+" else None
-    early = EarlyBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold) \
-        if cfg.mode == "static" else None
+    method = method_for(cfg)
+    method.start(net, total_steps=cfg.epochs * len(train_batches), epochs=cfg.epochs)
     # partial: the epoch in progress when last.pt was written mid-epoch (order, batches done, running sums)
-    run = dict(epoch=0, ticket_epochs=0, ticket_flops=0, phase="ticket" if early else "adv",
-               best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0, partial=None)
+    run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
+               partial=None, world=dist.world)
     config = dataclasses.asdict(cfg)
 
     def checkpoint() -> dict:
         return dict(config=config, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), mask=mask.state_dict() if mask else None,
-                    fbplus=fbplus.state_dict() if fbplus else None, early=early.state_dict() if early else None,
-                    ledger=ledger.state_dict(), run=run, generator=gen.get_state(), torch_rng=torch.get_rng_state())
+                    scheduler=scheduler.state_dict(), method=method.state_dict(),
+                    mask=method.mask.state_dict() if method.mask else None, ledger=ledger.state_dict(), run=run,
+                    generator=gen.get_state(), torch_rng=torch.get_rng_state())
+
+    def save(obj, name):
+        if dist.main:
+            atomic_save(obj, run_dir / name)
 
     if cfg.resume:
-        # map to the CPU: generator states must be CPU tensors; load_state_dict moves the rest
-        try:
-            ck = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-            ck["config"], ck["run"]
-        except Exception as e:
-            raise SparseWinError(f"{run_dir / 'last.pt'} is not a readable sparse_win checkpoint ({type(e).__name__})")
-        changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k) != config[k]]
-        if changed:
-            k = changed[0]
-            raise SparseWinError(f"{run_dir / 'last.pt'} was written with another config ({k}: "
-                                 f"{ck['config'].get(k)!r}, now {config[k]!r}); resume with the same options")
+        ck = load_checkpoint(run_dir / "last.pt", config, dist.world)
         net.load_state_dict(ck["model"])
         run = {"partial": None, **ck["run"]}
-        if run["phase"] == "adv" and early is not None:  # the ticket was adopted before the checkpoint
-            mask = SparseMask(net, masks=ck["mask"]["masks"])
-        if mask is not None:
-            mask.load_state_dict(ck["mask"])
+        method.load_state_dict(ck["method"])
         optimizer.load_state_dict(ck["optimizer"])
         for p, state in optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
             for k, v in state.items():
                 if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
                     state[k] = torch.empty_like(p).copy_(v)
         scheduler.load_state_dict(ck["scheduler"])
-        for obj, key in ((fbplus, "fbplus"), (early, "early"), (ledger, "ledger")):
-            if obj is not None:
-                obj.load_state_dict(ck[key])
+        ledger.load_state_dict(ck["ledger"])
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
-        where = f", step {run['partial']['step']}" if run["partial"] else ""
-        log(f"resumed {run_dir} at epoch {run['epoch']}{where} ({run['phase']})")
-    write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
-    write_text_atomic(run_dir / "config.json", strict_json(config, indent=1))
+        log(f"resumed {run_dir} at epoch {run['epoch']}" + (f", step {run['partial']['step']}" if run["partial"]
+                                                              else ""))
+    if method.mask is not None:
+        dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
+    if dist.main:
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
+        write_text_atomic(run_dir / "config.json", strict_json(config, indent=1))
 
     def where(step: int) -> str:
-        epoch = f"ticket epoch {run['ticket_epochs'] + 1}" if run["phase"] == "ticket" else f"epoch {run['epoch'] + 1}"
+        epoch = f"ticket epoch {method.ticket_epochs + 1}" if method.pretraining else f"epoch {run['epoch'] + 1}"
         return f"{epoch}, step {step}/{len(train_batches)}"
 
-    def run_epoch(attack_steps: int, desc: str) -> tuple[float, float]:
-        """One epoch of AT (attack_steps > 0) or standard training; returns (loss, accuracy %).
+    def run_epoch(kind: str, desc: str) -> tuple[float, float]:
+        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none); returns the global (loss, acc %).
 
         Resumes the epoch recorded in run["partial"], if any: same permutation, remaining batches,
         running sums; the generator state restored with the checkpoint gives the same draws after it.
         """
+        attack_steps = attack_cost(kind, cfg.train_steps)  # what the ledger charges per example
         model.train()
         part = run["partial"] or {}
-        sums = part["sums"].to(device) if part else torch.zeros(2, device=device)  # loss sum, correct: no sync
-        n, start = part.get("n", 0), part.get("step", 0)
-        fwd = forward_flops(per_weight, mask.layer_counts(), unowned) if mask else dense_fwd
-        bar = _progress(len(train_batches), desc, cfg.progress)
+        sums = part["sums"].to(device) if part else torch.zeros(3, device=device)  # loss sum, correct, n
+        start = part.get("step", 0)
+        fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
+        bar = _progress(len(train_batches), desc, cfg.progress and dist.main)
         bar.update(start)
         order = part["order"].to(device) if part.get("order") is not None else None
         for i, (x, y) in enumerate(train_batches.epoch(order, start), start + 1):
             with autocast():
-                if attack_steps:
-                    x = pgd(model, x, y, **{**attack, "steps": attack_steps})
+                x = perturb(core, x, y, kind=kind, **attack, rows=train_batches.rows)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):  # one sync per step; stop before the bad step touches the weights
+            stopping, bad = dist.any([stop is not None and stop.signal is not None, not torch.isfinite(loss)],
+                                     device)  # one sync per step: every rank takes the same branch
+            if bad:  # stop before the bad step touches the weights
                 kept = ("last.pt and best.pt hold the last good checkpoint" if (run_dir / "last.pt").exists()
                         else "no checkpoint had been written yet")
-                raise RunError(f"training diverged: the loss is {loss.item()} at {where(i)}; {kept}; try a smaller "
-                               f"--lr (now {cfg.lr:g})" + (" or --no-amp" if amp else ""), DIVERGED)
+                raise RunError(f"training diverged: the loss is {loss.item()} at {where(i)}; {kept}; try a "
+                               f"smaller --lr (now {cfg.lr:g})" + (" or --no-amp" if amp else ""), DIVERGED)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if mask is not None:
-                mask.step(optimizer)
-            ledger.charge(len(y), fwd, attack_steps)
-            sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
-            n += len(y)
-            if cfg.mode in ("dynamic", "dynamic+"):
-                late = run["epoch"] >= cfg.epochs // 2
-                if mask.steps % (cfg.update_interval_late if late else cfg.update_interval) == 0:
-                    p = cosine_death_rate(mask.steps, total_steps, cfg.death_rate, cfg.death_rate_final)
-                    extra = fbplus.decide(run["epoch"], mask.steps) if fbplus else {}
-                    changed = mask.update(p, growth=cfg.growth, optimizer=optimizer, **extra)
-                    run["updates"].append(dict(step=mask.steps, epoch=run["epoch"], death_rate=p,
-                                               density=mask.density, **changed, **extra))
-                    fwd = forward_flops(per_weight, mask.layer_counts(), unowned)
+            ledger.charge(train_batches.rows[2], fwd, attack_steps)  # global images
+            sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
+                                 torch.tensor(float(len(y)), device=device)])
+            update = method.after_step(optimizer, run["epoch"])
+            if update is not None:
+                dist.check_masks(method.mask, where(i))
+                run["updates"].append(update)
+                fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned)
             bar.update(1)
-            stopping = stop is not None and stop.signal is not None
             if stopping or (cfg.checkpoint_every and ledger.steps % cfg.checkpoint_every == 0):
-                run["partial"] = dict(step=i, n=n, sums=sums.cpu(), order=train_batches.order.cpu()
-                                      if train_batches.order is not None else None)
+                part_sums = dist.sum_(sums.clone()) if dist.main or not dist.on else dist.sum_(sums.clone()) * 0
+                run["partial"] = dict(step=i, sums=part_sums.cpu(), order=None if train_batches.order is None
+                                      else train_batches.order.cpu())
                 run["wall"] = time.time() - t0
-                atomic_save(checkpoint(), run_dir / "last.pt")
+                save(checkpoint(), "last.pt")
                 run["partial"] = None
             if stopping:
-                name = signal.Signals(stop.signal).name
+                name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"
                 raise RunError(f"stopped by {name} at {where(i)}; last.pt holds this step: continue with the "
-                               f"same command and --resume", TERMINATED if name == "SIGTERM" else INTERRUPTED)
+                               f"same command and --resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
         bar.close()
         run["partial"] = None
-        loss_sum, correct = sums.tolist()
+        loss_sum, correct, n = dist.sum_(sums).tolist()
         return loss_sum / n, 100 * correct / n
 
+    def sync_buffers():
+        """Rank 0's BatchNorm statistics on every rank, so that all evaluate (and save) one model."""
+        for b in net.buffers():
+            dist.broadcast_(b)
+
     t0 = time.time() - run["wall"]
-    # Robust Bird stage 1: standard training until the early-bird ticket emerges (Sec. 3.1)
-    while run["phase"] == "ticket":
-        loss, acc = run_epoch(0, f"ticket {run['ticket_epochs'] + 1}")
-        run["ticket_epochs"] += 1
-        emerged = early.record(net)
-        log(f"ticket epoch {run['ticket_epochs']:3d} loss {loss:.4f} acc {acc:5.2f} "
-            f"mask distance {early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
-        if emerged or run["ticket_epochs"] >= cfg.eb_max_epochs:
-            run["phase"], run["ticket_flops"], run["ticket_images"] = "adv", ledger.actual, ledger.images
-            mask = SparseMask(net, masks=early.ticket(net))  # prune, keep weights; fresh optimizer + schedule
-            optimizer, scheduler = make_optimizer(cfg.milestones)
+    while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
+        loss, acc = run_epoch(cfg.ticket_attack, "stage 1")
+        sync_buffers()
+        if method.end_pretrain_epoch(net, loss, acc, log):  # the ticket is adopted: AT starts afresh
+            dist.share_masks(method.mask)
+            run["ticket_flops"], run["ticket_images"] = ledger.actual, ledger.images
+            optimizer, scheduler = make_optimizer()
         run["wall"] = time.time() - t0
-        atomic_save(checkpoint(), run_dir / "last.pt")
+        save(checkpoint(), "last.pt")
 
     while run["epoch"] < cfg.epochs:
         if cfg.stop_after_epoch and run["epoch"] >= cfg.stop_after_epoch:
             log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
             return dict(stopped_at=run["epoch"])
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_ra = run_epoch(cfg.train_steps, f"epoch {run['epoch'] + 1}")
+        train_loss, train_ra = run_epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
         scheduler.step()
-        val = evaluate(model, eval_batches["val"], **test_attack, autocast=autocast)
-        test = evaluate(model, eval_batches["test"], **test_attack, autocast=autocast)
-        if fbplus is not None:
-            fbplus.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
+        sync_buffers()
+        val, test = (evaluate(core, eval_batches[s], **test_attack) for s in ("val", "test"))
+        method.end_epoch(train_ra, val)
         run["epoch"] += 1
+        mask = method.mask
         rec = dict(epoch=run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra,
                    val_sa=val["sa"], val_ra=val["ra"], val_adv_loss=val["adv_loss"],
                    test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
                    density=mask.density if mask else 1.0, train_flops=ledger.actual, train_flops_paper=ledger.paper,
                    itop=mask.itop_rate() if mask else 1.0, time=time.time() - t0)
         run["history"].append(rec)
-        # the whole file, atomically: an append cut short by a full disk would leave half a record
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
+        if dist.main:  # the whole file, atomically: an append cut short by a full disk leaves half a record
+            write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
         log(f"epoch {rec['epoch']:3d}/{cfg.epochs} lr {lr:.4f} loss {train_loss:.4f} train RA {train_ra:5.2f} | "
             f"val SA {val['sa']:5.2f} RA {val['ra']:5.2f} | test SA {test['sa']:5.2f} RA {test['ra']:5.2f} | "
             f"density {rec['density']:.4f} | {rec['time']:.0f}s")
         run["wall"] = time.time() - t0
         if val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
             run["best_val_ra"], run["best_epoch"] = val["ra"], run["epoch"]
-            atomic_save(dict(config=config, model=net.state_dict(), mask=mask.state_dict() if mask else None,
-                             epoch=run["epoch"], val_ra=val["ra"]), run_dir / "best.pt")
-        atomic_save(checkpoint(), run_dir / "last.pt")
+            save(dict(config=config, model=net.state_dict(), mask=mask.state_dict() if mask else None,
+                      epoch=run["epoch"], val_ra=val["ra"]), "best.pt")
+        save(checkpoint(), "last.pt")
 
     # Robust generalization gap of the final model: train RA (eval mode, no augmentation) - test RA
-    gap_x, gap_y = (t[:cfg.gap_subset or None] for t in data["train"])
-    train_final = evaluate(model, Batches(gap_x, gap_y, batch_size=max(cfg.batch_size, 256)), **test_attack,
-                           autocast=autocast)
-    summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd,
-                        forward_flops(per_weight, mask.layer_counts(), unowned) if mask else dense_fwd,
-                        mask, fbplus, early)
-    write_text_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
-    plot_curves(run["history"], fbplus.events if fbplus else [], run_dir / "curves.png", log)
+    gap = Batches(*(t[:cfg.gap_subset or None] for t in data["train"]), batch_size=max(cfg.batch_size, 256), **shard)
+    train_final = evaluate(core, gap, **test_attack)
+    final_fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
+    summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd, final_fwd, method)
+    if dist.main:
+        summary.update(final_eval(cfg, run_dir, log))  # --final-eval autoattack: AA of best.pt and last.pt
+        write_text_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
+        plot_curves(run["history"], summary["fbplus_events"], run_dir / "curves.png", log)
     log(format_table([summary]))
     return summary
+
+
+def load_checkpoint(path: Path, config: dict, world: int) -> dict:
+    """last.pt of this run, refused with one line when unreadable or written with other options."""
+    try:  # map to the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck["config"], ck["run"], ck["method"]
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a readable sparse_win checkpoint ({type(e).__name__})")
+    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
+                             f"{config[k]!r}); resume with the same options")
+    if ck["run"].get("world", 1) != world:
+        raise SparseWinError(f"{path} was written by {ck['run'].get('world', 1)} processes, now {world}: resume "
+                             f"with the same number (the data shards and RNG streams depend on it)")
+    return ck
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -1364,8 +1732,9 @@ def _progress(total: int, desc: str, enabled: bool):
 METHOD = {"dense": "dense AT", "static": "Robust Bird", "dynamic": "Flying Bird", "dynamic+": "Flying Bird+"}
 
 
-def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, mask, fbplus, early) -> dict:
+def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, method: Dense) -> dict:
     """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios."""
+    mask = method.mask
     h = run["history"]
     best, final = h[run["best_epoch"] - 1], h[-1]
     return dict(
@@ -1375,26 +1744,29 @@ def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, mask, fbpl
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
         # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
-        train_flops_dense_ratio=ledger.paper / (3 * (cfg.train_steps + 1) * dense_fwd
-                                                * (ledger.images - run.get("ticket_images", 0))),
+        train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
+                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=mask.density if mask else 1.0, itop_rate=mask.itop_rate() if mask else 1.0,
-        ticket_epochs=run["ticket_epochs"], ticket_flops=run["ticket_flops"],
-        topology_updates=len(run["updates"]), fbplus_events=fbplus.events if fbplus else [],
-        early_bird_distances=early.distances if early else [], wall_seconds=run["wall"])
+        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]), **method.summary(),
+        wall_seconds=run["wall"])
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference)."""
     head = ("| method | RA best | RA final | diff | SA best | SA final | diff | train FLOPs | "
             "inference FLOPs (x dense) | robust gen. gap | density | ITOP |")
+    aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
+    head += " AA best | AA final |" if aa else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['ra_best']:.2f} | {r['ra_final']:.2f} | {r['ra_diff']:.2f} | "
                      f"{r['sa_best']:.2f} | {r['sa_final']:.2f} | {r['sa_diff']:.2f} | {r['train_flops']:.3e} | "
                      f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f}) | {r['robust_gap']:.2f} | "
-                     f"{r['final_density']:.4f} | {r['itop_rate']:.3f} |")
+                     f"{r['final_density']:.4f} | {r['itop_rate']:.3f} |"
+                     + ("".join(f" {r[k]:.2f} |" if k in r else " - |" for k in ("ra_aa_best", "ra_aa_final"))
+                        if aa else ""))
     return "\n".join(lines)
 
 
@@ -1422,6 +1794,350 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- evaluate a checkpoint
+# python sparse_win.py --eval RUN_DIR: clean accuracy, PGD with restarts, AutoAttack (Croce & Hein 2020,
+# the field's standard) and gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial
+# Robustness", Sec. 5), written to eval-<checkpoint>-<options>.json beside the checkpoint.
+
+EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
+
+
+def find_checkpoint(path) -> Path:
+    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
+    p = Path(path)
+    if not p.exists():
+        raise SparseWinError(f"no such checkpoint or run directory: {p}")
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
+        return p / "best.pt"
+    return p
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A sparse_win checkpoint, read with torch's weights-only unpickler (no code in the file runs)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
+    return ck
+
+
+def config_of(ck: dict, **overrides) -> Config:
+    """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in ck["config"].items() if k in names}
+    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
+
+
+def model_of(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
+    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
+    net = model_for(cfg)
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
+            from None
+    masks = ck["mask"]["masks"] if ck["mask"] else None
+    if masks is not None:
+        weights = prunable(net)
+        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
+            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
+        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
+        if alive:
+            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
+    return net.eval(), masks
+
+
+def load_model(path, *, device="cpu") -> nn.Module:
+    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
+    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
+    RobustBench / torchattacks convention)."""
+    path = find_checkpoint(path)
+    ck = read_checkpoint(path)
+    return model_of(ck, config_of(ck), path)[0].to(device)
+
+
+def density_of(net: nn.Module, masks: dict | None) -> tuple[float, float]:
+    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too."""
+    weights = prunable(net)
+    total = sum(w.numel() for w in weights.values())
+    active = sum(int(m.sum()) for m in masks.values()) if masks else total
+    return active / total, sum(int(w.count_nonzero()) for w in weights.values()) / total
+
+
+def _import_autoattack():
+    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise SparseWinError(AA_MISSING) from None
+    return AutoAttack
+
+
+def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
+                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
+    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
+
+    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
+    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
+    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
+    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
+    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
+    seeds torch's global generator.
+    """
+    import logging
+    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
+                              attacks=attacks, seed=seed, device=x.device)
+    if iters:
+        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+            attack.n_iter = attack.n_iter_orig = iters
+        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
+            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
+            attack.size_decr = max(int(0.03 * iters), 1)
+        aa.square.n_queries = iters
+    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
+
+    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
+        def emit(self, record):
+            if record.getMessage() not in result["flags"]:
+                result["flags"].append(record.getMessage())
+    handler = Flags(logging.WARNING)
+    aa.logger.addHandler(handler)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(result["robust"]), len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
+            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
+            if on_batch is not None:
+                on_batch(result)
+    finally:
+        aa.logger.removeHandler(handler)
+        model.train(was_training)
+    return result
+
+
+def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) from PGD's accuracy (%) on `batches`.
+
+    Every PGD run draws the same random start (one seed), so two runs differ only in what is varied:
+        eps0_equals_clean    PGD at eps 0 leaves every prediction as it is (no randomness, no attack bug)
+        ra_falls_with_steps  RA(PGD-K) <= RA(PGD-1) + tol: more steps never help the model
+        ra_falls_with_eps    RA(2 eps) <= RA(eps) + tol: a larger ball never helps the model
+        unbounded_ra_zero    RA <= tol with eps = the whole input box: every input can be made wrong
+    Accuracy here is that of PGD's output, not and-ed with clean, so that a model which an "attack"
+    pushes towards the right class shows it. Each check: {'ok': bool, 'detail': the numbers}.
+    """
+    x0 = next(iter(batches))[0]
+    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
+
+    def run(e, a, k):
+        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
+                               generator=torch.Generator(x0.device).manual_seed(seed))
+        return ex, 100 * ex["robust"].double().mean().item()
+    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
+        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
+        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
+    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
+    n = len(zero["clean"])
+    return dict(
+        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
+                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
+        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
+                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
+        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
+                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
+        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
+                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
+    )
+
+
+def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
+    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
+    if ra_aa is None:
+        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
+                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
+    return dict(
+        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
+                              detail="PGD not run" if ra_pgd is None else
+                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
+        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
+
+
+class EvalProgress:
+    """The finished parts of one evaluation, saved atomically after each part (and each AutoAttack
+    batch), so that the same --eval after an interruption continues where it stopped."""
+
+    def __init__(self, path: Path, key: dict, log=print):
+        self.path, self.key, self.done = path, key, {}
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            state = {}
+        if state.get("key") == key:
+            self.done = state["done"]
+            log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
+
+    def save(self):
+        write_text_atomic(self.path, strict_json(dict(key=self.key, done=self.done), indent=1))
+
+    def part(self, name: str, compute):
+        if name not in self.done:
+            self.done[name] = compute()
+            self.save()
+        return self.done[name]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eval_filename(ck_path: Path, *, split, subset, steps, restarts, attack, aa_version, aa_iters, overrides) -> str:
+    """eval-<checkpoint>-<split>-<images>-<attacks>[-<overridden eps, alpha, norm>].json"""
+    parts = [ck_path.stem, split, f"n{subset}" if subset else "all"]
+    if attack != "autoattack":
+        parts.append(f"pgd{steps}x{restarts}")
+    if attack != "pgd":
+        parts.append(f"aa-{aa_version}" + (f"-i{aa_iters}" if aa_iters else ""))
+    parts += [f"{k.removeprefix('test_')}{overrides[k]:g}" for k in ("test_eps", "test_alpha") if k in overrides]
+    parts += [overrides["norm"]] if "norm" in overrides else []
+    return "eval-" + "-".join(parts) + ".json"
+
+
+def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: int = 50, restarts: int = 5,
+                        attack: str = "all", aa_version: str = "standard", aa_iters: int = 0,
+                        check_subset: int = 1000, seed: int = 0, device: str = "auto", force: bool = False,
+                        reuse: bool = False, overrides: dict | None = None, log=print) -> dict:
+    """--eval: clean accuracy, PGD with restarts, AutoAttack and the gradient-masking checks of a checkpoint.
+
+    Model, data, eps, step size and norm come from the checkpoint's config; `overrides` replaces
+    config fields (EVAL_OVERRIDES). Writes eval-<checkpoint>-<options>.json beside the checkpoint
+    (refused when it exists, unless force; reuse returns it when made from the same checkpoint and
+    options) and returns its content. Progress goes to the same name with .partial.json.
+    """
+    t0 = time.time()
+    ck_path = find_checkpoint(path)
+    ck = read_checkpoint(ck_path)
+    overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
+    cfg = config_of(ck, device=device, **overrides)
+    out = ck_path.with_name(eval_filename(ck_path, split=split, subset=subset, steps=steps, restarts=restarts,
+                                          attack=attack, aa_version=aa_version, aa_iters=aa_iters, overrides=overrides))
+    key = dict(checkpoint_sha256=_sha256(ck_path), split=split, subset=subset, steps=steps, restarts=restarts,
+               attack=attack, aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed,
+               eps=cfg.eps(train=False)[0], alpha=cfg.eps(train=False)[1], norm=cfg.norm)
+    if out.exists() and reuse and json.loads(out.read_text()).get("key") == key:
+        return json.loads(out.read_text())
+    if out.exists() and not (force or reuse):
+        raise SparseWinError(f"{out} exists; pass --force to overwrite it")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise SparseWinError(f"cannot write the results to {out.parent}: not a writable directory")
+    if attack != "pgd":
+        _import_autoattack()  # fail now, not after the PGD part
+    dev = resolve_device(cfg.device)
+    net, masks = model_of(ck, cfg, ck_path)
+    net = net.to(dev)
+    density, nonzero = density_of(net, masks)
+    x, y = (t[:subset or None].to(dev) for t in load_data(cfg)[split])
+    bs = overrides.get("batch_size") or max(cfg.batch_size, 256)  # as train() evaluates: the same SA, bit for bit
+    eps, alpha = cfg.eps(train=False)
+    progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
+
+    def pgd_part():  # worst case per example over the restarts and the clean input (as AutoAttack counts)
+        ex = evaluate_examples(net, Batches(x, y, batch_size=bs), eps=eps, alpha=alpha,
+                               steps=steps if attack != "autoattack" else 0, norm=cfg.norm, restarts=restarts,
+                               generator=torch.Generator(dev).manual_seed(seed))
+        return dict(clean=ex["clean"].tolist(), robust=(ex["clean"] & ex["robust"]).tolist(),
+                    loss=ex["loss"].mean().item(), adv_loss=ex["adv_loss"].mean().item())
+    first = progress.part("pgd", pgd_part)
+    n_check = check_subset or len(y)
+    checks = progress.part("checks", lambda: masking_checks(
+        net, Batches(x[:n_check], y[:n_check], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm,
+        seed=seed))
+
+    def aa_part():
+        def save(partial):
+            progress.done["autoattack_partial"] = partial
+            progress.save()
+        result = autoattack_eval(net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version,
+                                 iters=aa_iters, batch_size=bs, seed=seed,
+                                 done=progress.done.get("autoattack_partial"), on_batch=save)
+        progress.done.pop("autoattack_partial", None)
+        return result
+    aa = progress.part("autoattack", aa_part) if attack != "pgd" else None
+
+    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
+    ra_pgd = pct(first["robust"]) if attack != "autoattack" else None
+    ra_aa = pct(aa["robust"]) if aa else None
+    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
+    warnings = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
+                if c["ok"] is False]
+    epoch = ck["epoch"] if "epoch" in ck else ck["run"]["epoch"]
+    result = dict(
+        file=out.name, checkpoint=str(ck_path.resolve()), epoch=epoch, key=key,
+        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
+        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
+        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
+        sa=pct(first["clean"]), loss=first["loss"],
+        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
+        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
+        checks=checks, warnings=warnings, wall_seconds=time.time() - t0)
+    try:
+        write_text_atomic(out, strict_json(result, indent=1))
+    except OSError as e:
+        raise SparseWinError(f"cannot write {out}: {e.strerror or e}") from None
+    progress.path.unlink(missing_ok=True)
+    for w in warnings:
+        log(w)
+    log(format_eval_table([result]))
+    log(f"wrote {out}")
+    return result
+
+
+def format_eval_table(rows: list[dict]) -> str:
+    """Markdown table of --eval results (accuracies in %)."""
+    lines = ["| checkpoint | split | images | density | SA | PGD RA | AutoAttack RA | gradient-masking checks |",
+             "|" + "---|" * 8]
+    for r in rows:
+        pgd, aa = r["pgd"], r["autoattack"]
+        failed = [k for k, c in r["checks"].items() if c["ok"] is False]
+        lines.append(
+            f"| {Path(r['checkpoint']).name} (epoch {r['epoch']}) | {r['split']} | {r['examples']} | "
+            f"{r['density']:.4f} | {r['sa']:.2f} | "
+            + (f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-") + " | "
+            + (f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" if aa else "-")
+            + f" | {'failed: ' + ', '.join(failed) if failed else 'passed'} |")
+    return "\n".join(lines)
+
+
+def eval_options(cfg: Config) -> dict:
+    """evaluate_checkpoint() keyword arguments from the --eval flags."""
+    return dict(split=cfg.split, subset=cfg.eval_subset, steps=cfg.eval_steps, restarts=cfg.restarts,
+                attack=cfg.attack, aa_version=cfg.aa_version, aa_iters=cfg.aa_iters, check_subset=cfg.check_subset,
+                seed=cfg.seed, device=cfg.device, force=cfg.force)
+
+
+def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
+    """--final-eval autoattack: the --eval path on best.pt and on the final model (last.pt) when training
+    ends; returns the fields for summary.json (ra_aa_best, ra_aa_final and the results files)."""
+    if cfg.final_eval == "none":
+        return {}
+    out = {}
+    for which, name in (("best", "best.pt"), ("final", "last.pt")):
+        r = evaluate_checkpoint(run_dir / name, **{**eval_options(cfg), "force": False}, reuse=True, log=log)
+        out.update({f"ra_aa_{which}": r["autoattack"]["ra"], f"eval_{which}": r["file"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1494,8 +2210,8 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Config from the command line: preset values first, explicit flags over them."""
+def _parser() -> argparse.ArgumentParser:
+    """The CLI, generated from Config's fields; a flag that is not given is absent from the result."""
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
@@ -1509,7 +2225,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         else:
             kw.setdefault("type", type(f.default))
             parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Config from the command line: preset values first, explicit flags over them."""
+    args = vars(_parser().parse_args(argv))
     preset = args.get("preset", "")
     if preset and preset not in PRESETS:
         raise SparseWinError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -1520,9 +2241,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
         cfg = parse_args(argv)
-        if cfg.benchmark:
+        if cfg.eval:  # flags given explicitly replace the checkpoint's own (eps, step size, norm, data dir)
+            given = set(vars(_parser().parse_args(argv)))
+            evaluate_checkpoint(cfg.eval, **eval_options(cfg), overrides={k: getattr(cfg, k) for k in given})
+        elif cfg.benchmark:
             benchmark(cfg)
         else:
             with StopRequest() as stop:
@@ -1534,7 +2259,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparse_win.py: {'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print("sparse_win.py: interrupted; last.pt holds the last checkpoint (--resume)", file=sys.stderr)
+        then = ("the same --eval continues from its .partial.json" if cfg is not None and cfg.eval
+                else "last.pt holds the last checkpoint (--resume)")
+        print(f"sparse_win.py: interrupted; {then}", file=sys.stderr)
         return INTERRUPTED
     return 0
 

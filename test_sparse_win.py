@@ -1522,10 +1522,10 @@ def test_resume_static_equivalent(tmp_path, data_dir, static_run, monkeypatch, c
         assert sw.main(args) == 130
     assert "--resume" in capsys.readouterr().err
     ck = load_ck(tmp_path / "run" / "last.pt")
-    assert ck["run"]["phase"] == "ticket" and ck["run"]["ticket_epochs"] == 1
+    assert ck["method"]["pretraining"] and ck["method"]["ticket_epochs"] == 1
     # resume, stop after the first adversarial epoch, resume again
     assert sw.main(args + ["--resume", "--stop-after-epoch", "1"]) == 0
-    assert load_ck(tmp_path / "run" / "last.pt")["run"]["phase"] == "adv"
+    assert not load_ck(tmp_path / "run" / "last.pt")["method"]["pretraining"]
     run_ok(args + ["--resume"])
     assert_same_run(static_run, tmp_path / "run")
 
@@ -2260,6 +2260,458 @@ def test_benchmark_cpu(monkeypatch, capsys):
     assert out.count("img/s") == 2
 
 
+# ----------------------------------------------------------------------------- 9. Fast AT (FGSM-RS)
+
+@settings(max_examples=12, deadline=None)
+@given(seed=SEEDS, eps=st.sampled_from([2 / 255, 8 / 255, 0.1, 0.3]), training=st.booleans())
+def test_fgsm_rs_stays_in_ball_and_box(seed, eps, training):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_cnn(gen, bn=True).train(training)
+    x = torch.rand(6, 3, 8, 8, generator=gen)
+    x[0] = 0  # pixels at the edges of [0, 1], where the clamp to the box bites
+    x[1] = 1
+    y = torch.randint(0, 3, (6,), generator=gen)
+    adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
+    assert adv.min() >= 0 and adv.max() <= 1 and not adv.requires_grad
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert not torch.equal(adv, x) and model.training == training
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.01, 0.3))
+def test_fgsm_rs_one_step_closed_form_linear(d, k, b, seed, eps):
+    """Wong et al. 2020: delta ~ U(-eps, eps), start clamped to [0, 1], one step of 1.25 eps sign(grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, k).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
+        model.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
+    x = torch.rand(b, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, k, (b,), generator=gen)
+    adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
+    u = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
+    start = torch.clamp(x + u, 0, 1)
+    W, bias = model.weight.detach(), model.bias.detach()
+    g = (torch.softmax(start @ W.T + bias, dim=1) - F.one_hot(y, k).double()) @ W  # dCE/dx at the start
+    want = torch.clamp(x + torch.clamp(start + 1.25 * eps * g.sign() - x, -eps, eps), 0, 1)
+    sure = g.abs() > 1e-12  # sign of a numerically zero gradient is not determined
+    assert torch.equal(adv[sure], want[sure])
+
+
+def test_attack_cost_and_perturb():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen).eval()
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0])
+    assert [sw.attack_cost(k, 10) for k in ("none", "fgsm-rs", "pgd")] == [0, 1, 10]
+    kw = dict(eps=0.1, alpha=0.02, steps=3)
+    assert sw.perturb(model, x, y, kind="none", **kw) is x
+    for kind, ref in (("pgd", lambda g: sw.pgd(model, x, y, generator=g, **kw)),
+                      ("fgsm-rs", lambda g: sw.fgsm_rs(model, x, y, eps=0.1, generator=g))):
+        got = sw.perturb(model, x, y, kind=kind, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(got, ref(torch.Generator().manual_seed(1)))
+
+
+def test_fgsm_rs_training_charges_one_attack_step(tmp_path, data_dir):
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-attack", "fgsm-rs", "--epochs", 1))
+    recs, s = read_run(d)
+    fwd = s["inference_flops_dense"]
+    assert s["train_flops"] == 5 * fwd * N_TRAIN  # one attack step (2x) + update (3x)
+    assert s["train_flops_paper"] == 6 * fwd * N_TRAIN and s["train_flops_dense_ratio"] == 1.0
+    assert json.loads((d / "config.json").read_text())["train_attack"] == "fgsm-rs"
+
+
+@pytest.mark.parametrize("ticket_attack, per_image", [("fgsm-rs", 5), ("pgd", 2 * K + 3)])
+def test_ticket_attack_of_robust_bird_stage_one(tmp_path, data_dir, static_run, ticket_attack, per_image):
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "static", "--epochs", 1, "--ticket-attack", ticket_attack))
+    s = read_run(d)[1]
+    assert s["ticket_epochs"] == 2  # --eb-max-epochs 2 of the smoke preset
+    assert s["ticket_flops"] == per_image * s["inference_flops_dense"] * N_TRAIN * 2
+    assert read_run(static_run)[1]["ticket_flops"] == 3 * s["inference_flops_dense"] * N_TRAIN * 2  # default: none
+
+
+# ----------------------------------------------------------------------------- 10. evaluate a checkpoint
+# --eval, load_model, PGD restarts, AutoAttack (pyautoattack, small iteration counts here) and the
+# gradient-masking checks, on the smoke runs and on a tiny CNN adversarially trained on Fashion-MNIST.
+
+EVAL_KEYS = {"file", "checkpoint", "epoch", "key", "method", "mode", "dataset", "arch", "width", "sparsity", "density",
+             "nonzero_density", "masked_weights_zero", "split", "examples", "device", "eps", "alpha", "norm", "seed",
+             "sa", "loss", "pgd", "autoattack", "checks", "warnings", "wall_seconds"}
+CHECKS = {"eps0_equals_clean", "ra_falls_with_steps", "ra_falls_with_eps", "unbounded_ra_zero", "aa_not_above_pgd",
+          "autoattack_flags"}
+QUICK = ["--eval-subset", 64, "--eval-steps", 2, "--restarts", 2, "--aa-iters", 1, "--check-subset", 32]
+
+
+@pytest.fixture(scope="module")
+def tiny_fmnist():
+    """A 2-conv CNN trained for 3 epochs with FGSM-RS (eps 0.1) on 4,000 real Fashion-MNIST images (~3 s),
+    and 200 test images: SA ~75%, PGD-20 RA ~50%."""
+    data = sw.load_fashion_mnist("/nonexistent")
+    x, y = data["train"][0][:4000].float() / 255, data["train"][1][:4000]
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), nn.ReLU(), nn.Conv2d(8, 16, 5, 2, 2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 49, 10))
+    fill_(model, gen)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 / math.sqrt(p[0].numel()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            xb, yb = x[order[i:i + 64]], y[order[i:i + 64]]
+            loss = F.cross_entropy(model(sw.fgsm_rs(model, xb, yb, eps=0.1, generator=gen)), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    xt, yt = data["test"][0][:200].float() / 255, data["test"][1][:200]
+    return model.eval(), xt, yt
+
+
+def halves(x, y):
+    return [(x[:100], y[:100]), (x[100:], y[100:])]
+
+
+def pgd_ra(model, x, y, steps=20, eps=0.1):
+    """PGD-20 RA in %, an example robust when clean and attacked are both right (as AutoAttack counts)."""
+    ex = sw.evaluate_examples(model, halves(x, y), eps=eps, alpha=eps / 4, steps=steps,
+                              generator=torch.Generator().manual_seed(0))
+    return 100 * (ex["clean"] & ex["robust"]).double().mean().item()
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def eval_json(d: Path, pattern="eval-*.json") -> dict:
+    files = [f for f in d.glob(pattern) if not f.name.endswith(".partial.json")]
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+@pytest.mark.parametrize("which, mode", [("dense_run", "dense"), ("static_run", "static"), ("dynamic_run", "dynamic"),
+                                         ("fbplus_run", "dynamic+")])
+def test_eval_each_mode(request, tmp_path, capsys, which, mode):
+    d = copy_run(request.getfixturevalue(which), tmp_path / "run")
+    before = snapshot(d)
+    recs, summary = read_run(d)
+    assert sw.main(["--eval", str(d), *map(str, QUICK)]) == 0  # a run directory means its best.pt
+    out = capsys.readouterr().out
+    r = eval_json(d)
+    assert set(r) == EVAL_KEYS and set(r["checks"]) == CHECKS
+    assert r["file"] == "eval-best-test-n64-pgd2x2-aa-standard-i1.json" and r["mode"] == mode
+    assert r["checkpoint"] == str((d / "best.pt").resolve()) and r["epoch"] == summary["best_epoch"]
+    best = load_ck(d / "best.pt")
+    density = 1.0 if best["mask"] is None else sw.SparseMask(smoke_model(), masks=best["mask"]["masks"]).density
+    assert r["density"] == density and r["masked_weights_zero"] is True and r["nonzero_density"] <= density
+    assert r["examples"] == 64 and r["split"] == "test" and r["eps"] == 0.1 and r["alpha"] == 0.025
+    assert r["sa"] == recs[r["epoch"] - 1]["test_sa"]  # same split, subset and batches as the training record
+    assert r["pgd"]["steps"] == 2 and r["pgd"]["restarts"] == 2 and 0 <= r["pgd"]["ra"] <= r["sa"]
+    assert r["autoattack"]["version"] == "standard" and r["autoattack"]["iters"] == 1
+    assert 0 <= r["autoattack"]["ra"] <= r["sa"]
+    assert all(set(c) >= {"ok", "detail"} for c in r["checks"].values())
+    assert r["checks"]["eps0_equals_clean"]["ok"] is True
+    assert f"| best.pt (epoch {r['epoch']}) | test | 64 | {density:.4f} | {r['sa']:.2f} |" in out
+    after = snapshot(d)  # the training files are untouched; only the results file is new
+    assert {k: v for k, v in after.items() if k != r["file"]} == before
+
+
+def test_eval_last_checkpoint_val_split(tmp_path, fbplus_run):
+    d = copy_run(fbplus_run, tmp_path / "run")
+    recs, summary = read_run(d)
+    assert sw.main(["--eval", str(d / "last.pt"), "--split", "val", "--attack", "pgd", *map(str, QUICK)]) == 0
+    r = eval_json(d)
+    assert r["file"] == "eval-last-val-n64-pgd2x2.json" and r["epoch"] == len(recs) and r["autoattack"] is None
+    assert r["sa"] == recs[-1]["val_sa"] and r["density"] == summary["final_density"] < 0.2  # FB+ pruned extra
+    assert r["checks"]["aa_not_above_pgd"]["ok"] is None and r["checks"]["autoattack_flags"]["ok"] is None
+
+
+def test_eval_options_name_the_file_and_force_overwrites(tmp_path, capsys, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    args = ["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]
+    assert sw.main(args) == 0
+    assert sw.main(args + ["--test-eps", "8", "--norm", "l2"]) == 0
+    files = sorted(f.name for f in d.glob("eval-*"))
+    assert files == ["eval-best-test-n64-pgd2x2-eps8-l2.json", "eval-best-test-n64-pgd2x2.json"]
+    other = json.loads((d / files[0]).read_text())
+    assert other["eps"] == 8 / 255 and other["alpha"] == 2 / 255 and other["norm"] == "l2"
+    first = (d / files[1]).read_text()
+    assert_cli_error(capsys, args, files[1], "exists", "--force")
+    assert (d / files[1]).read_text() == first
+    assert sw.main(args + ["--force", "--seed", "1"]) == 0
+    assert json.loads((d / files[1]).read_text())["seed"] == 1
+
+
+def test_pgd_restarts_worst_case_per_example(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    kw = dict(eps=0.1, alpha=0.05, steps=1)  # a weak attack, so that other random starts matter
+    # one batch: the first restart draws what the single run draws, so the comparison is per example
+    one = sw.evaluate_examples(model, [(x, y)], generator=torch.Generator().manual_seed(0), **kw)
+    four = sw.evaluate_examples(model, [(x, y)], restarts=4, generator=torch.Generator().manual_seed(0), **kw)
+    assert not (four["robust"] & ~one["robust"]).any()  # restarts never make an example robust
+    assert four["robust"].sum() < one["robust"].sum()  # and here they break some more
+    assert (four["adv_loss"] >= one["adv_loss"]).all() and torch.equal(four["clean"], one["clean"])
+    four = sw.evaluate_examples(model, halves(x, y), restarts=4, generator=torch.Generator().manual_seed(0), **kw)
+    gen, robust, worst = torch.Generator().manual_seed(0), [], []  # reference: 4 runs per batch, and-ed
+    for xb, yb in halves(x, y):
+        runs = [model(sw.pgd(model, xb, yb, generator=gen, **kw)).detach() for _ in range(4)]
+        robust.append(torch.stack([r.argmax(1) == yb for r in runs]).all(0))
+        worst.append(torch.stack([F.cross_entropy(r, yb, reduction="none") for r in runs]).amax(0))
+    assert torch.equal(four["robust"], torch.cat(robust))
+    torch.testing.assert_close(four["adv_loss"], torch.cat(worst))
+
+
+def test_autoattack_not_above_pgd20(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    aa = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["apgd-ce", "apgd-t"], iters=20,
+                            batch_size=100)
+    ra_aa, ra_pgd = 100 * sum(aa["robust"]) / len(y), pgd_ra(model, x, y)
+    assert ra_pgd > 30  # the model is robust enough for the comparison to mean something
+    assert ra_aa <= ra_pgd and aa["flags"] == []
+    clean = model(x).argmax(1) == y
+    assert not (torch.tensor(aa["robust"]) & ~clean).any()  # robust implies clean-correct
+    assert sw.aa_checks(ra_pgd, ra_aa, aa["flags"])["aa_not_above_pgd"]["ok"] is True
+
+
+@pytest.mark.slow
+def test_autoattack_standard_100_images(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    aa = sw.autoattack_eval(model, x[:100], y[:100], eps=0.1, batch_size=100)
+    ra_aa = sum(aa["robust"])
+    ex = sw.evaluate_examples(model, [(x[:100], y[:100])], eps=0.1, alpha=0.025, steps=20,
+                              generator=torch.Generator().manual_seed(0))
+    assert ra_aa <= int((ex["clean"] & ex["robust"]).sum()) and aa["flags"] == []
+
+
+def test_autoattack_resumes_after_its_last_batch(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    kw = dict(eps=0.1, version="custom", attacks=["apgd-ce"], iters=5, batch_size=50)
+    full = sw.autoattack_eval(model, x, y, **kw)
+    saved = []
+    half = sw.autoattack_eval(model, x[:100], y[:100], on_batch=lambda r: saved.append(copy.deepcopy(r)), **kw)
+    assert [len(r["robust"]) for r in saved] == [50, 100] and saved[-1] == half
+    assert sw.autoattack_eval(model, x, y, done=half, **kw) == full
+
+
+class Reverse(torch.autograd.Function):
+    """Identity forward, negated gradient: an obfuscated gradient that leads PGD towards the right class."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class Masked(nn.Module):
+    """A model built to mask gradients: `model(f(x))` with f noisy, gradient-reversing or rounding."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        f = {"random": lambda x: x + 0.2 * torch.randn_like(x), "reversed": Reverse.apply,
+             "rounded": lambda x: torch.round(x * 4) / 4}[self.kind]  # round: zero gradient everywhere
+        return self.model(f(x))
+
+
+def failed(checks):
+    return {k for k, c in checks.items() if c["ok"] is False}
+
+
+@pytest.mark.parametrize("kind, fires", [(None, set()), ("random", {"eps0_equals_clean"}),
+                                         ("reversed", {"ra_falls_with_steps", "ra_falls_with_eps",
+                                                       "unbounded_ra_zero"}),
+                                         ("rounded", {"unbounded_ra_zero"})])
+def test_masking_checks_fire_on_masked_models_only(tiny_fmnist, kind, fires):
+    model, x, y = tiny_fmnist
+    torch.manual_seed(0)  # the noise of the random model
+    checks = sw.masking_checks(model if kind is None else Masked(model, kind), halves(x, y), eps=0.1, alpha=0.025,
+                               steps=20)
+    assert set(checks) == CHECKS - {"aa_not_above_pgd", "autoattack_flags"}
+    detail = {k: c["detail"] for k, c in checks.items()}
+    assert failed(checks) >= fires if kind else failed(checks) == set(), detail  # a masked model may fail more
+
+
+def test_autoattack_checks_fire(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    ra_pgd = pgd_ra(model, x, y)
+    # a randomized model: AutoAttack's own check says so
+    torch.manual_seed(0)
+    noisy = sw.autoattack_eval(Masked(model, "random"), x[:100], y[:100], eps=0.1, version="custom",
+                               attacks=["apgd-ce"], iters=2, batch_size=100)
+    assert any("randomized" in f for f in noisy["flags"])
+    assert failed(sw.aa_checks(ra_pgd, 0.0, noisy["flags"])) == {"autoattack_flags"}
+    # an AutoAttack far weaker than PGD-20 (Square, one query) reports more robustness than PGD: flagged
+    weak = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["square"], iters=1, batch_size=100)
+    ra_weak = 100 * sum(weak["robust"]) / len(y)
+    assert ra_weak > ra_pgd + 1 and weak["flags"] == []
+    assert failed(sw.aa_checks(ra_pgd, ra_weak, weak["flags"])) == {"aa_not_above_pgd"}
+
+
+def test_eval_warns_in_one_line_per_failed_check(tmp_path, monkeypatch, capsys, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    real = sw.model_of
+    monkeypatch.setattr(sw, "model_of", lambda ck, cfg, path: (Masked(real(ck, cfg, path)[0], "reversed").eval(),
+                                                               real(ck, cfg, path)[1]))
+    assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    r = eval_json(d)
+    warned = [line for line in out if line.startswith("warning: gradient-masking check")]
+    assert warned == r["warnings"] and len(warned) == len(failed(r["checks"])) >= 1
+    assert "unbounded_ra_zero" in failed(r["checks"])
+    row = next(line for line in out if line.startswith("| best.pt"))
+    assert row.endswith(f"| failed: {', '.join(k for k, c in r['checks'].items() if c['ok'] is False)} |")
+
+
+def test_eval_resumes_where_it_stopped(tmp_path, monkeypatch, capsys, dense_run):
+    pyautoattack = pytest.importorskip("pyautoattack")
+    args = ["--batch-size", 16, *QUICK]  # 4 AutoAttack batches of 16
+    ref = copy_run(dense_run, tmp_path / "ref")
+    assert sw.main(["--eval", str(ref), *map(str, args)]) == 0
+    d = copy_run(dense_run, tmp_path / "run")
+    calls = {"aa": 0, "pgd": 0}
+    real_aa, real_ex = pyautoattack.AutoAttack.run_standard_evaluation, sw.evaluate_examples
+
+    def aa(self, *a, **kw):
+        calls["aa"] += 1
+        if calls["aa"] == 3:
+            raise KeyboardInterrupt
+        return real_aa(self, *a, **kw)
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", aa)
+    monkeypatch.setattr(sw, "evaluate_examples", lambda *a, **kw: calls.__setitem__("pgd", calls["pgd"] + 1)
+                        or real_ex(*a, **kw))
+    capsys.readouterr()
+    assert sw.main(["--eval", str(d), *map(str, args)]) == 130
+    assert capsys.readouterr().err.strip() == ("sparse_win.py: interrupted; the same --eval continues from its "
+                                               ".partial.json")
+    partial = json.loads(next(d.glob("eval-*.partial.json")).read_text())["done"]
+    assert set(partial) == {"pgd", "checks", "autoattack_partial"}
+    assert len(partial["autoattack_partial"]["robust"]) == 32  # two batches of 16 done
+    assert not [f for f in d.glob("eval-*.json") if not f.name.endswith(".partial.json")]
+    calls.update(aa=10, pgd=0)  # no more interruptions; count what the second run does
+    assert sw.main(["--eval", str(d), *map(str, args)]) == 0
+    assert calls == {"aa": 12, "pgd": 0}  # the two AutoAttack batches left, no PGD again
+    assert "continuing the evaluation" in capsys.readouterr().out
+    assert not list(d.glob("*.partial.json"))
+    a, b = eval_json(d), eval_json(ref)
+    for r in (a, b):
+        r.pop("wall_seconds"), r.pop("checkpoint")
+    assert a == b
+
+
+def test_final_eval_autoattack_adds_to_summary(tmp_path, data_dir, capsys):
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--epochs", 1, "--train-subset", 64,
+                     "--final-eval", "autoattack", "--eval-steps", 2, "--restarts", 1, "--aa-iters", 1,
+                     "--check-subset", 16))
+    out = capsys.readouterr().out
+    s = read_run(d)[1]
+    best = json.loads((d / s["eval_best"]).read_text())
+    final = json.loads((d / s["eval_final"]).read_text())
+    assert s["eval_best"] == "eval-best-test-n64-pgd2x1-aa-standard-i1.json"
+    assert s["eval_final"] == "eval-last-test-n64-pgd2x1-aa-standard-i1.json"
+    assert s["ra_aa_best"] == best["autoattack"]["ra"] and s["ra_aa_final"] == final["autoattack"]["ra"]
+    assert best["sa"] == s["sa_best"] and final["sa"] == s["sa_final"]
+    row = next(line for line in out.splitlines() if line.startswith("| Flying Bird |"))
+    assert row.endswith(f"| {s['ra_aa_best']:.2f} | {s['ra_aa_final']:.2f} |")
+    assert "| AA best | AA final |" in out
+
+
+def test_load_model_same_logits_as_the_training_model(tmp_path, data_dir, monkeypatch):
+    built = []
+    real = sw.model_for
+    monkeypatch.setattr(sw, "model_for", lambda cfg: built.append(real(cfg)) or built[-1])
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--epochs", 1, "--train-subset", 64))
+    trained = built[0].eval()  # the model train() trained, as it ended (its one epoch is also the best)
+    x = sw.load_fashion_mnist(str(data_dir))["test"][0][:32].float() / 255  # pixels in [0, 1]
+    for path in (d, d / "last.pt"):
+        model = sw.load_model(path)
+        assert not model.training and isinstance(model, sw.ResNet)
+        with torch.no_grad():
+            assert torch.equal(model(x), trained(x))
+        masks = load_ck(d / "last.pt")["mask"]["masks"]
+        assert all(not w[~masks[n]].any() for n, w in sw.prunable(model).items())
+
+
+def test_torchattacks_pgd_on_load_model_gives_our_ra(dynamic_run):
+    torchattacks = pytest.importorskip("torchattacks")
+    model = sw.load_model(dynamic_run)
+    data = sw.load_fashion_mnist("/nonexistent")["test"]
+    x, y = data[0][:64].float() / 255, data[1][:64]
+    ex = sw.evaluate_examples(model, [(x, y)], eps=0.1, alpha=0.025, steps=5, random_start=False)
+    theirs = torchattacks.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False)(x, y)
+    assert torch.equal(theirs, sw.pgd(model, x, y, eps=0.1, alpha=0.025, steps=5, random_start=False))
+    with torch.no_grad():
+        robust = model(theirs).argmax(1) == y
+    assert torch.equal(robust, ex["robust"]) and 0 < robust.sum() < len(y)  # same RA, example by example
+
+
+def bytes_file(d: Path) -> Path:
+    (d / "x.pt").write_bytes(b"not a checkpoint")
+    return d / "x.pt"
+
+
+def state_dict_file(d: Path) -> Path:
+    torch.save({"weight": torch.zeros(2)}, d / "sd.pt")  # a torch file, but no sparse_win checkpoint
+    return d / "sd.pt"
+
+
+@pytest.mark.parametrize("make, line", [
+    (lambda d: d / "nope", "no such checkpoint or run directory: {d}/nope"),
+    (lambda d: d, "{d} holds no best.pt; pass a checkpoint file (best.pt or last.pt)"),
+    (bytes_file, "{d}/x.pt is not a sparse_win checkpoint (UnpicklingError)"),
+    (state_dict_file, "{d}/sd.pt is not a sparse_win checkpoint (it lacks config, model or mask)"),
+])
+def test_eval_bad_paths(capsys, tmp_path, make, line):
+    got = assert_cli_error(capsys, ["--eval", make(tmp_path)])
+    assert got == "sparse_win.py: error: " + line.format(d=tmp_path)
+
+
+def test_eval_bad_attack_and_missing_pyautoattack(capsys, tmp_path, monkeypatch, dense_run):
+    line = assert_cli_error(capsys, ["--eval", dense_run, "--attack", "fgsm"])
+    assert line == "sparse_win.py: error: unknown attack 'fgsm'; choose pgd, autoattack or all"
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # as if not installed
+    want = f"sparse_win.py: error: {sw.AA_MISSING}"
+    for args in (["--eval", dense_run], ["--eval", dense_run, "--attack", "autoattack"],
+                 smoke(tmp_path / "run", tmp_path, "--final-eval", "autoattack")):
+        assert assert_cli_error(capsys, args) == want
+    assert not (tmp_path / "run").exists() and not list(dense_run.glob("eval-*"))
+    with pytest.raises(sw.SparseWinError, match="pip install pyautoattack"):
+        sw.autoattack_eval(nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), eps=0.1)
+
+
+def test_eval_refuses_a_corrupt_mask(capsys, tmp_path, dynamic_run):
+    ck = load_ck(dynamic_run / "best.pt")
+    name = next(n for n, m in ck["mask"]["masks"].items() if not m.all())
+    ck["model"][name][~ck["mask"]["masks"][name]] = 1.0
+    torch.save(ck, tmp_path / "best.pt")
+    assert_cli_error(capsys, ["--eval", tmp_path / "best.pt"], "masked weights are not zero", "corrupt")
+    with pytest.raises(sw.SparseWinError, match="not zero"):
+        sw.load_model(tmp_path)
+
+
+def test_strict_json():
+    text = sw.strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": (True, None), 1: "x"})
+    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": [True, None], "1": "x"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_on_cuda_matches_cpu(tmp_path, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    for device in ("cpu", "cuda"):
+        assert sw.main(["--eval", str(d), "--device", device, *map(str, QUICK), "--force"]) == 0
+        r = eval_json(d)
+        assert r["device"].startswith(device)
+        if device == "cpu":
+            cpu = r
+    assert abs(r["sa"] - cpu["sa"]) <= 100 / 64 and r["density"] == cpu["density"]  # TF32 convs: 1 image may flip
+    assert r["checks"]["eps0_equals_clean"]["ok"] is True
+    assert abs(r["pgd"]["ra"] - cpu["pgd"]["ra"]) <= 100 * 3 / 64  # other random starts on CUDA
+
+
 # ----------------------------------------------------------------------------- benchmarks
 # `python -m pytest -p test_sparse_win test_sparse_win.py --benchmark-only`: pytest-benchmark groups
 # put our code next to its baseline, measured in the same run; the table's "(x.xx)" columns
@@ -2419,14 +2871,17 @@ def test_bench_peak_memory(benchmark):
 
 # ----------------------------------------------------------------------------- README and demo
 
-def test_readme_snippet_runs():
+def test_readme_snippet_runs(tmp_path, monkeypatch):
     """The README's "own training loop" example runs as printed and keeps its density."""
     import re
     code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
     assert len(code) == 1
+    monkeypatch.chdir(tmp_path)  # it saves tiny.pt
     scope = {}
     exec(compile(code[0], "README.md", "exec"), scope)
     mask, ledger = scope["mask"], scope["ledger"]
+    model, net, x = scope["model"].eval(), scope["net"], torch.rand(2, 3, 32, 32)
+    assert not net.training and torch.equal(net(x), model(x))  # load_model: the same logits
     assert mask.density == pytest.approx(0.2, abs=1e-4) and mask.counts == [int(m.sum()) for m in mask.masks.values()]
     assert ledger.steps == 4 and ledger.actual > 0 and ledger.paper == ledger.actual * 12 // 9  # K=3: 12x vs 9x
 
