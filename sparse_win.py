@@ -227,6 +227,11 @@ def validate(cfg: Config) -> Config:
         need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
+    need(not cfg.sync_bn or resolve_device(cfg.device).type == "cuda",
+         "--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's number of processes
+    need(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                                      f"number of processes, {world}")
     return cfg
 
 
@@ -1345,6 +1350,20 @@ class Dist:
             raise RunError(f"the masks differ between ranks after the topology update at {where}; "
                            f"stopping (rank {self.rank})", DESYNC)
 
+    def agree(self, flag: bool, device, what: str) -> bool:
+        """flag, checked to be the same on every rank (a mismatch stops the run)."""
+        if self.on:
+            t = torch.tensor([float(flag), -float(flag)], device=device)
+            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+            if t[0] != -t[1]:
+                raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
+        return flag
+
+    def share_buffers(self, net: nn.Module):
+        """Rank 0's buffers (BatchNorm statistics) on every rank."""
+        for b in net.buffers():
+            self.broadcast_(b)
+
     def barrier(self):
         if self.on:
             self.td.barrier()
@@ -1492,54 +1511,27 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
-    need(cfg.batch_size % dist.world == 0, f"--batch-size {cfg.batch_size} (the global batch) must be divisible "
-                                           f"by the number of processes, {dist.world}")
-    need(not cfg.sync_bn or cuda, "--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
+    data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist.main:
         make_run_dir(run_dir)
-    data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
-    for s in ("val", "test"):
-        data[s] = tuple(t[:cfg.eval_subset or None] for t in data[s])
-    data = {s: (x.to(device), y.to(device)) for s, (x, y) in data.items()}
-
     net = model_for(cfg).to(device)
     per_weight, unowned = model_flops(net, tuple(data["train"][0].shape[1:]))
     dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
-    # The fast path (bf16 autocast, channels_last, compile): on by default on CUDA, on request on CPU.
-    amp = cuda if cfg.amp is None else cfg.amp
-    if cuda if cfg.channels_last is None else cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if cfg.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    core = torch.compile(net) if cfg.compile else net  # attacks and evaluation: no gradient sync needed
-    model = core  # the update step: under torchrun, DDP all-reduces the gradients
-    if dist.on:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(net, broadcast_buffers=False)  # BN buffers: synced once per epoch
-        model = torch.compile(ddp) if cfg.compile else ddp
+    amp = cuda if cfg.amp is None else cfg.amp  # the fast path: on by default on CUDA, on request on CPU
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    net, core, model = fast_path(cfg, net, cuda, dist)
 
     # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    info = DATASETS[cfg.dataset]
-    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"])
-    shard = dict(rank=dist.rank, world=dist.world)
-    train_batches = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug,
-                            generator=gen, drop_small=True, **shard)
-    eval_batches = {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test")}
+    train_batches, eval_batches = batches_for(cfg, data, gen, dist)
     (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
     attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
     test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm, generator=gen,
                        autocast=autocast, all_reduce=dist.sum_)
 
-    def make_optimizer():
-        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
-
-    optimizer, scheduler = make_optimizer()
+    optimizer, scheduler = sgd(cfg, net)
     ledger = FlopLedger()
     method = method_for(cfg)
     method.start(net, total_steps=cfg.epochs * len(train_batches), epochs=cfg.epochs)
@@ -1560,24 +1552,14 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
 
     if cfg.resume:
         ck = load_checkpoint(run_dir / "last.pt", config, dist.world)
-        net.load_state_dict(ck["model"])
+        restore(ck, net=net, method=method, optimizer=optimizer, scheduler=scheduler, ledger=ledger, generator=gen)
         run = {"partial": None, **ck["run"]}
-        method.load_state_dict(ck["method"])
-        optimizer.load_state_dict(ck["optimizer"])
-        for p, state in optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p).copy_(v)
-        scheduler.load_state_dict(ck["scheduler"])
-        ledger.load_state_dict(ck["ledger"])
-        gen.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
         log(f"resumed {run_dir} at epoch {run['epoch']}" + (f", step {run['partial']['step']}" if run["partial"]
                                                               else ""))
     if method.mask is not None:
         dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
     if dist.main:
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
+        write_metrics(run_dir, run["history"])
         write_text_atomic(run_dir / "config.json", strict_json(config, indent=1))
 
     def where(step: int) -> str:
@@ -1585,15 +1567,14 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
         return f"{epoch}, step {step}/{len(train_batches)}"
 
     def run_epoch(kind: str, desc: str) -> tuple[float, float]:
-        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none); returns the global (loss, acc %).
-
-        Resumes the epoch recorded in run["partial"], if any: same permutation, remaining batches,
-        running sums; the generator state restored with the checkpoint gives the same draws after it.
-        """
+        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
+        Resumes run["partial"], if any: the same permutation, the remaining batches, the running sums."""
         attack_steps = attack_cost(kind, cfg.train_steps)  # what the ledger charges per example
         model.train()
         part = run["partial"] or {}
-        sums = part["sums"].to(device) if part else torch.zeros(3, device=device)  # loss sum, correct, n
+        sums = torch.zeros(3, device=device)  # loss sum, correct, n: this rank's, summed at the end
+        if part and dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
+            sums += part["sums"].to(device)
         start = part.get("step", 0)
         fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
         bar = _progress(len(train_batches), desc, cfg.progress and dist.main)
@@ -1607,10 +1588,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
             stopping, bad = dist.any([stop is not None and stop.signal is not None, not torch.isfinite(loss)],
                                      device)  # one sync per step: every rank takes the same branch
             if bad:  # stop before the bad step touches the weights
-                kept = ("last.pt and best.pt hold the last good checkpoint" if (run_dir / "last.pt").exists()
-                        else "no checkpoint had been written yet")
-                raise RunError(f"training diverged: the loss is {loss.item()} at {where(i)}; {kept}; try a "
-                               f"smaller --lr (now {cfg.lr:g})" + (" or --no-amp" if amp else ""), DIVERGED)
+                raise diverged(loss.item(), where(i), (run_dir / "last.pt").exists(), cfg.lr, amp)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -1624,34 +1602,28 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
                 fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned)
             bar.update(1)
             if stopping or (cfg.checkpoint_every and ledger.steps % cfg.checkpoint_every == 0):
-                part_sums = dist.sum_(sums.clone()) if dist.main or not dist.on else dist.sum_(sums.clone()) * 0
-                run["partial"] = dict(step=i, sums=part_sums.cpu(), order=None if train_batches.order is None
-                                      else train_batches.order.cpu())
+                order = train_batches.order
+                run["partial"] = dict(step=i, sums=dist.sum_(sums.clone()).cpu(),
+                                      order=None if order is None else order.cpu())
                 run["wall"] = time.time() - t0
                 save(checkpoint(), "last.pt")
                 run["partial"] = None
             if stopping:
-                name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"
-                raise RunError(f"stopped by {name} at {where(i)}; last.pt holds this step: continue with the "
-                               f"same command and --resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
+                raise stopped(stop, where(i))
         bar.close()
         run["partial"] = None
         loss_sum, correct, n = dist.sum_(sums).tolist()
         return loss_sum / n, 100 * correct / n
 
-    def sync_buffers():
-        """Rank 0's BatchNorm statistics on every rank, so that all evaluate (and save) one model."""
-        for b in net.buffers():
-            dist.broadcast_(b)
-
     t0 = time.time() - run["wall"]
     while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
         loss, acc = run_epoch(cfg.ticket_attack, "stage 1")
-        sync_buffers()
-        if method.end_pretrain_epoch(net, loss, acc, log):  # the ticket is adopted: AT starts afresh
+        dist.share_buffers(net)
+        adopted = method.end_pretrain_epoch(net, loss, acc, log)  # rank 0's weights = every rank's (DDP)
+        if dist.agree(adopted, device, "the early-bird decision"):  # the ticket is adopted: AT starts afresh
             dist.share_masks(method.mask)
             run["ticket_flops"], run["ticket_images"] = ledger.actual, ledger.images
-            optimizer, scheduler = make_optimizer()
+            optimizer, scheduler = sgd(cfg, net)
         run["wall"] = time.time() - t0
         save(checkpoint(), "last.pt")
 
@@ -1662,22 +1634,19 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_ra = run_epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
         scheduler.step()
-        sync_buffers()
+        dist.share_buffers(net)  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
         val, test = (evaluate(core, eval_batches[s], **test_attack) for s in ("val", "test"))
         method.end_epoch(train_ra, val)
         run["epoch"] += 1
         mask = method.mask
-        rec = dict(epoch=run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra,
-                   val_sa=val["sa"], val_ra=val["ra"], val_adv_loss=val["adv_loss"],
-                   test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
-                   density=mask.density if mask else 1.0, train_flops=ledger.actual, train_flops_paper=ledger.paper,
-                   itop=mask.itop_rate() if mask else 1.0, time=time.time() - t0)
-        run["history"].append(rec)
-        if dist.main:  # the whole file, atomically: an append cut short by a full disk leaves half a record
-            write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in run["history"]))
-        log(f"epoch {rec['epoch']:3d}/{cfg.epochs} lr {lr:.4f} loss {train_loss:.4f} train RA {train_ra:5.2f} | "
-            f"val SA {val['sa']:5.2f} RA {val['ra']:5.2f} | test SA {test['sa']:5.2f} RA {test['ra']:5.2f} | "
-            f"density {rec['density']:.4f} | {rec['time']:.0f}s")
+        run["history"].append(dict(
+            epoch=run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"], val_ra=val["ra"],
+            val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
+            density=mask.density if mask else 1.0, train_flops=ledger.actual, train_flops_paper=ledger.paper,
+            itop=mask.itop_rate() if mask else 1.0, time=time.time() - t0))
+        if dist.main:
+            write_metrics(run_dir, run["history"])
+        log(epoch_line(run["history"][-1], cfg.epochs))
         run["wall"] = time.time() - t0
         if val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
             run["best_val_ra"], run["best_epoch"] = val["ra"], run["epoch"]
@@ -1686,8 +1655,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
         save(checkpoint(), "last.pt")
 
     # Robust generalization gap of the final model: train RA (eval mode, no augmentation) - test RA
-    gap = Batches(*(t[:cfg.gap_subset or None] for t in data["train"]), batch_size=max(cfg.batch_size, 256), **shard)
-    train_final = evaluate(core, gap, **test_attack)
+    train_final = evaluate(core, eval_batches["gap"], **test_attack)
     final_fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
     summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd, final_fwd, method)
     if dist.main:
@@ -1696,6 +1664,86 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
         plot_curves(run["history"], summary["fbplus_events"], run_dir / "curves.png", log)
     log(format_table([summary]))
     return summary
+
+
+def write_metrics(run_dir: Path, history: list[dict]):
+    """metrics.jsonl, one strict-JSON record per epoch; the whole file atomically (an append cut short
+    by a full disk would leave half a record)."""
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
+
+
+def stopped(stop: StopRequest | None, where: str) -> RunError:
+    name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"  # another rank's
+    return RunError(f"stopped by {name} at {where}; last.pt holds this step: continue with the same command and "
+                    f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
+
+
+def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) -> RunError:
+    kept = "last.pt and best.pt hold the last good checkpoint" if checkpointed else "no checkpoint had been written yet"
+    return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
+                    + (" or --no-amp" if amp else ""), DIVERGED)
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    return (f"epoch {r['epoch']:3d}/{epochs} lr {r['lr']:.4f} loss {r['train_loss']:.4f} train RA {r['train_ra']:5.2f}"
+            f" | val SA {r['val_sa']:5.2f} RA {r['val_ra']:5.2f} | test SA {r['test_sa']:5.2f} RA {r['test_ra']:5.2f}"
+            f" | density {r['density']:.4f} | {r['time']:.0f}s")
+
+
+def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
+    """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
+    info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
+    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"])
+    train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
+                    drop_small=True, **shard)
+    data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
+    return train, {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test", "gap")}
+
+
+def sgd(cfg: Config, net: nn.Module):
+    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones."""
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
+
+
+def subsets(cfg: Config, data: dict) -> dict:
+    """The first --train-subset / --eval-subset images of each split (0 = all)."""
+    n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
+    return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
+
+
+def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core
+    compiled if asked, for attacks and evaluation (no gradient sync); model for the update step,
+    DistributedDataParallel under torchrun (it all-reduces the gradients)."""
+    if cuda if cfg.channels_last is None else cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    core = torch.compile(net) if cfg.compile else net
+    if not dist.on:
+        return net, core, core
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # BN buffers: synced once per epoch (train's sync_buffers), not at every forward of the attack
+    quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters  # torch >= 2.14 renames the option
+    ddp = DDP(net, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
+    return net, core, torch.compile(ddp) if cfg.compile else ddp
+
+
+def restore(ck: dict, *, net, method, optimizer, scheduler, ledger, generator):
+    """Load last.pt's state into a freshly built run (train --resume)."""
+    net.load_state_dict(ck["model"])
+    method.load_state_dict(ck["method"])
+    optimizer.load_state_dict(ck["optimizer"])
+    for p, state in optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p).copy_(v)
+    scheduler.load_state_dict(ck["scheduler"])
+    ledger.load_state_dict(ck["ledger"])
+    generator.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
 
 
 def load_checkpoint(path: Path, config: dict, world: int) -> dict:
@@ -2250,6 +2298,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cfg.benchmark:
             benchmark(cfg)
         else:
+            init_distributed(cfg)  # under torchrun: join the job (WORLD_SIZE > 1)
             with StopRequest() as stop:
                 train(cfg, stop=stop)
     except SparseWinError as e:
@@ -2263,6 +2312,10 @@ def main(argv: list[str] | None = None) -> int:
                 else "last.pt holds the last checkpoint (--resume)")
         print(f"sparse_win.py: interrupted; {then}", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        import torch.distributed as td
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()
     return 0
 
 

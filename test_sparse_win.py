@@ -2988,3 +2988,139 @@ def test_cuda_channels_last_masks_equal_cpu_masks(growth):
         assert mc.counts == mg.counts
     for n, p in sw.prunable(gpu).items():
         assert not p[~mg.masks[n]].any()
+
+
+# ----------------------------------------------------------------------------- torchrun (DDP) on the CPU
+# Two gloo processes on this machine stand in for two GPUs: the same code path as NCCL on CUDA.
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eval_shards(world: int, rank: int, all_reduce=None) -> dict:
+    """Sharded evaluation of a fixed model on 100 real test images (batches of 33: the last shard is empty)."""
+    torch.manual_seed(0)
+    net = smoke_model()
+    x, y = (t[:100] for t in sw.load_fashion_mnist("/nonexistent")["test"])
+    batches = sw.Batches(x, y, batch_size=33, rank=rank, world=world)
+    return sw.evaluate(net, batches, eps=0.1, alpha=0.025, steps=3, generator=torch.Generator().manual_seed(1),
+                       all_reduce=all_reduce)
+
+
+def ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str):
+    """One rank of a torchrun-like job: records its masks after every topology update and its
+    sharded evaluation, then runs the CLI (which finds the process group already joined)."""
+    import torch.distributed as td
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo")
+    ev = eval_shards(world, rank, sw.Dist().sum_)
+    snaps, real = [], sw.SparseMask.update
+
+    def update(self, *a, **kw):
+        changed = real(self, *a, **kw)
+        snaps.append({n: m.clone() for n, m in self.masks.items()})
+        return changed
+    sw.SparseMask.update = update
+    code = sw.main(argv)
+    torch.save(dict(code=code, snaps=snaps, eval=ev), Path(out) / f"rank{rank}.pt")
+
+
+def torchrun(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(ONE_THREAD, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sparse_win.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_dir):
+    """FB+ (3 epochs, topology updates every 2-3 steps) on 2 processes, each rank's masks recorded."""
+    base = tmp_path_factory.mktemp("ddp")
+    argv = smoke(base / "run", data_dir, *FBPLUS)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), argv, str(base)), nprocs=2, join=True)
+    return base
+
+
+def test_ddp_masks_identical_on_every_rank_with_exact_density(ddp_run):
+    r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["code"] == r1["code"] == 0
+    assert len(r0["snaps"]) == len(r1["snaps"]) == 5  # the same schedule as one process (test_fbplus_end_to_end)
+    for a, b in zip(r0["snaps"], r1["snaps"]):
+        for n in a:
+            assert torch.equal(a[n], b[n]), n
+    last = load_ck(ddp_run / "run" / "last.pt")
+    for n, m in last["mask"]["masks"].items():  # rank 0's checkpoint holds the masks both ranks used
+        assert torch.equal(m, r0["snaps"][-1][n])
+        assert not last["model"][n][~m].any()
+    counts = [int(m.sum()) for m in last["mask"]["masks"].values()]
+    assert sum(counts) == round(read_run(ddp_run / "run")[1]["final_density"] * sum(
+        m.numel() for m in last["mask"]["masks"].values()))
+
+
+def test_ddp_writes_once_and_counts_global_images(ddp_run, fbplus_run):
+    recs, summary = read_run(ddp_run / "run")
+    lines = (ddp_run / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and [r["epoch"] for r in recs] == [1, 2, 3]  # one record per epoch, written once
+    one, _ = read_run(fbplus_run)
+    ck, ck1 = load_ck(ddp_run / "run" / "last.pt"), load_ck(fbplus_run / "last.pt")
+    assert ck["ledger"]["images"] == ck1["ledger"]["images"] == 3 * N_TRAIN  # global images, as one process
+    assert ck["ledger"]["steps"] == ck1["ledger"]["steps"] and ck["run"]["world"] == 2
+    assert [r["lr"] for r in recs] == [r["lr"] for r in one]
+
+
+def test_ddp_sharded_evaluation_equals_one_process(ddp_run):
+    one = eval_shards(1, 0)
+    for r in (0, 1):
+        ev = torch.load(ddp_run / f"rank{r}.pt", weights_only=False)["eval"]
+        assert ev["sa"] * 100 == pytest.approx(one["sa"] * 100, abs=1e-9)  # exact in counts (100 images)
+        assert ev["ra"] * 100 == pytest.approx(one["ra"] * 100, abs=1e-9)
+        torch.testing.assert_close(ev["adv_loss"], one["adv_loss"])  # sums in another order
+
+
+def test_torchrun_cli_resume_is_identical_and_refuses_another_world(capsys, tmp_path, data_dir, ddp_run):
+    """The CLI under torchrun (2 processes): stop after epoch 1, resume, same as the uninterrupted run."""
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS)
+    p = torchrun(args + ["--stop-after-epoch", 1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("epoch   1/3") == 1  # rank 0 alone logs
+    before = snapshot(tmp_path / "run")
+    assert_cli_error(capsys, args + ["--resume"], "2 processes, now 1")
+    assert snapshot(tmp_path / "run") == before
+    p = torchrun(args + ["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(ddp_run / "run", tmp_path / "run")
+
+
+def test_torchrun_refuses_a_batch_the_ranks_do_not_divide(tmp_path, data_dir):
+    p = torchrun(smoke(tmp_path / "run", data_dir, "--batch-size", 63))
+    assert p.returncode != 0
+    assert "sparse_win.py: error: --batch-size 63 (the global batch) must be divisible by the number of " \
+           "processes, 2" in p.stderr
+
+
+def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
+    """Rank 1 raises in its 3rd training attack: the job exits non-zero, promptly, with rank 1's message."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.nn.functional as F\n"
+        "    real, calls = F.cross_entropy, []\n"
+        "    def failing(*a, **kw):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 9:\n"
+        "            raise RuntimeError('injected failure on rank 1')\n"
+        "        return real(*a, **kw)\n"
+        "    F.cross_entropy = failing\n")
+    import time
+    t0 = time.time()
+    p = torchrun(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--dist-timeout", 30),
+                 env_extra=dict(PYTHONPATH=str(hook)), timeout=100)
+    assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
+    assert time.time() - t0 < 90
