@@ -1317,9 +1317,10 @@ class Dist:
 
     def any(self, flags: list[bool], device) -> list[bool]:
         """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
+        if not self.on:
+            return [bool(f) for f in flags]
         t = torch.tensor(flags, dtype=torch.float32, device=device)
-        if self.on:
-            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
