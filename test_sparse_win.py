@@ -3127,3 +3127,29 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
                  env_extra=dict(PYTHONPATH=str(hook)), timeout=100)
     assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
     assert time.time() - t0 < 90
+
+
+def run_script(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(HERE / "run_experiments.sh"), *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=900, env=dict(ONE_THREAD, PYTHON=sys.executable, **env))
+
+
+def test_run_experiments_queue_on_two_slots():
+    """GPUS="a b": a queue of 3 runs on 2 slots; each run once, both slots busy, one table row each."""
+    out = run_script("--smoke", GPUS="a b", DATASETS="cifar10", MODES="dense static dynamic")
+    assert out.returncode == 0, out.stderr[-2000:]
+    started = [line for line in out.stdout.splitlines() if line.startswith("== [GPU ")]
+    assert sorted(line.split("] ")[1] for line in started) == [f"cifar10 {m} seed 0" for m in
+                                                               ("dense", "dynamic", "static")]
+    assert {line[len("== [GPU "):].split("]")[0] for line in started} == {"a", "b"}
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| cifar10-")]
+    assert len(rows) == 3 and sum("Robust Bird" in r for r in rows) == 1
+
+
+@pytest.mark.slow
+def test_run_experiments_queue_with_torchrun():
+    """NPROC=2: each run of the queue is a torchrun job of 2 processes (gloo on the CPU)."""
+    out = run_script("--smoke", GPUS="a b", NPROC="2", DATASETS="cifar10", MODES="static dynamic+")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("== [GPU a b] cifar10") == 2
+    assert sum(line.startswith("| cifar10-") for line in out.stdout.splitlines()) == 2
