@@ -2189,6 +2189,134 @@ def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
     return out
 
 
+# -- study: many runs -> one table and three figures (run_experiments.sh --study)
+
+STUDY_COLUMNS = (  # (header, summary key, decimals): the paper's Table 1 layout, ratios to dense AT
+    ("RA best", "ra_best", 2), ("RA final", "ra_final", 2), ("diff", "ra_diff", 2),
+    ("SA best", "sa_best", 2), ("SA final", "sa_final", 2), ("diff", "sa_diff", 2),
+    ("robust gen. gap", "robust_gap", 2), ("train FLOPs (x dense)", "train_flops_dense_ratio", 3),
+    ("inference FLOPs (x dense)", "inference_ratio", 3), ("final density", "final_density", 4))
+
+
+def load_runs(root) -> list[dict]:
+    """Every finished run under root (a run dir holds summary.json): summary, per-epoch history, config."""
+    runs = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        d = path.parent
+        read = lambda name, parse: parse((d / name).read_text()) if (d / name).exists() else None  # noqa: E731
+        history = read("metrics.jsonl", lambda t: [json.loads(line) for line in t.splitlines() if line.strip()])
+        runs.append(dict(dir=d, summary=json.loads(path.read_text()), history=history or [],
+                         config=read("config.json", json.loads) or {}))
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """{(mode, sparsity): runs}, seeds pooled; dense AT is keyed at sparsity 0 whatever it was given."""
+    groups = {}
+    for r in runs:
+        s = r["summary"]
+        groups.setdefault((s["mode"], 0.0 if s["mode"] == "dense" else float(s["sparsity"])), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])))
+
+
+def group_stats(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every STUDY_COLUMNS value, plus train_ra_final and the seeds."""
+    keys = [k for _, k, _ in STUDY_COLUMNS] + ["train_ra_final"]
+    return dict(n=len(runs), seeds=sorted(r["config"].get("seed") for r in runs),
+                **{k: mean_std([r["summary"][k] for r in runs]) for k in keys})
+
+
+def _study_table(rows: list[tuple[str, dict]], extra=()) -> str:
+    cols = [*STUDY_COLUMNS, *extra]
+    lines = ["| method | n | " + " | ".join(h for h, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for label, st in rows:
+        cells = [f"{st[k][0]:.{d}f} ± {st[k][1]:.{d}f}" for _, k, d in cols]
+        lines.append(f"| {label} | {st['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path):
+    """savefig to a temporary name, then rename: a crash mid-write leaves no half PNG."""
+    import matplotlib.pyplot as plt
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str = "dynamic", log=print) -> dict:
+    """Aggregate a study: table.md, curves.png, gap.png and sparsity.png in out_dir.
+
+    Runs are grouped by (mode, sparsity); every number is mean ± sample std over seeds.
+    Main table: dense AT and every method at `sparsity`; sweep table and sparsity.png: the
+    `sweep_mode` runs (Flying Bird) at each sparsity, the analogue of the paper's Figure 1.
+    Returns {(mode, sparsity): group_stats}.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(load_runs(runs_root))
+    if not groups:
+        raise SparseWinError(f"no finished runs (summary.json) under {runs_root}")
+    stats = {k: group_stats(v) for k, v in groups.items()}
+    main = [k for k in groups if k[0] == "dense" or math.isclose(k[1], sparsity)]
+    sweep = [k for k in groups if k[0] == sweep_mode]
+    label = lambda k: METHOD[k[0]] + ("" if k[0] == "dense" else f" s={k[1]:g}")  # noqa: E731
+    train_ra = (("train RA (final model)", "train_ra_final", 2),)
+    text = (f"# Study: {runs_root}\n\nMean ± sample std over n seeds. Accuracies in %, test set; best = epoch of "
+            f"best validation RA; robust gen. gap = train RA - test RA of the final model; FLOPs as a "
+            f"fraction of dense AT.\n\n## Methods at sparsity {sparsity:g}\n\n"
+            + _study_table([(label(k), stats[k]) for k in main])
+            + f"\n\n## {METHOD[sweep_mode]} across sparsity\n\n"
+            + _study_table([(label(k), stats[k]) for k in sweep], extra=train_ra) + "\n")
+    write_text_atomic(out_dir / "table.md", text)
+
+    colors = {k: f"C{i}" for i, k in enumerate(main)}
+    fig, ax = plt.subplots(figsize=(7, 4))  # curves.png: mean over seeds per epoch
+    for k in main:
+        for key, ls, what in (("test_ra", "-", "test RA"), ("train_ra", "--", "train RA")):
+            per_epoch = {}
+            for r in groups[k]:
+                for h in r["history"]:
+                    per_epoch.setdefault(h["epoch"], []).append(h[key])
+            ep = sorted(per_epoch)
+            ax.plot(ep, [mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[k], label=f"{label(k)} {what}")
+    ax.set(xlabel="epoch", ylabel="robust accuracy (%)", title="test RA (solid), running train RA (dashed)")
+    ax.legend(fontsize=7)
+    _save_figure(fig, out_dir / "curves.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))  # gap.png: one point per seed, bar = mean ± std
+    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), ("robust gen. gap", "robust overfitting (RA best - final)")):
+        for i, k in enumerate(main):
+            values = [r["summary"][key] for r in groups[k]]
+            ax.bar(i, stats[k][key][0], yerr=stats[k][key][1], color=colors[k], alpha=0.4, capsize=4)
+            ax.plot([i] * len(values), values, "o", color=colors[k])
+        ax.set_xticks(range(len(main)), [label(k) for k in main], rotation=20, fontsize=7)
+        ax.set(ylabel="points (%)", title=title)
+    _save_figure(fig, out_dir / "gap.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))  # sparsity.png: Figure-1 analogue
+    xs = [k[1] for k in sweep]
+    for key, what in (("train_ra_final", "train RA (final model)"), ("ra_final", "test RA (final)")):
+        ax.errorbar(xs, [stats[k][key][0] for k in sweep], yerr=[stats[k][key][1] for k in sweep],
+                    marker="o", capsize=4, label=what)
+    ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title=f"{METHOD[sweep_mode]}: robust train vs test")
+    ax.legend()
+    _save_figure(fig, out_dir / "sparsity.png")
+    log(text)
+    return stats
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
