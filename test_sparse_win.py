@@ -616,17 +616,21 @@ def test_pgd_random_start_depends_on_seed():
     assert torch.equal(sw.pgd(model, x, y, steps=0, eps=0.1, alpha=0.1), x)
 
 
-@settings(max_examples=20, deadline=None)
-@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS,
-       eps=st.floats(0.01, 0.3))
-def test_pgd_one_step_closed_form_linear(d, k, b, seed, eps):
+def linear_problem(d: int, k: int, b: int, seed: int):
+    """A float64 linear classifier (d -> k) with random weights, and b inputs in [0, 1] with labels."""
     gen = torch.Generator().manual_seed(seed)
     model = nn.Linear(d, k).double()
     with torch.no_grad():
         model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
         model.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
-    x = torch.rand(b, d, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, k, (b,), generator=gen)
+    return model, torch.rand(b, d, generator=gen, dtype=torch.float64), torch.randint(0, k, (b,), generator=gen)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS,
+       eps=st.floats(0.01, 0.3))
+def test_pgd_one_step_closed_form_linear(d, k, b, seed, eps):
+    model, x, y = linear_problem(d, k, b, seed)
     adv = sw.pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
     W, bias = model.weight.detach(), model.bias.detach()
     g = (torch.softmax(x @ W.T + bias, dim=1) - F.one_hot(y, k).double()) @ W  # dCE/dx per sample
@@ -2283,13 +2287,7 @@ def test_fgsm_rs_stays_in_ball_and_box(seed, eps, training):
 @given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.01, 0.3))
 def test_fgsm_rs_one_step_closed_form_linear(d, k, b, seed, eps):
     """Wong et al. 2020: delta ~ U(-eps, eps), start clamped to [0, 1], one step of 1.25 eps sign(grad)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Linear(d, k).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
-        model.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
-    x = torch.rand(b, d, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, k, (b,), generator=gen)
+    model, x, y = linear_problem(d, k, b, seed)
     adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
     u = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
     start = torch.clamp(x + u, 0, 1)
