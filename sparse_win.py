@@ -563,7 +563,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         lo, hi, n_all = rows or (0, len(x), len(x))
         shape = (n_all, *x.shape[1:])
         if norm == "linf":
-            adv = adv + torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)[lo:hi]
+            u = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)
+            adv = adv + u[lo:hi]
         else:  # uniform radius along a Gaussian direction, as torchattacks.PGDL2
             d = torch.empty(shape, device=x.device, dtype=x.dtype).normal_(generator=generator)
             n = d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
@@ -1594,8 +1595,8 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
             loss.backward()
             optimizer.step()
             ledger.charge(train_batches.rows[2], fwd, attack_steps)  # global images
-            sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
-                                 torch.tensor(float(len(y)), device=device)])
+            sums[:2] += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+            sums[2] += len(y)
             update = method.after_step(optimizer, run["epoch"])
             if update is not None:
                 dist.check_masks(method.mask, where(i))
@@ -1726,7 +1727,7 @@ def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.M
         return net, core, core
     import inspect
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # BN buffers: synced once per epoch (train's sync_buffers), not at every forward of the attack
+    # BN buffers: rank 0's are broadcast once per epoch (Dist.share_buffers), not at every forward of the attack
     quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters  # torch >= 2.14 renames the option
     ddp = DDP(net, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
     return net, core, torch.compile(ddp) if cfg.compile else ddp
@@ -1778,7 +1779,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- report
 
-METHOD = {"dense": "dense AT", "static": "Robust Bird", "dynamic": "Flying Bird", "dynamic+": "Flying Bird+"}
+METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
 
 
 def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, method: Dense) -> dict:
@@ -1838,8 +1839,14 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
                    label=None if i else "FB+ extra prune (red) / grow (green)")
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.legend()
-    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path):
+    """The figure as a PNG, rendered in memory and written with write_atomic; the figure is closed."""
+    import matplotlib.pyplot as plt
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
@@ -2142,10 +2149,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
         pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
         autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
         checks=checks, warnings=warnings, wall_seconds=time.time() - t0)
-    try:
-        write_text_atomic(out, strict_json(result, indent=1))
-    except OSError as e:
-        raise SparseWinError(f"cannot write {out}: {e.strerror or e}") from None
+    write_text_atomic(out, strict_json(result, indent=1))
     progress.path.unlink(missing_ok=True)
     for w in warnings:
         log(w)
@@ -2242,16 +2246,6 @@ def _study_table(rows: list[tuple[str, dict]], extra=()) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path):
-    """savefig to a temporary name, then rename: a crash mid-write leaves no half PNG."""
-    import matplotlib.pyplot as plt
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str = "dynamic", log=print) -> dict:
     """Aggregate a study: table.md, curves.png, gap.png and sparsity.png in out_dir.
 
@@ -2296,7 +2290,8 @@ def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str =
     _save_figure(fig, out_dir / "curves.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))  # gap.png: one point per seed, bar = mean ± std
-    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), ("robust gen. gap", "robust overfitting (RA best - final)")):
+    titles = ("robust gen. gap", "robust overfitting (RA best - final)")
+    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), titles):
         for i, k in enumerate(main):
             values = [r["summary"][key] for r in groups[k]]
             ax.bar(i, stats[k][key][0], yerr=stats[k][key][1], color=colors[k], alpha=0.4, capsize=4)
