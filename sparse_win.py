@@ -110,7 +110,8 @@ class Config:
     epochs: int = opt(200, "adversarial training epochs")
     batch_size: int = opt(128, "minibatch size")
     lr: float = opt(0.1, "SGD learning rate")
-    milestones: tuple = opt((100, 150), "epochs where lr is multiplied by 0.1", nargs="+", type=int)
+    milestones: tuple = opt((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
+                                "Bird's AT stage 50 150, as released)", nargs="+", type=int)
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
     norm: str = opt("linf", "attack norm: linf | l2")
@@ -366,7 +367,8 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float =
         a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
         theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
                              torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
-        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
+                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
     return x
 
 
@@ -504,7 +506,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 cout = max(1, round(v * width))
-                layers += [conv3x3(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]  # bias, as released
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
@@ -526,8 +528,14 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width
         return VGG(width=width, **common)
     if arch == "wrn":  # Zagoruyko & Komodakis 2016: 3 groups of (depth-4)/6 pre-activation blocks
         n = (wrn_depth - 4) // 6
-        return ResNet(block=PreActBlock, num_blocks=(n, n, n), widths=[w(c * wrn_widen) for c in (16, 32, 64)],
-                      stem=w(16), **common)
+        net = ResNet(block=PreActBlock, num_blocks=(n, n, n), widths=[w(c * wrn_widen) for c in (16, 32, 64)],
+                     stem=w(16), **common)
+        for m in net.modules():  # the released WideResNet's init: Kaiming fan-out convs, zero linear bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        return net
     raise SparseWinError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -610,25 +618,25 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, ep
 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                      restarts: int = 1, random_start: bool = True, generator=None,
-                      autocast=nullcontext) -> dict[str, torch.Tensor]:
+                      restarts: int = 1, random_start: bool = True, generator=None) -> dict[str, torch.Tensor]:
     """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
     ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
 
     With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
     robust only if every run fails, adv_loss the largest. Everything runs under no_grad except pgd's
-    input gradient; parameters get no gradient.
+    input gradient; parameters get no gradient. Always in fp32, even inside an autocast region: a
+    bf16 attack can be weaker and inflate RA (training may use bf16, evaluation never does).
     """
     was_training = model.training
     model.eval()
     parts = []
     for x, y in batches:
-        with autocast():
+        with torch.autocast(x.device.type, enabled=False):
             logits = model(x)
         clean, loss = logits.argmax(1) == y, F.cross_entropy(logits.float(), y, reduction="none")
         robust, adv_loss = clean, loss
         for r in range(restarts if steps > 0 else 0):
-            with autocast():
+            with torch.autocast(x.device.type, enabled=False):
                 adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                                        random_start=random_start, generator=generator,
                                        rows=getattr(batches, "rows", None)))  # a rank's shard of the batch
@@ -641,14 +649,13 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
 
 
 def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             generator=None, autocast=nullcontext, all_reduce=None) -> dict:
+             generator=None, all_reduce=None) -> dict:
     """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
 
     all_reduce (torchrun): sums each rank's counts in place, so that sharded batches give the
     accuracies of one process, exactly in counts.
     """
-    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
-                           autocast=autocast)
+    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
     sums = torch.stack([ex[k].double().sum() for k in ex] + [torch.tensor(float(len(ex["clean"])))
                                                              .to(ex["clean"].device, torch.float64)])
     if all_reduce is not None:
@@ -875,35 +882,37 @@ class SparseMask:
     @torch.no_grad()
     def update(self, death_rate: float, *, growth: str = "random", extra_prune: float = 0.0,
                extra_growth: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Prune and regrow every layer (Flying Bird, Sec. 3.2).
+        """Prune and regrow every layer (Flying Bird, Sec. 3.2), as the released code does.
 
-        Per layer with nnz active weights: prune k = ceil(p * nnz) active weights of smallest
-        |w|, and regrow k positions that were inactive before this update, at random or by
-        largest |grad| (RigL; uses p.grad). FB+: prune ceil(p * extra_prune * nnz) more, and
-        regrow k + ceil(extra_growth * k). Regrown weights and their momentum start at zero.
-        Returns {'pruned': n, 'grown': n} over all layers.
+        Per layer that is not fully dense (a dense layer is left alone), with nnz active weights:
+        prune k = ceil(p * nnz) active weights of smallest |w| (FB+: ceil(p * extra_prune * nnz)
+        more), then regrow k (FB+: k + ceil(extra_growth * k)) among *all* positions inactive after
+        pruning, the just-pruned ones included, at random or by largest |grad| (RigL; uses p.grad),
+        capped only by the positions available. Regrown weights and their momentum start at zero
+        (the released code can keep stale values). Returns {'pruned': n, 'grown': n} over all layers.
         """
         pruned = grown = 0
         for i, name in enumerate(self.names):
-            p, mask = self.params[name], self.masks[name].reshape(-1)  # logical order (a copy if channels_last)
+            p, mask = self.params[name], self.masks[name].reshape(-1).clone()  # logical order, a copy
             nnz, size = self.counts[i], self.sizes[i]
-            k = min(math.ceil(death_rate * nnz), size - nnz)  # a dense layer stays dense
-            k_drop = k + max(0, min(math.ceil(death_rate * extra_prune * nnz), nnz - k - 1)) if extra_prune else k
-            k_grow = min(k + (math.ceil(extra_growth * k) if extra_growth else 0), size - nnz)
-            if k_drop <= 0 and k_grow <= 0:
+            k = math.ceil(death_rate * nnz)
+            if nnz == size or k <= 0:  # released: a full layer is never pruned, not even by FB+'s extra
                 continue
+            k_drop = min(k + (math.ceil(death_rate * extra_prune * nnz) if extra_prune else 0), nnz)
             active = mask.nonzero().squeeze(1)
-            inactive = (~mask).nonzero().squeeze(1)
             drop = active[_smallest(p.reshape(-1)[active].abs(), k_drop)]
+            mask.index_fill_(0, drop, False)
+            pool = (~mask).nonzero().squeeze(1)  # inactive after pruning: the just-pruned included
+            k_grow = min(k + (math.ceil(extra_growth * k) if extra_growth else 0), len(pool))
             if growth == "gradient":
                 if p.grad is None:
                     raise SparseWinError("gradient growth needs p.grad: call update() after backward()")
-                grow = inactive[_smallest(-p.grad.reshape(-1)[inactive].abs(), k_grow)]
+                grow = pool[_smallest(-p.grad.reshape(-1)[pool].abs(), k_grow)]
             else:
-                grow = inactive[_choose(len(inactive), k_grow, self.generator).to(p.device)]
+                grow = pool[_choose(len(pool), k_grow, self.generator).to(p.device)]
             drop, grow = _memory_index(p, drop), _memory_index(p, grow)  # where they sit in _flat(p)
             both = torch.cat([drop, grow])
-            # index_fill_: ~50x faster than t[idx] = ...
+            # index_fill_: ~50x faster than t[idx] = ...; False first, so a pruned-and-regrown weight ends active
             _flat(self.masks[name]).index_fill_(0, drop, False).index_fill_(0, grow, True)
             _flat(self.ever_active[name]).index_fill_(0, grow, True)
             for t in [p, *self._state_of(optimizer, p)]:
@@ -1117,6 +1126,7 @@ class Dense:
         mask, summary(), state_dict(), load_state_dict()
     """
     name = "dense AT"
+    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
 
     def __init__(self):
         self.mask: SparseMask | None = None
@@ -1161,6 +1171,7 @@ class RobustBird(Dense):
     start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
     """
     name = "Robust Bird"
+    milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
 
     def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, max_epochs: int = 50):
         super().__init__()
@@ -1502,12 +1513,57 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+class RunLock:
+    """One training process per run directory: an exclusive OS lock (flock) on <run>/.lock, held for
+    the run's lifetime. The kernel drops it when the process ends, killed or not, so no stale lock
+    survives a crash; the file itself (the holder's pid) is ignored by git."""
+
+    def __init__(self):
+        self.fd = None
+
+    def acquire(self, run_dir: Path):
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        path = run_dir / ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SparseWinError(f"{run_dir} is in use by another training process (pid {holder}); wait for it "
+                                 f"to end or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
 def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     """Run one experiment end to end; returns the summary (also written to summary.json).
 
-    Under torchrun every rank runs this; rank 0 alone logs and writes files.
+    Under torchrun every rank runs this; rank 0 alone logs, writes files and holds the run's lock.
     """
+    lock = RunLock()
+    try:
+        return _train(cfg, log, stop, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> dict:
     validate(cfg)
+    method = method_for(cfg)
+    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones)  # recorded as used
     dist = Dist()
     log = log if dist.main else (lambda *a, **k: None)
     run_dir = check_run_dir(cfg)
@@ -1516,8 +1572,14 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    refused = None
     if dist.main:
-        make_run_dir(run_dir)
+        try:
+            lock.acquire(make_run_dir(run_dir))  # a second process on this directory stops here (exit 2)
+        except SparseWinError as e:
+            refused = e
+    if dist.any([refused is not None], device)[0]:  # every rank stops, not only rank 0
+        raise refused or SparseWinError(f"rank 0 could not take {run_dir}; see its message")
     net = model_for(cfg).to(device)
     per_weight, unowned = model_flops(net, tuple(data["train"][0].shape[1:]))
     dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
@@ -1531,11 +1593,10 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
     (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
     attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
     test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm, generator=gen,
-                       autocast=autocast, all_reduce=dist.sum_)
+                       all_reduce=dist.sum_)  # evaluation attacks: fp32 always (evaluate_examples)
 
     optimizer, scheduler = sgd(cfg, net)
     ledger = FlopLedger()
-    method = method_for(cfg)
     method.start(net, total_steps=cfg.epochs * len(train_batches), epochs=cfg.epochs)
     # partial: the epoch in progress when last.pt was written mid-epoch (order, batches done, running sums)
     run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
@@ -1703,7 +1764,8 @@ def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist)
 
 
 def sgd(cfg: Config, net: nn.Module):
-    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones."""
+    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
+    (cfg.milestones: train() has put the method's default there when --milestones was not given)."""
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
 
@@ -1749,12 +1811,11 @@ def restore(ck: dict, *, net, method, optimizer, scheduler, ledger, generator):
 
 
 def load_checkpoint(path: Path, config: dict, world: int) -> dict:
-    """last.pt of this run, refused with one line when unreadable or written with other options."""
-    try:  # map to the CPU: generator states must be CPU tensors; load_state_dict moves the rest
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        ck["config"], ck["run"], ck["method"]
-    except Exception as e:
-        raise SparseWinError(f"{path} is not a readable sparse_win checkpoint ({type(e).__name__})")
+    """last.pt of this run, refused with one line when unreadable or written with other options.
+    Read like every checkpoint: weights only (read_checkpoint), so a last.pt from elsewhere runs no code."""
+    ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+    if not {"run", "method", "optimizer"} <= set(ck):
+        raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
     changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k) != config[k]]
     if changed:
         k = changed[0]
@@ -1789,7 +1850,7 @@ def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, method: De
     best, final = h[run["best_epoch"] - 1], h[-1]
     return dict(
         method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
-        best_epoch=run["best_epoch"], epochs=len(h),
+        best_epoch=run["best_epoch"], epochs=len(h), milestones=list(cfg.milestones),
         ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
