@@ -24,6 +24,19 @@
 # The study runs JOBS runs at a time with one thread each, into $OUT/<mode>-s<sparsity>/seed<k>
 # (stdout in log.txt there), skips finished runs, resumes stopped ones, then writes table.md,
 # curves.png, gap.png and sparsity.png into $REPORT (default: the folder above $OUT).
+#
+# The second Fashion-MNIST study, where dense AT overfits (no augmentation, 500 images, eps 0.1;
+# results/fashion-mnist-overfit/):
+#
+#   bash run_experiments.sh --study-overfit        # 21 runs (variants below), each evaluated after training
+#   bash run_experiments.sh --study-overfit-smoke  # the same queue for a few steps each, in a temp dir
+#   bash run_experiments.sh --studies              # both studies, one after the other
+#
+# Its runs go to $OUT/<variant>/seed<k> (variants: dense, small-dense-w0.056, rb-s0.8, fb-s0.8,
+# fbplus-s0.8, fixed-mask-s0.8, fb-s0.5, fb-s0.9, fb-s0.95). Right after its training each run's
+# best.pt and last.pt are evaluated (PGD-20, one start) on the first 2,000 test images and on its
+# 500 training images (the robust gap); AA=1 adds standard AutoAttack on 500 test images for
+# best.pt of seed 0 of each variant at sparsity 0.8.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-./data}
@@ -38,8 +51,94 @@ case "${1:-}" in
   --smoke) TASK=table1; OUT=$(mktemp -d)/runs; EXTRA=(--preset smoke --device cpu); echo "smoke runs in $OUT" ;;
   --study) TASK=study ;;
   --study-smoke) TASK=study; OUT=$(mktemp -d)/runs; EXTRA=(--preset smoke --device cpu); echo "smoke runs in $OUT" ;;
-  *) echo "usage: bash run_experiments.sh [--smoke | --study | --study-smoke]" >&2; exit 2 ;;
+  --study-overfit) TASK=overfit ;;
+  --study-overfit-smoke) TASK=overfit; OUT=$(mktemp -d)/runs; SMOKE=1; echo "smoke runs in $OUT" ;;
+  --studies) bash "$0" --study && exec bash "$0" --study-overfit ;;
+  *) echo "usage: bash run_experiments.sh [--smoke | --study | --study-smoke | --study-overfit |" \
+          "--study-overfit-smoke | --studies]" >&2; exit 2 ;;
 esac
+
+if [ "$TASK" = overfit ]; then
+  OUT=${OUT:-results/fashion-mnist-overfit/runs}
+  REPORT=${REPORT:-$(dirname "$OUT")}
+  SEEDS=${SEEDS:-$([ "${SMOKE:-0}" = 1 ] && echo 0 || echo 0 1 2)}
+  JOBS=${JOBS:-2}
+  AA=${AA:-0}
+  # Pilot P4: dense PGD-AT fits its 500 training images and overfits (README "Does it reproduce?").
+  STUDY=(--dataset fashion-mnist --device cpu --no-progress --data-dir "$DATA"
+         --width 0.125 --train-subset 500 --no-augment --batch-size 32 --train-eps 25.5 --train-alpha 10
+         --train-steps 3 --test-eps 25.5 --test-alpha 10 --test-steps 3 --epochs 120 --milestones 60 90
+         --eval-subset 500 --gap-subset 500 --update-interval 40 --update-interval-late 40)
+  TEST_N=2000
+  if [ "${SMOKE:-0}" = 1 ]; then
+    STUDY=(--preset smoke --device cpu --data-dir "$DATA" --no-augment --eval-every 1 --train-subset 64)
+    TEST_N=64
+  fi
+  declare -A VARIANT=(  # the folder name of a variant -> its options
+    [dense]="--mode dense"
+    [small-dense-w0.056]="--mode dense --width 0.056"  # 35,544 conv+linear weights, the 80%-sparse models' 35,010
+    [rb-s0.8]="--mode static --sparsity 0.8"
+    [fb-s0.8]="--mode dynamic --sparsity 0.8"
+    [fbplus-s0.8]="--mode dynamic+ --sparsity 0.8"
+    [fixed-mask-s0.8]="--mode dynamic --sparsity 0.8 --death-rate 0 --death-rate-final 0"
+    [fb-s0.5]="--mode dynamic --sparsity 0.5"
+    [fb-s0.9]="--mode dynamic --sparsity 0.9"
+    [fb-s0.95]="--mode dynamic --sparsity 0.95"
+  )
+  AT08="dense rb-s0.8 fb-s0.8 fbplus-s0.8 small-dense-w0.056 fixed-mask-s0.8"
+  queue=()  # "variant seed": seed 0 of every variant first, so that a partial study already compares them
+  read -r -a seeds <<< "$SEEDS"
+  for v in $AT08; do queue+=("$v ${seeds[0]}"); done
+  for seed in "${seeds[@]:1:1}"; do for v in $AT08; do queue+=("$v $seed"); done; done
+  for v in fb-s0.5 fb-s0.9 fb-s0.95; do queue+=("$v ${seeds[0]}"); done
+  for seed in "${seeds[@]:2}"; do for v in $AT08; do queue+=("$v $seed"); done; done
+
+  evaluate() {  # evaluate DIR: best.pt and last.pt on the test images and on the training images
+    local dir=$1 ck split n
+    for ck in best last; do
+      for split in test train; do
+        n=$([ "$split" = test ] && echo "$TEST_N" || echo 0)
+        [ -f "$dir/eval-$ck-$split-$([ "$n" = 0 ] && echo all || echo "n$n")-pgd20x1.json" ] && continue
+        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" sparse_win.py --eval "$dir/$ck.pt" --split "$split" \
+          --eval-subset "$n" --eval-steps 20 --restarts 1 --attack pgd --check-subset 200 --device cpu \
+          --data-dir "$DATA" >> "$dir/log.txt" 2>&1 || return 1
+      done
+    done
+  }
+  run_one() {  # run_one VARIANT SEED: train (skip when finished, --resume when stopped), then evaluate
+    local v=$1 seed=$2 dir="$OUT/$1/seed$2"
+    local args=("${STUDY[@]}" ${VARIANT[$v]} --seed "$seed" --out "$dir")
+    mkdir -p "$dir"
+    if [ ! -f "$dir/summary.json" ]; then
+      [ -f "$dir/last.pt" ] && args+=(--resume)
+      echo "== $dir"
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" sparse_win.py "${args[@]}" >> "$dir/log.txt" 2>&1 ||
+        { echo "FAILED: $dir (see $dir/log.txt)" >&2; return 1; }
+    fi
+    evaluate "$dir" || { echo "FAILED evaluating: $dir (see $dir/log.txt)" >&2; return 1; }
+    if [ "$AA" = 1 ] && [ "$seed" = "${seeds[0]}" ] && [[ " $AT08 " == *" $v "* ]] &&
+        [ ! -f "$dir/eval-best-test-n500-aa-standard.json" ]; then
+      OMP_NUM_THREADS=1 "$PYTHON" sparse_win.py --eval "$dir/best.pt" --split test --eval-subset 500 \
+        --attack autoattack --device cpu --data-dir "$DATA" >> "$dir/log.txt" 2>&1 || return 1
+    fi
+    echo "-- done: $dir"
+  }
+
+  for item in "${queue[@]}"; do
+    read -r v seed <<< "$item"
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    run_one "$v" "$seed" &
+  done
+  while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || true; done
+  failed=0  # judged by the files, not by wait's statuses
+  for item in "${queue[@]}"; do
+    read -r v seed <<< "$item"
+    [ -f "$OUT/$v/seed$seed/eval-last-train-all-pgd20x1.json" ] || { echo "not finished: $OUT/$v/seed$seed" >&2; failed=1; }
+  done
+  "$PYTHON" results/study_report.py --overfit "$OUT" "$REPORT" "$TEST_N" || failed=1
+  echo "report in $REPORT/table.md"
+  exit "$failed"
+fi
 
 if [ "$TASK" = study ]; then
   OUT=${OUT:-results/fashion-mnist/runs}

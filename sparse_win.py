@@ -122,6 +122,10 @@ class Config:
     test_alpha: float = opt(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
     test_steps: int = opt(20, "evaluation PGD steps (PGD-20)")
     train_subset: int = opt(0, "use only the first N training images (0 = all)")
+    augment: bool = opt(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
+                              "--no-augment trains on the images as they are")
+    eval_every: int = opt(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
+                             "evaluated epochs, FB+ looks at their history")
     eval_subset: int = opt(0, "evaluate on the first N val/test images (0 = all)")
     gap_subset: int = opt(5000, "training images for the final robust generalization gap (0 = all)")
     device: str = opt("auto", "auto | cpu | cuda")
@@ -143,7 +147,8 @@ class Config:
                                    "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
     ticket_attack: str = opt("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
     eval: str = opt("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
-    split: str = opt("test", "--eval: test | val")
+    split: str = opt("test", "--eval: test | val | train (the run's training images, in eval mode, no "
+                             "augmentation: for the robust gap)")
     eval_steps: int = opt(50, "--eval: PGD steps")
     restarts: int = opt(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
     attack: str = opt("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
@@ -216,7 +221,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
     need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
          f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
-    need(cfg.split in ("test", "val"), f"unknown split {cfg.split!r}; choose test or val")
+    need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
+    need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
     need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
     need(cfg.aa_version in ("standard", "rand", "plus"),
          f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
@@ -1698,9 +1704,13 @@ def _train(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> dict:
         train_loss, train_ra = run_epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
         scheduler.step()
         dist.share_buffers(net)  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
-        val, test = (evaluate(core, eval_batches[s], **test_attack) for s in ("val", "test"))
-        method.end_epoch(train_ra, val)
         run["epoch"] += 1
+        evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
+        none = dict(sa=None, ra=None, adv_loss=None)
+        val, test = ((evaluate(core, eval_batches[s], **test_attack) for s in ("val", "test")) if evaluated
+                     else (none, none))
+        if evaluated:
+            method.end_epoch(train_ra, val)
         mask = method.mask
         run["history"].append(dict(
             epoch=run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"], val_ra=val["ra"],
@@ -1711,7 +1721,7 @@ def _train(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> dict:
             write_metrics(run_dir, run["history"])
         log(epoch_line(run["history"][-1], cfg.epochs))
         run["wall"] = time.time() - t0
-        if val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
+        if evaluated and val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
             run["best_val_ra"], run["best_epoch"] = val["ra"], run["epoch"]
             save(dict(config=config, model=net.state_dict(), mask=mask.state_dict() if mask else None,
                       epoch=run["epoch"], val_ra=val["ra"]), "best.pt")
@@ -1748,15 +1758,16 @@ def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) 
 
 
 def epoch_line(r: dict, epochs: int) -> str:
+    evaluation = (f" | val SA {r['val_sa']:5.2f} RA {r['val_ra']:5.2f} | test SA {r['test_sa']:5.2f} RA "
+                  f"{r['test_ra']:5.2f}" if r["val_ra"] is not None else " | (not evaluated: --eval-every)")
     return (f"epoch {r['epoch']:3d}/{epochs} lr {r['lr']:.4f} loss {r['train_loss']:.4f} train RA {r['train_ra']:5.2f}"
-            f" | val SA {r['val_sa']:5.2f} RA {r['val_ra']:5.2f} | test SA {r['test_sa']:5.2f} RA {r['test_ra']:5.2f}"
-            f" | density {r['density']:.4f} | {r['time']:.0f}s")
+            f"{evaluation} | density {r['density']:.4f} | {r['time']:.0f}s")
 
 
 def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
     """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
     info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
-    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"])
+    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
     train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
                     drop_small=True, **shard)
     data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
@@ -1816,7 +1827,8 @@ def load_checkpoint(path: Path, config: dict, world: int) -> dict:
     ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
     if not {"run", "method", "optimizer"} <= set(ck):
         raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
-    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k) != config[k]]
+    defaults = dataclasses.asdict(Config())  # an option newer than the checkpoint: its default was in force
+    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]]
     if changed:
         k = changed[0]
         raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
@@ -1890,10 +1902,10 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
     except ImportError:
         log("matplotlib is not installed: no curves.png")
         return
-    ep = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_ra", "train RA"), ("test_sa", "test SA"), ("test_ra", "test RA")):
-        ax.plot(ep, [r[key] for r in history], label=label)
+        points = [(r["epoch"], r[key]) for r in history if r[key] is not None]  # --eval-every: evaluated epochs
+        ax.plot(*zip(*points), label=label)
     for i, e in enumerate(events):
         color = "tab:red" if e["prune"] else "tab:green"
         ax.axvline(e["epoch"] + 0.5, color=color, ls=":", lw=1,
@@ -2166,7 +2178,10 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     net, masks = model_of(ck, cfg, ck_path)
     net = net.to(dev)
     density, nonzero = density_of(net, masks)
-    x, y = (t[:subset or None].to(dev) for t in load_data(cfg)[split])
+    data = load_data(cfg)
+    if split == "train":  # the run's training images (its --train-subset), unaugmented: the robust gap's
+        data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
+    x, y = (t[:subset or None].to(dev) for t in data[split])
     bs = overrides.get("batch_size") or max(cfg.batch_size, 256)  # as train() evaluates: the same SA, bit for bit
     eps, alpha = cfg.eps(train=False)
     progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
@@ -2343,7 +2358,8 @@ def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str =
             per_epoch = {}
             for r in groups[k]:
                 for h in r["history"]:
-                    per_epoch.setdefault(h["epoch"], []).append(h[key])
+                    if h[key] is not None:  # --eval-every: only the evaluated epochs
+                        per_epoch.setdefault(h["epoch"], []).append(h[key])
             ep = sorted(per_epoch)
             ax.plot(ep, [mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[k], label=f"{label(k)} {what}")
     ax.set(xlabel="epoch", ylabel="robust accuracy (%)", title="test RA (solid), running train RA (dashed)")

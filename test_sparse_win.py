@@ -2077,6 +2077,64 @@ def test_fbplus_with_erk_keeps_its_dense_layers_dense(tmp_path, data_dir):
     _, s = read_run(d)
     assert s["fbplus_events"] and s["final_density"] < 0.2  # extra pruning did fire, elsewhere
 
+# ----------------------------------------------------------------------------- 3c. --no-augment, --eval-every, --split train
+
+def test_no_augment_trains_on_the_images_as_they_are(tmp_path, data_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw, "augment", lambda x, **kw: calls.append(len(x)) or x)
+    run_ok(smoke(tmp_path / "a", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64))
+    assert sum(calls) == 64  # the default augments every training image
+    calls.clear()
+    seen, real = [], sw.pgd
+    monkeypatch.setattr(sw, "pgd", lambda model, x, y, **kw: (seen.append(x.clone()) if model.training else None)
+                        or real(model, x, y, **kw))
+    run_ok(smoke(tmp_path / "b", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64, "--no-augment"))
+    assert calls == [] and json.loads((tmp_path / "b" / "config.json").read_text())["augment"] is False
+    cfg = sw.parse_args(smoke(tmp_path / "b", data_dir, "--train-subset", 64))
+    x = sw.subsets(cfg, sw.load_data(cfg))["train"][0].float() / 255
+    rows = {tuple(r.flatten().tolist()) for r in x}
+    assert all(tuple(r.flatten().tolist()) in rows for b in seen for r in b)  # every attacked batch: raw images
+
+
+def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path, data_dir, monkeypatch):
+    ends = []
+    real = sw.FlyingBirdPlus.end_epoch
+    monkeypatch.setattr(sw.FlyingBirdPlus, "end_epoch", lambda self, ra, val: ends.append(val["ra"]) or real(self, ra, val))
+    d = run_ok(smoke(tmp_path / "run", data_dir, *FBPLUS[:4], "--epochs", 5, "--eval-every", 2, "--train-subset", 64))
+    recs, s = read_run(d)
+    evaluated = [r["epoch"] for r in recs if r["val_ra"] is not None]
+    assert evaluated == [2, 4, 5]  # every 2nd epoch and the last
+    assert all(r["test_ra"] is None and r["val_sa"] is None for r in recs if r["epoch"] not in evaluated)
+    assert s["best_epoch"] in evaluated and ends == [recs[e - 1]["val_ra"] for e in evaluated]
+    best = max(evaluated, key=lambda e: (recs[e - 1]["val_ra"], -e))
+    assert s["best_epoch"] == best and load_ck(d / "best.pt")["epoch"] == best
+    assert "not evaluated" in sw.epoch_line(recs[0], 5)
+
+
+def test_eval_split_train_is_the_runs_training_images(tmp_path, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    r = sw.evaluate_checkpoint(d / "best.pt", split="train", steps=2, restarts=1, attack="pgd", check_subset=8,
+                               device="cpu", log=lambda *a: None)
+    cfg = sw.config_of(load_ck(d / "best.pt"), device="cpu")
+    x, y = sw.subsets(cfg, sw.load_data(cfg))["train"]
+    assert r["split"] == "train" and r["examples"] == cfg.train_subset == len(y) == 64
+    net = sw.load_model(d / "best.pt")
+    clean = sw.evaluate(net, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=0)
+    assert r["sa"] == clean["sa"]  # eval mode, no augmentation: the same clean accuracy, exactly
+    assert (d / "eval-best-train-all-pgd2x1.json").exists()
+
+
+def test_resume_a_checkpoint_older_than_an_option(tmp_path, data_dir):
+    """A key missing from an old checkpoint's config means that option's default: the run resumes."""
+    args = smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-subset", 64)
+    run_ok(args + ["--stop-after-epoch", 1])
+    ck = load_ck(tmp_path / "run" / "last.pt")
+    for k in ("augment", "eval_every"):
+        del ck["config"][k]
+    torch.save(ck, tmp_path / "run" / "last.pt")
+    run_ok(args + ["--resume"])
+    assert len(read_run(tmp_path / "run")[0]) == 2
+
 # ----------------------------------------------------------------------------- 4. data loaders
 
 def py2_pickle(d: dict) -> bytes:
@@ -3383,3 +3441,24 @@ def test_run_experiments_study_smoke():
     for name in ("curves.png", "gap.png", "sparsity.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+@pytest.mark.slow
+def test_run_experiments_study_overfit_smoke():
+    """run_experiments.sh --study-overfit-smoke: the 9 variants (seed 0), each evaluated, then the report."""
+    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--study-overfit-smoke"], capture_output=True,
+                         text=True, cwd=HERE, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
+    text = (report / "table.md").read_text()
+    assert "| dense AT | 0 |" in text and "| fixed random mask s=0.8 (FB, death rate 0) | 0 |" in text
+    assert "| small dense AT (width 0.056, as many weights as 80% sparse) | 0 |" in text and "± 0.00" not in text
+    runs = report / "runs"
+    for d in runs.glob("*/seed0"):
+        names = {p.name for p in d.glob("eval-*.json")}
+        assert names == {f"eval-{ck}-{s}.json" for ck in ("best", "last") for s in ("test-n64-pgd20x1",
+                                                                                    "train-all-pgd20x1")}, d
+    fixed = torch.load(runs / "fixed-mask-s0.8" / "seed0" / "last.pt", weights_only=True)["method"]["mask"]
+    assert all(torch.equal(fixed["masks"][n], fixed["ever_active"][n]) for n in fixed["masks"])  # never moved
+    for name in ("curves.png", "gap.png", "sparsity.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,193 @@
+"""Tables and figures of the Fashion-MNIST studies, written again from the committed run files.
+
+    python results/study_report.py --overfit results/fashion-mnist-overfit/runs results/fashion-mnist-overfit
+
+The overfit study (run_experiments.sh --study-overfit) keeps each run in <runs>/<variant>/seed<k>
+with config.json, metrics.jsonl, summary.json and the evaluations made right after training:
+eval-{best,last}-test-n2000-pgd20x1.json (PGD-20 on the first 2,000 test images) and
+eval-{best,last}-train-all-pgd20x1.json (PGD-20 on the run's 500 training images, eval mode).
+Its table takes accuracies and the robust gap from those evaluations (one test image = 0.05
+points), FLOPs and density from summary.json; the per-epoch 500-image numbers stay in the curves.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sparse_win as sw  # noqa: E402
+
+# variant folder -> label, in table order; the Flying Bird sweep is read beside fb-s0.8
+VARIANTS = {
+    "dense": "dense AT",
+    "small-dense-w0.056": "small dense AT (width 0.056, as many weights as 80% sparse)",
+    "rb-s0.8": "Robust Bird s=0.8",
+    "fb-s0.8": "Flying Bird s=0.8",
+    "fbplus-s0.8": "Flying Bird+ s=0.8",
+    "fixed-mask-s0.8": "fixed random mask s=0.8 (FB, death rate 0)",
+    "fb-s0.5": "Flying Bird s=0.5",
+    "fb-s0.9": "Flying Bird s=0.9",
+    "fb-s0.95": "Flying Bird s=0.95",
+}
+SWEEP = ("dense", "fb-s0.5", "fb-s0.8", "fb-s0.9", "fb-s0.95")
+COLUMNS = (  # (header, key, decimals)
+    ("RA best", "ra_best", 2), ("RA final", "ra_final", 2), ("diff", "ra_diff", 2),
+    ("SA best", "sa_best", 2), ("SA final", "sa_final", 2), ("robust gen. gap", "robust_gap", 2),
+    ("train RA (final)", "train_ra_final", 2), ("train FLOPs (x dense)", "train_flops_dense_ratio", 3),
+    ("inference FLOPs (x dense)", "inference_ratio", 3), ("final density", "final_density", 4),
+    ("CPU minutes", "minutes", 1))
+CLAIMS = (("robust gen. gap", "robust_gap"), ("RA best - final", "ra_diff"), ("RA best", "ra_best"),
+          ("SA best", "sa_best"))
+
+
+def read_eval(d: Path, name: str) -> dict | None:
+    p = d / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def run_row(d: Path, test_n: int = 2000) -> dict | None:
+    """One finished and evaluated run as a table row, or None while it is not."""
+    evals = {f"{ck}_{split}": read_eval(d, f"eval-{ck}-{split}-{'all' if split == 'train' else f'n{test_n}'}"
+                                        f"-pgd20x1.json") for ck in ("best", "last") for split in ("test", "train")}
+    if not (d / "summary.json").exists() or any(e is None for e in evals.values()):
+        return None
+    s = json.loads((d / "summary.json").read_text())
+    ra = {k: e["pgd"]["ra"] for k, e in evals.items()}
+    aa = read_eval(d, "eval-best-test-n500-aa-standard.json")
+    return dict(
+        seed=json.loads((d / "config.json").read_text())["seed"], dir=d,
+        ra_best=ra["best_test"], ra_final=ra["last_test"], ra_diff=ra["best_test"] - ra["last_test"],
+        sa_best=evals["best_test"]["sa"], sa_final=evals["last_test"]["sa"],
+        robust_gap=ra["last_train"] - ra["last_test"], train_ra_final=ra["last_train"],
+        robust_gap_best=ra["best_train"] - ra["best_test"], best_epoch=s["best_epoch"],
+        train_flops_dense_ratio=s["train_flops_dense_ratio"], inference_ratio=s["inference_ratio"],
+        final_density=s["final_density"], fbplus_events=len(s["fbplus_events"]),
+        minutes=(s["wall_seconds"] + sum(e["wall_seconds"] for e in evals.values())) / 60,
+        aa=aa["autoattack"]["ra"] if aa else None,
+        history=[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()])
+
+
+def cell(values: list[float], decimals: int) -> str:
+    """mean ± sample std over seeds; a single value alone (no '± 0.00')."""
+    if not values:
+        return "-"
+    mean, std = sw.mean_std(values)
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if len(values) > 1 else "")
+
+
+def table(rows: list[tuple[str, list[dict]]], columns=COLUMNS) -> str:
+    lines = ["| variant | seeds | " + " | ".join(h for h, _, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for label, runs in rows:
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cell([r[k] for r in runs], d) for _, k, d in columns)
+                     + " |")
+    return "\n".join(lines)
+
+
+def paired(groups: dict[str, list[dict]]) -> str:
+    """Per claim: variant minus dense AT of the same seed, mean ± std over the seeds both have."""
+    dense = {r["seed"]: r for r in groups.get("dense", [])}
+    lines = ["| variant | seeds | " + " | ".join(f"{h} (- dense)" for h, _ in CLAIMS) + " |",
+             "|---|---|" + "---|" * len(CLAIMS)]
+    for v, runs in groups.items():
+        both = [r for r in runs if r["seed"] in dense and v != "dense"]
+        if not both:
+            continue
+        cells = []
+        for _, k in CLAIMS:
+            diffs = [r[k] - dense[r["seed"]][k] for r in both]
+            cells.append(cell(diffs, 2) + " (" + " / ".join(f"{d:+.2f}" for d in diffs) + ")")
+        lines.append(f"| {VARIANTS[v]} | {','.join(str(r['seed']) for r in both)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overfit_report(runs_root, out_dir, log=print) -> dict:
+    """table.md, curves.png, gap.png, sparsity.png of the overfit study; returns {variant: rows}."""
+    runs_root, out_dir = Path(runs_root), Path(out_dir)
+    groups = {}
+    for v in VARIANTS:
+        rows = [r for d in sorted((runs_root / v).glob("seed*")) if (r := run_row(d, TEST_N)) is not None]
+        if rows:
+            groups[v] = sorted(rows, key=lambda r: r["seed"])
+    if not groups:
+        raise sw.SparseWinError(f"no finished and evaluated runs under {runs_root}")
+    main = [v for v in groups if v not in ("fb-s0.5", "fb-s0.9", "fb-s0.95")]
+    aa = [(VARIANTS[v], [r for r in groups[v] if r["aa"] is not None]) for v in main]
+    text = (f"# Study: {runs_root}\n\nFashion-MNIST, 500 training images without augmentation, eps 0.1, "
+            f"ResNet-18 width 0.125, 120 epochs. Accuracies in %: PGD-20 (one start, eval mode) on the first "
+            f"{TEST_N} test images for best.pt (best validation RA) and the final model; robust gen. gap = "
+            f"PGD-20 RA on the 500 training images - test RA, final model. Mean ± sample std over the seeds "
+            f"listed; CPU minutes = training + these evaluations, one thread.\n\n## Variants\n\n"
+            + table([(VARIANTS[v], groups[v]) for v in main])
+            + "\n\n## Paired with dense AT (same seed): variant - dense, mean ± std (per seed)\n\n"
+            + paired({v: groups[v] for v in main})
+            + "\n\n## Flying Bird across sparsity (dense AT = sparsity 0)\n\n"
+            + table([(VARIANTS[v], groups[v]) for v in SWEEP if v in groups])
+            + ("\n\n## AutoAttack (standard, 500 test images, best.pt)\n\n"
+               + table([a for a in aa if a[1]], columns=(("AutoAttack RA", "aa", 2), ("PGD-20 RA best", "ra_best",
+                                                                                      2)))
+               if any(a[1] for a in aa) else "") + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sw.write_text_atomic(out_dir / "table.md", text)
+    figures(groups, main, out_dir)
+    log(text)
+    return groups
+
+
+def figures(groups: dict, main: list[str], out_dir: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))  # curves.png: per-epoch means over seeds (500-image numbers)
+    for v in main:
+        for key, ls in (("test_ra", "-"), ("train_ra", "--")):
+            per_epoch = {}
+            for r in groups[v]:
+                for h in r["history"]:
+                    if h[key] is not None:
+                        per_epoch.setdefault(h["epoch"], []).append(h[key])
+            ep = sorted(per_epoch)
+            ax.plot(ep, [sw.mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[v], lw=1,
+                    label=VARIANTS[v].split(" (")[0] if ls == "-" else None)
+    ax.set(xlabel="epoch", ylabel="robust accuracy (%)",
+           title="test RA, 500 images (solid); running train RA (dashed)")
+    ax.legend(fontsize=7)
+    sw._save_figure(fig, out_dir / "curves.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))  # gap.png: one point per seed, bar = mean
+    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), ("robust gen. gap", "robust overfitting (RA best - final)")):
+        for i, v in enumerate(main):
+            values = [r[key] for r in groups[v]]
+            ax.bar(i, sw.mean_std(values)[0], color=colors[v], alpha=0.4)
+            ax.plot([i] * len(values), values, "o", color=colors[v])
+        ax.set_xticks(range(len(main)), [VARIANTS[v].split(" (")[0] for v in main], rotation=25, fontsize=7)
+        ax.set(ylabel="points (%)", title=title)
+    sw._save_figure(fig, out_dir / "gap.png")
+
+    sweep = [v for v in SWEEP if v in groups]
+    fig, ax = plt.subplots(figsize=(6, 4))  # sparsity.png: the paper's Figure 1 analogue
+    xs = [0.0 if v == "dense" else float(v.split("-s")[1]) for v in sweep]
+    for key, what in (("train_ra_final", "train RA (final model)"), ("ra_final", "test RA (final)"),
+                      ("ra_best", "test RA (best)")):
+        ax.plot(xs, [sw.mean_std([r[key] for r in groups[v]])[0] for v in sweep], "o-", label=what)
+    ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title="Flying Bird: robust train vs test")
+    ax.legend()
+    sw._save_figure(fig, out_dir / "sparsity.png")
+
+
+TEST_N = 2000
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) not in (3, 4) or args[0] != "--overfit":
+        sys.exit("usage: python results/study_report.py --overfit RUNS OUT_DIR [TEST_IMAGES]")
+    if len(args) == 4:
+        TEST_N = int(args[3])
+    try:
+        overfit_report(args[1], args[2])
+    except sw.SparseWinError as e:
+        sys.exit(f"study_report.py: error: {e}")
