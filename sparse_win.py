@@ -1874,7 +1874,9 @@ def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, method: De
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=mask.density if mask else 1.0, itop_rate=mask.itop_rate() if mask else 1.0,
-        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]), **method.summary(),
+        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        **method.summary(),
         wall_seconds=run["wall"])
 
 

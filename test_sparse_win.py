@@ -1595,6 +1595,7 @@ def test_fbplus_end_to_end(fbplus_run):
     recs, s, last, per_weight = check_common(fbplus_run, "dynamic+", 3)
     net, shapes, counts, target = smoke_igq()
     ups = last["run"]["updates"]
+    assert s["updates"] == ups  # the summary carries every update's counts
     steps = update_steps(3, N_TRAIN // 64, 2, 3)
     assert [u["step"] for u in ups] == steps == [2, 4, 6, 9, 12]
     # FB+ needs window + 1 = 2 epochs of history: events only in the third epoch, both kinds
@@ -1622,6 +1623,18 @@ def test_fbplus_end_to_end(fbplus_run):
     after = {u["step"]: dict(zip(names, u["counts"])) for u in
              json.loads((fbplus_run.parent / "updates.json").read_text())}
     assert list(after) == steps
+    before = dict(zip(names, counts))  # each update's counts follow the released rule, layer by layer
+    for u in ups:
+        p, drops, grows = u["death_rate"], 0, 0
+        for n, shape in zip(names, shapes):
+            c, size = before[n], math.prod(shape)
+            k = math.ceil(p * c) if c < size else 0  # a full layer is left alone
+            drop = min(k + math.ceil(p * u["extra_prune"] * c), c) if k else 0
+            grow = min(k + math.ceil(u["extra_growth"] * k), size - c + drop) if k else 0
+            assert after[u["step"]][n] == c - drop + grow, (u, n)
+            drops, grows = drops + drop, grows + grow
+        assert (u["pruned"], u["grown"]) == (drops, grows)
+        before = after[u["step"]]
     in_force, actual, paper, per_epoch = dict(zip(names, counts)), 0, 0, []
     for step in range(1, 3 * N_TRAIN // 64 + 1):
         fwd = sw.forward_flops(per_weight, in_force)
