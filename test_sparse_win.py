@@ -10,6 +10,7 @@ pyproject.toml registers the markers, deselects slow tests and skips benchmarks 
 Benchmark groups put our code beside its baseline, and the "(x.xx)" in the table is the ratio.
 Hypothesis runs the "ci" profile (derandomized) when CI is set.
 """
+import ast
 import copy
 import dataclasses
 import errno
@@ -24,6 +25,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import symtable
 import sys
 import time
 from pathlib import Path
@@ -79,6 +81,60 @@ SEEDS = st.integers(0, 2**31 - 1)
 DENSITIES = st.floats(0.01, 1.0)  # sparsity 0 .. 0.99
 ALLOCS = st.sampled_from(["igq", "erk", "uniform"])
 FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------- 0. the library stands alone
+
+def names_bound(node: ast.stmt) -> set[str]:
+    """The module-level names a top-level statement binds."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def names_used(node: ast.stmt, table) -> set[str]:
+    """The module-level names a top-level statement reads: at import time (decorators, defaults, bases,
+    annotations, the statement itself) and, through its symbol table, as globals of its body."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        a = getattr(node, "args", None)
+        parts = [*node.decorator_list, *getattr(node, "bases", []), *getattr(node, "keywords", [])]
+        if a is not None:
+            parts += [*a.defaults, *filter(None, a.kw_defaults), *filter(None, [node.returns])]
+            parts += [x.annotation for x in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]
+                      if x is not None and x.annotation is not None]
+    else:
+        parts = [node]
+    used = {n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name)}
+
+    def global_reads(tab):
+        return {s.get_name() for s in tab.get_symbols() if s.is_referenced() and s.is_global()}.union(
+            *(global_reads(c) for c in tab.get_children()))
+    return used | (global_reads(table) if table is not None else set())
+
+
+def test_library_above_the_banner_refers_to_nothing_below_it():
+    """Copying sparse_win.py down to the '# === program' line gives the whole library: no top-level
+    statement above it reads a name that only the program below defines (and the part runs alone)."""
+    path = Path(sw.__file__)
+    src = path.read_text()
+    lines = src.splitlines()
+    banner = [i for i, line in enumerate(lines, 1) if line.startswith("# === program")]
+    assert len(banner) == 1 and "above is the library" in lines[banner[0]]
+    tree = ast.parse(src)
+    tables = {tab.get_lineno(): tab for tab in symtable.symtable(src, str(path), "exec").get_children()}
+    above = [n for n in tree.body if n.end_lineno < banner[0]]
+    below = set().union(*(names_bound(n) for n in tree.body if n.lineno > banner[0]))
+    assert {"Config", "train", "main", "json", "Path"} <= below  # the program's names are seen
+    for node in above:
+        wrong = names_used(node, tables.get(node.lineno)) & below
+        assert not wrong, (getattr(node, "name", ast.unparse(node)[:60]), node.lineno, wrong)
+    library = {}  # and the part above the banner, alone, defines the library that README documents
+    exec(compile("\n".join(lines[:banner[0] - 1]), "library", "exec"), library)
+    for name in ("SparseMask", "Dense", "RobustBird", "FlyingBird", "FlyingBirdPlus", "pgd", "fgsm_rs", "evaluate",
+                 "model_flops", "forward_flops", "FlopLedger", "EarlyBird", "build_model", "fbplus_decision"):
+        assert name in library, name
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -2028,6 +2084,30 @@ def test_checkpoints_load_weights_only(dense_run, static_run, fbplus_run):
             torch.load(d / name, map_location="cpu", weights_only=True)  # raises on anything but data
 
 
+def test_checkpoints_of_format_1_still_load_and_newer_ones_are_refused(capsys, tmp_path, data_dir, fbplus_run):
+    """Format 2 stores the mask once (under 'mask') with a 'format' key; checkpoints written before it
+    (format 1: no key, last.pt's mask also under 'method') load in --eval, load_model and --resume."""
+    d = copy_run(fbplus_run, tmp_path / "run")
+    for name in ("best.pt", "last.pt"):
+        ck = load_ck(d / name)
+        assert ck["format"] == sw.CHECKPOINT_FORMAT == 2 and "mask" not in ck.get("method", {})
+        old = {k: v for k, v in ck.items() if k != "format"}
+        if "method" in old:
+            old["method"] = dict(old["method"], mask=old["mask"])
+        torch.save(old, d / name)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sw.load_model(d)(x), sw.load_model(fbplus_run)(x))
+    assert sw.main(["--eval", str(d / "last.pt"), "--attack", "pgd", *map(str, QUICK)]) == 0
+    assert eval_json(d)["epoch"] == 3
+    (d / "summary.json").unlink()
+    assert sw.main(smoke(d, data_dir, *FBPLUS, "--resume")) == 0  # finished: only the final evaluation runs again
+    assert strip(read_run(d)) == strip(read_run(fbplus_run))  # FB+'s history and events restored
+    ck = load_ck(d / "best.pt")
+    torch.save(dict(ck, format=3), d / "best.pt")
+    assert_cli_error(capsys, ["--eval", d, "--attack", "pgd"], "best.pt was written by a newer sparse_win",
+                     "checkpoint format 3")
+
+
 def test_robust_bird_default_milestones_are_the_released_50_150(tmp_path, data_dir):
     """RB's AT stage reuses stage 1's schedule in the released code (x0.1 at 50 and 150): its default;
     the others keep the paper's 100 and 150; an explicit --milestones wins; config and summary record them."""
@@ -2072,7 +2152,7 @@ def test_fbplus_with_erk_keeps_its_dense_layers_dense(tmp_path, data_dir):
     counts = sw.allocate_counts(shapes, 0.2, "erk")
     full = [n for n, k, s in zip(sw.prunable(net), counts, shapes) if k == math.prod(s)]
     assert len(full) >= 2  # the stem conv and the linear among them
-    masks = load_ck(d / "last.pt")["method"]["mask"]["masks"]
+    masks = load_ck(d / "last.pt")["mask"]["masks"]
     assert all(bool(masks[n].all()) for n in full)
     _, s = read_run(d)
     assert s["fbplus_events"] and s["final_density"] < 0.2  # extra pruning did fire, elsewhere
@@ -2760,9 +2840,10 @@ def test_autoattack_checks_fire(tiny_fmnist):
 
 def test_eval_warns_in_one_line_per_failed_check(tmp_path, monkeypatch, capsys, dense_run):
     d = copy_run(dense_run, tmp_path / "run")
-    real = sw.model_of
-    monkeypatch.setattr(sw, "model_of", lambda ck, cfg, path: (Masked(real(ck, cfg, path)[0], "reversed").eval(),
-                                                               real(ck, cfg, path)[1]))
+    real = sw.model_from_checkpoint
+    reversed_model = lambda ck, cfg, path: (Masked(real(ck, cfg, path)[0], "reversed").eval(),  # noqa: E731
+                                            real(ck, cfg, path)[1])
+    monkeypatch.setattr(sw, "model_from_checkpoint", reversed_model)
     assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
     out = capsys.readouterr().out.splitlines()
     r = eval_json(d)
@@ -3368,7 +3449,10 @@ def test_run_experiments_queue_with_torchrun():
 # study report: many runs -> table.md and three figures
 # =============================================================================
 
-STUDY_KEYS = [k for _, k, _ in sw.STUDY_COLUMNS] + ["train_ra_final"]
+sys.path.insert(0, str(HERE / "results"))
+import study_report  # noqa: E402 (results/study_report.py: the studies' tables and figures)
+
+STUDY_KEYS = [k for _, k, _ in study_report.STUDY_COLUMNS] + ["train_ra_final"]
 
 
 def fake_run(d: Path, mode: str, sparsity: float, seed: int, value: float, history: list[tuple]):
@@ -3382,9 +3466,9 @@ def fake_run(d: Path, mode: str, sparsity: float, seed: int, value: float, histo
 
 
 def test_mean_std_is_sample_std():
-    assert sw.mean_std([5.0]) == (5.0, 0.0)
+    assert study_report.mean_std([5.0]) == (5.0, 0.0)
     values = [0.3, 1.7, 2.2, 9.1]
-    mean, std = sw.mean_std(values)
+    mean, std = study_report.mean_std(values)
     torch.testing.assert_close((mean, std), (float(np.mean(values)), float(np.std(values, ddof=1))))
 
 
@@ -3397,7 +3481,7 @@ def test_study_report_means_stds_and_figures(tmp_path):
     fake_run(root / "dynamic-s0.5" / "seed0", "dynamic", 0.5, 0, 33.0, [(1.0, 2.0)])
     (root / "unfinished").mkdir()  # no summary.json: not a run
     (root / "unfinished" / "metrics.jsonl").write_text("")
-    stats = sw.study_report(root, tmp_path / "report", log=lambda *a: None)
+    stats = study_report.study_report(root, tmp_path / "report", log=lambda *a: None)
 
     assert list(stats) == [("dense", 0.0), ("dynamic", 0.5), ("dynamic", 0.8)]
     dense, fb, fb5 = stats[("dense", 0.0)], stats[("dynamic", 0.8)], stats[("dynamic", 0.5)]
@@ -3421,7 +3505,7 @@ def test_study_report_means_stds_and_figures(tmp_path):
 
 def test_study_report_without_runs_says_so(tmp_path):
     with pytest.raises(sw.SparseWinError, match="no finished runs"):
-        sw.study_report(tmp_path, tmp_path / "report")
+        study_report.study_report(tmp_path, tmp_path / "report")
 
 
 @pytest.mark.slow
@@ -3458,7 +3542,7 @@ def test_run_experiments_study_overfit_smoke():
         names = {p.name for p in d.glob("eval-*.json")}
         assert names == {f"eval-{ck}-{s}.json" for ck in ("best", "last") for s in ("test-n64-pgd20x1",
                                                                                     "train-all-pgd20x1")}, d
-    fixed = torch.load(runs / "fixed-mask-s0.8" / "seed0" / "last.pt", weights_only=True)["method"]["mask"]
+    fixed = torch.load(runs / "fixed-mask-s0.8" / "seed0" / "last.pt", weights_only=True)["mask"]
     assert all(torch.equal(fixed["masks"][n], fixed["ever_active"][n]) for n in fixed["masks"])  # never moved
     for name in ("curves.png", "gap.png", "sparsity.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
