@@ -46,13 +46,12 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- errors and constants
 
 class SparseWinError(ValueError):
-    """Bad input: the CLI prints it as one line and exits with status 2."""
+    """Bad input (an unknown name, a mismatched state, a missing package): the CLI prints it as one line
+    and exits with status 2."""
 
 
-ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")
-ALLOCATIONS = ("igq", "erk", "uniform")
-
-
+ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")  # build_model
+ALLOCATIONS = ("igq", "erk", "uniform")  # layer-wise density: layer_densities, SparseMask
 AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
 
 
@@ -1140,9 +1139,9 @@ def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: 
         autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
 
 
-# === program =================================================================
-# Everything above is the library (torch only): copy the file down to here to use it elsewhere.
-# Below: the training program (python sparse_win.py ...) in the order the data flows.
+# === program: everything above this line is the library (torch only; copy the file down to here to use it)
+# Below, the training program (python sparse_win.py ...), in the order the data flows: config, data, the
+# configured run, distributed, run directory and checkpoints, train, report, evaluate a checkpoint, benchmark, main.
 
 import argparse  # noqa: E402 (the program's imports sit with the program)
 import dataclasses  # noqa: E402
@@ -1164,8 +1163,6 @@ from pathlib import Path  # noqa: E402
 
 MODES = ("dense", "static", "dynamic", "dynamic+")
 TRAIN_ATTACKS = ("pgd", "fgsm-rs")
-
-
 EVAL_ATTACKS = ("pgd", "autoattack", "all")
 
 
@@ -1505,9 +1502,9 @@ def method_for(cfg: Config) -> Method:
 
 def sgd(cfg: Config, net: nn.Module):
     """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
-    (cfg.milestones: train() has put the method's default there when --milestones was not given)."""
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
+    (cfg.milestones: setup() has put the method's default there when --milestones was not given)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
 
 
 def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
@@ -1844,7 +1841,7 @@ NOT_EVALUATED = dict(sa=None, ra=None, adv_loss=None)  # an epoch that --eval-ev
 
 class Trainer:
     """One training process: the model, its optimizer, method, FLOP ledger, generator and run record, and
-    the pieces of Algorithm 1 that train() strings together. benchmark() times its step().
+    the pieces of the paper's training loop that train() strings together. benchmark() times its step().
 
     net is the model itself; core the one that attacks and evaluates (compiled if asked); model the one
     the update step runs (DistributedDataParallel under torchrun). run is what last.pt resumes: epoch,
@@ -2032,7 +2029,7 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
 
 
 def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
-    """Run one experiment end to end, the paper's Algorithm 1 for the configured method; returns the
+    """Run one experiment end to end, the paper's sparse AT loop for the configured method; returns the
     summary (also written to summary.json). Under torchrun every rank runs this; rank 0 alone logs,
     writes files and holds the run directory's lock."""
     with RunLock() as lock:

@@ -121,7 +121,7 @@ def test_library_above_the_banner_refers_to_nothing_below_it():
     src = path.read_text()
     lines = src.splitlines()
     banner = [i for i, line in enumerate(lines, 1) if line.startswith("# === program")]
-    assert len(banner) == 1 and "above is the library" in lines[banner[0]]
+    assert len(banner) == 1 and "above this line is the library" in lines[banner[0] - 1]
     tree = ast.parse(src)
     tables = {tab.get_lineno(): tab for tab in symtable.symtable(src, str(path), "exec").get_children()}
     above = [n for n in tree.body if n.end_lineno < banner[0]]
@@ -3208,6 +3208,20 @@ def test_run_experiments_smoke():
     for data in ("cifar10", "cifar100", "tiny-imagenet"):
         for method in ("dense AT", "Robust Bird", "Flying Bird,", "Flying Bird+"):
             assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
+
+
+@pytest.mark.slow
+def test_same_metrics_as_a_git_revision():
+    """.ci/same_metrics.py: smoke runs of every mode write the same metrics.jsonl and summary.json (time
+    aside) with this sparse_win.py as with SAME_METRICS_REV's (default HEAD: a refactor's check before
+    it is committed; on a clean tree it checks that two runs of the same command agree)."""
+    rev = os.environ.get("SAME_METRICS_REV", "HEAD")
+    if subprocess.run(["git", "cat-file", "-e", f"{rev}:sparse_win.py"], cwd=HERE, capture_output=True).returncode:
+        pytest.skip(f"no sparse_win.py at {rev} in this checkout")
+    p = subprocess.run([sys.executable, str(HERE / ".ci" / "same_metrics.py"), rev], capture_output=True, text=True,
+                       cwd=HERE, timeout=1800)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("same   ") == 5 and "identical" in p.stdout
 
 
 def test_plain_pytest_is_the_default_suite():
