@@ -764,9 +764,10 @@ class FlyingBird(Method):
     """Flying Bird (Sec. 3.2) at constant density.
 
     A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
-    steps (900, then 1200 from half of training, as released) each layer prunes its ceil(p * nnz)
-    smallest |w| and regrows as many (random, or by |grad| as RigL); p decays on a cosine from
-    0.5 to 0.005 over all steps. Regrown weights and their momentum start at zero.
+    steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
+    ceil(p * nnz) smallest |w| and regrows as many among all positions then inactive (random, or by
+    |grad| as RigL); p decays on a cosine from 0.5 to 0.005 over all steps. Regrown weights and their
+    momentum start at zero.
     """
     name = "Flying Bird"
 
