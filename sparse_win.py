@@ -761,7 +761,7 @@ def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: 
 
 
 class FlyingBird(Method):
-    """Flying Bird (Sec. 3.2) at constant density.
+    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
 
     A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
     steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
