@@ -589,6 +589,34 @@ def test_flying_bird_plus_decide_and_events():
     assert (fb2.gaps, fb2.losses, fb2.events) == (fb.gaps, fb.losses, fb.events)
 
 
+@pytest.mark.parametrize("make", [lambda: sw.Dense(), lambda: sw.RobustBird(density=0.3, max_epochs=1),
+                                  lambda: sw.FlyingBird(density=0.3, seed=1),
+                                  lambda: sw.FlyingBirdPlus(start_epoch=0, density=0.3, seed=1)],
+                         ids=["dense", "robust-bird", "flying-bird", "flying-bird-plus"])
+def test_every_method_answers_density_and_flops(make):
+    """Density, ITOP rate, per-layer counts and forward FLOPs of the model as it is, asked of the method
+    (never whether it has a mask): dense answers 1.0, every weight and the dense count."""
+    model = tiny_cnn(torch.Generator().manual_seed(0))
+    per_weight, constant = sw.model_flops(model, (3, 8, 8))
+    sizes = {n: p.numel() for n, p in sw.prunable(model).items()}
+    dense = sw.forward_flops(per_weight, sizes, constant)
+    method = make()
+    assert isinstance(method, sw.Method)
+    method.start(model, total_steps=4, epochs=2)
+    if method.pretraining:  # Robust Bird is dense until it adopts its ticket (max_epochs 1: after one epoch)
+        assert (method.density, method.itop_rate(), method.layer_counts()) == (1.0, 1.0, sizes)
+        assert method.forward_flops(per_weight, constant) == dense and method.pretrain_epochs == 0
+        assert method.end_pretrain_epoch(model, 0.0, 0.0, log=lambda *a: None) and method.pretrain_epochs == 1
+    if isinstance(method, sw.Dense):
+        assert (method.density, method.itop_rate(), method.layer_counts()) == (1.0, 1.0, sizes)
+        assert method.forward_flops(per_weight, constant) == dense and method.mask is None
+    else:
+        counts = method.mask.layer_counts()
+        assert method.layer_counts() == counts and method.itop_rate() == method.mask.itop_rate()
+        assert method.density == sum(counts.values()) / sum(sizes.values()) == pytest.approx(0.3, abs=0.01)
+        assert method.forward_flops(per_weight, constant) == sw.forward_flops(per_weight, counts, constant) < dense
+
+
 # ----------------------------------------------------------------------------- 5. mask state round trip
 
 def _roundtrip_setup(seed):
@@ -2475,6 +2503,16 @@ def test_presets_apply_and_flags_override():
     assert sw.parse_args(["--preset", "smoke", "--progress"]).progress is True
 
 
+def test_validate_takes_the_number_of_processes_from_its_caller(monkeypatch):
+    """validate() reads no environment: torchrun's WORLD_SIZE reaches it as an argument (train() passes the
+    processes of the job it joined)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = sw.parse_args(["--preset", "smoke", "--batch-size", "64"])
+    assert sw.validate(cfg, world=2) is cfg
+    with pytest.raises(sw.SparseWinError, match="--batch-size 64 .* divisible by the number of processes, 3"):
+        sw.validate(cfg, world=3)
+
+
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as e:
         sw.parse_args(["--help"])
@@ -2541,11 +2579,17 @@ def test_format_table_rows():
 # ----------------------------------------------------------------------------- 8. benchmark
 
 def test_benchmark_cpu(monkeypatch, capsys):
-    rows = []
-    real = sw.benchmark
+    """--benchmark times Trainer.step, the step train() runs, for a dense and a Flying Bird model."""
+    rows, steps = [], []
+    real, real_step = sw.benchmark, sw.Trainer.step
     monkeypatch.setattr(sw, "benchmark", lambda cfg, log=print: rows.extend(real(cfg, log)) or rows)
+    monkeypatch.setattr(sw.Trainer, "step", lambda self, x, y, i, kind: steps.append(
+        (type(self.method).__name__, kind, len(y), self.ledger.steps)) or real_step(self, x, y, i, kind))
     assert sw.main(["--benchmark", "--preset", "smoke", "--batch-size", "8", "--device", "cpu"]) == 0
     assert [(r["variant"], r["model"]) for r in rows] == [("fp32 eager", "dense"), ("fp32 eager", "sparse")]
+    for name in ("Dense", "FlyingBird"):  # 3 warm-up steps, then at least 5 timed ones; each one charged
+        charged = [n for m, kind, b, n in steps if m == name and kind == "pgd" and b == 8]
+        assert len(charged) >= 8 and charged == list(range(len(charged)))
     for r in rows:
         assert r["images_per_s"] > 0 and r["epoch_s"] == pytest.approx(45000 / r["images_per_s"])
         assert r["tflops"] > 0 and r["peak_fraction"] is None
