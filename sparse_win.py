@@ -268,19 +268,19 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
     was_training = model.training
     model.eval()
     parts = []
-    for x, y in batches:
-        with torch.autocast(x.device.type, enabled=False):
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, enabled=False):  # fp32, whatever autocast region the caller is in
+        for x, y in batches:
             logits = model(x)
-        clean, loss = logits.argmax(1) == y, F.cross_entropy(logits.float(), y, reduction="none")
-        robust, adv_loss = clean, loss
-        for r in range(restarts if steps > 0 else 0):
-            with torch.autocast(x.device.type, enabled=False):
+            clean, loss = logits.argmax(1) == y, F.cross_entropy(logits, y, reduction="none")
+            robust, adv_loss = clean, loss
+            for r in range(restarts if steps > 0 else 0):
                 adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                                        random_start=random_start, generator=generator,
                                        rows=getattr(batches, "rows", None)))  # a rank's shard of the batch
-            hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits.float(), y, reduction="none")
-            robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
-        parts.append((clean, robust, loss, adv_loss))
+                hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits, y, reduction="none")
+                robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
+            parts.append((clean, robust, loss, adv_loss))
     model.train(was_training)
     keys = ("clean", "robust", "loss", "adv_loss")
     return {k: torch.cat(v) for k, v in zip(keys, zip(*parts))} if parts else {k: torch.empty(0) for k in keys}
@@ -824,7 +824,8 @@ class FlyingBirdPlus(FlyingBird):
     After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
     topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
     least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
-    (1 + growth_ratio) x the pruned count when the val adversarial loss did not fall in as many.
+    k + ceil(growth_ratio * k) instead of k = ceil(p * nnz) (the normal prune count, as released) when the
+    val adversarial loss did not fall in as many.
     """
     name = "Flying Bird+"
 
@@ -2121,7 +2122,9 @@ def summarize(t: Trainer, train_final_ra: float) -> dict:
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
-        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]), **method.summary(),
+        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        **method.summary(),
         wall_seconds=run["wall"])
 
 

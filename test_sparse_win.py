@@ -10,7 +10,8 @@ beside it, in results/test_study_report.py.
 
 pyproject.toml registers the markers, deselects slow tests and skips benchmarks unless asked.
 Benchmark groups put our code beside its baseline, and the "(x.xx)" in the table is the ratio.
-Hypothesis runs the "ci" profile (derandomized) when CI is set.
+Hypothesis runs the "ci" profile (derandomized) when CI is set, and "mutants" (the same, without
+shrinking) under .ci/mutants.py, the check that these tests catch realistic bugs in sparse_win.py.
 """
 import ast
 import copy
@@ -37,7 +38,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,7 +46,9 @@ import sparse_win as sw
 
 settings.register_profile("dev", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# .ci/mutants.py: as CI, without shrinking (that a mutant fails is all it needs to know)
+settings.register_profile("mutants", parent=settings.get_profile("ci"), phases=[Phase.explicit, Phase.generate])
+settings.load_profile("mutants" if os.environ.get("MUTANTS") else "ci" if os.environ.get("CI") else "dev")
 
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -421,6 +424,41 @@ def test_pgd_matches_torchattacks_l2(seed, steps):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(2, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.05, 1.0),
+       ratio=st.sampled_from([0.25, 0.5, 2.0]))
+def test_pgd_l2_one_step_closed_form_linear(d, k, b, seed, eps, ratio):
+    """One L2 step from x is x + alpha g / |g| projected onto the eps-*ball* (a step shorter than eps stays
+    as it is, a longer one is cut to eps), then into [0, 1]. A projection onto the sphere fails here."""
+    model, x, y = linear_problem(d, k, b, seed)
+    alpha = ratio * eps
+    adv = sw.pgd(model, x, y, eps=eps, alpha=alpha, steps=1, norm="l2", random_start=False)
+    g = linear_ce_grad(model, x, y)
+    want = torch.clamp(x + min(alpha, eps) * g / g.norm(dim=1, keepdim=True), 0, 1)
+    # loosened from exact: pgd's gradient carries the mean's 1/b, which the normalization removes up to rounding
+    torch.testing.assert_close(adv, want, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(3, 7), world=st.integers(2, 3), seed=SEEDS, norm=st.sampled_from(["linf", "l2"]))
+def test_pgd_on_a_shard_equals_the_slice_of_the_full_batch(b, world, seed, norm):
+    """rows = (lo, hi, n): a rank's PGD on its shard draws the random start of the whole batch and keeps its
+    rows, so it gives what one process gives for those rows (a linear model: per-example gradients)."""
+    model, x, y = linear_problem(6, 3, b, seed)
+    eps = 0.1 if norm == "linf" else 0.5
+    kw = dict(eps=eps, alpha=eps / 4, steps=2, norm=norm)
+    full = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
+    q, r = divmod(b, world)
+    for rank in range(world):
+        lo = rank * q + min(rank, r)
+        hi = lo + q + (rank < r)
+        part = sw.pgd(model, x[lo:hi], y[lo:hi], rows=(lo, hi, b), generator=torch.Generator().manual_seed(seed),
+                      **kw)
+        # loosened for L2 only: the mean loss scales gradients by 1/len(batch); sign() drops it exactly,
+        # the L2 normalization up to rounding
+        torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0 if norm == "linf" else 1e-12)
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=SEEDS, eps=st.sampled_from([2 / 255, 8 / 255, 0.1, 0.3]), training=st.booleans())
 def test_fgsm_rs_stays_in_ball_and_box(seed, eps, training):
@@ -498,6 +536,19 @@ def test_param_hooks_do_fire_on_backward():
     assert sorted(fired) == sorted(n for n, _ in model.named_parameters())
 
 
+def test_evaluate_is_fp32_inside_an_autocast_region():
+    """evaluate() turns autocast off: inside a caller's bf16 region it gives the fp32 numbers exactly."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, c=1, classes=4, bn=True)
+    x = torch.randint(256, (24, 1, 8, 8), generator=gen, dtype=torch.uint8)  # Batches holds uint8 images
+    y = torch.randint(4, (24,), generator=gen)
+    ev = lambda: sw.evaluate(model, sw.Batches(x, y, batch_size=8), eps=0.1, alpha=0.025, steps=3,  # noqa: E731
+                             generator=torch.Generator().manual_seed(1))
+    ref = ev()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ev() == ref
+
+
 # ----------------------------------------------------------------------------- 5. masks: allocation
 
 @FEW
@@ -532,6 +583,15 @@ def test_layer_densities_weighted_mean_and_closed_forms(shapes, density, alloc):
         for i in range(len(d)):
             if d[i] == 1 and scale:  # capped layers would have exceeded 1 at the common scale
                 assert scale[0] * raw[i] >= 1 - 1e-12
+
+
+def test_erk_closed_form_on_a_small_cnn():
+    """ERK (Evci et al. 2020): d_l = scale x (sum of the shape) / (prod of the shape), kernel dims included;
+    a layer that would exceed 1 is dense and the rest share what is left. Worked by hand for d = 0.2:
+    the linear layer caps (1072 / 121 x 42 / 320 > 1), then scale = (1072 - 320) / (25 + 54)."""
+    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (10, 32)]  # 432 + 4608 + 320 = 5360 weights, 1072 at d = 0.2
+    torch.testing.assert_close(sw.layer_densities(shapes, 0.2, "erk"),
+                               [752 / 79 * 25 / 432, 752 / 79 * 54 / 4608, 1.0], rtol=1e-12, atol=0)
 
 
 def test_layer_densities_density_one_is_dense():
@@ -810,7 +870,8 @@ def test_topology_updates_do_not_depend_on_memory_layout(seed, density, growth):
 def sort_update(mask: sw.SparseMask, death_rate: float, growth: str, generator=None):
     """The straightforward topology update: sort every layer's full |w| and growth scores.
 
-    The reference that SparseMask.update must match (on tie-free data) and beat (3x). Returns
+    The reference that SparseMask.update must match (on tie-free data); the benchmarks below time both
+    and report the ratio (README), without asserting it: a timing on a shared machine is no test. Returns
     {name: (mask after, the active weights kept by pruning)}.
     """
     out = {}
@@ -1019,10 +1080,12 @@ def test_early_bird_fires_when_masks_settle():
         assert eb.distances[-1] == (max(sw.mask_distance(eb.masks[-1], m) for m in eb.masks[:-1])
                                     if len(eb.masks) > 1 else 1.0)
     assert len(eb.masks) == 5 and set(eb.masks[-1]) == {"0.weight", "1.weight"}  # conv weights only
-    assert fired[:4] == [False] * 4  # the queue is not full yet
+    # the rule itself: fires exactly when the queue is full and the newest mask is within 0.08 of every
+    # older one; here the queue fills while the masks still move (no shortcut through an early full queue)
+    assert fired == [i >= 4 and d <= 0.08 for i, d in enumerate(eb.distances)]
     assert fired[-1] and eb.emerged
     first = fired.index(True)
-    assert eb.distances[first] <= 0.08 < max(eb.distances[:first])
+    assert first > 4 and eb.distances[4] > 0.08
     ticket = eb.ticket(model)
     assert set(ticket) == {"0.weight", "1.weight", "3.weight"}  # the ticket covers linear too
     total = sum(p.numel() for p in sw.prunable(model).values())
@@ -1066,6 +1129,35 @@ def test_early_bird_state_dict_round_trip():
     assert all(torch.equal(a[n], b[n]) for a, b in zip(eb.masks, eb2.masks) for n in a)
 
 
+def test_robust_bird_masks_weights_and_momentum():
+    """Robust Bird adopts the global magnitude ticket, then every step re-masks the weights *and* their
+    momentum (the same rule as Flying Bird; the CUDA test checks it on the GPU path)."""
+    cfg = sw.parse_args(["--mode", "static", "--sparsity", "0.7", "--eb-queue", "2", "--eb-threshold", "1",
+                         "--eb-max-epochs", "5"])
+    rb = sw.method_for(cfg)
+    assert isinstance(rb, sw.RobustBird) and rb.max_epochs == 5
+    assert (rb.early.density, rb.early.queue, rb.early.threshold) == (cfg.density, 2, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    model = conv_net(gen)
+    rb.start(model, total_steps=6, epochs=2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is False and rb.pretraining  # queue not full
+    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is True and not rb.pretraining
+    params = sw.prunable(model)
+    assert sum(rb.mask.counts) == round(cfg.density * sum(p.numel() for p in params.values()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)  # AT: a fresh optimizer
+    x = torch.randn(4, 2, 5, 5, generator=gen)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) * torch.randn(4, 3, generator=gen)).sum().backward()
+        opt.step()
+        assert rb.after_step(opt, 0) is None  # a fixed ticket: no topology update
+        for n, m in rb.mask.masks.items():
+            assert not params[n].detach()[~m].any() and not momentum(opt, params[n])[~m].any(), n
+            assert momentum(opt, params[n])[m].any()  # active weights do move
+    assert rb.mask.steps == 3
+
+
 # ----------------------------------------------------------------------------- 10. Flying Bird: the cosine death rate
 
 @settings(max_examples=30, deadline=None)
@@ -1083,6 +1175,30 @@ def test_cosine_death_rate(total):
     if total % 4 == 0:
         torch.testing.assert_close(sw.cosine_death_rate(total // 4, total, 0.5, 0.005),
                                    0.005 + 0.495 * (1 + math.cos(math.pi / 4)) / 2, rtol=0, atol=1e-15)
+
+
+def test_flying_bird_death_rate_and_intervals_from_the_config():
+    """Flying Bird as the CLI builds it: T from --update-interval before half of training and from
+    --update-interval-late after, p on the cosine from --death-rate to --death-rate-final, ceil(p * nnz)
+    pruned and as many regrown per layer."""
+    cfg = sw.parse_args(["--mode", "dynamic", "--epochs", "2", "--sparsity", "0.5", "--allocation", "uniform",
+                         "--death-rate", "0.3", "--death-rate-final", "0.1", "--update-interval", "2",
+                         "--update-interval-late", "3"])
+    method = sw.method_for(cfg)
+    gen = torch.Generator().manual_seed(1)
+    model = chain_model((2, [(4, 3)], [6]), gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.start(model, total_steps=8, epochs=2)  # 4 steps per epoch
+    records = []
+    for step in range(8):
+        sgd_step(model, opt, gen, 2)
+        counts = list(method.mask.counts)
+        if (r := method.after_step(opt, step // 4)) is not None:
+            records.append((r, counts))
+    assert [r["step"] for r, _ in records] == [2, 4, 6]  # T = 2 in epoch 0, T = 3 in epoch 1
+    for r, counts in records:
+        assert r["death_rate"] == sw.cosine_death_rate(r["step"], 8, 0.3, 0.1)
+        assert r["pruned"] == r["grown"] == sum(math.ceil(r["death_rate"] * c) for c in counts)
 
 
 # ----------------------------------------------------------------------------- 11. Flying Bird+: the adaptive rule
@@ -1130,6 +1246,47 @@ def test_flying_bird_plus_decide_and_events():
     fb2 = sw.FlyingBirdPlus(start_epoch=5)
     fb2.load_state_dict(fb.state_dict())
     assert (fb2.gaps, fb2.losses, fb2.events) == (fb.gaps, fb.losses, fb.events)
+
+
+# Hand-made epochs (train RA, val RA, val clean loss, val adversarial loss) for which each half of the FB+
+# rule decides differently from its plausible misreadings: the gap train RA - val RA widens in 3 of the
+# last 4 differences (val RA - train RA in 1 of 4), and the clean loss moves against the adversarial one.
+GAP_WIDENS = [(50, 40, 1.0, 2.0), (52, 37, 1.1, 1.9), (55, 35, 1.2, 1.8), (56, 38, 1.3, 1.7), (58, 33, 1.4, 1.6)]
+GAP_NARROWS = [(50, 10, 2.0, 1.0), (50, 20, 1.9, 1.1), (51, 30, 1.8, 1.2), (52, 40, 1.7, 1.3), (53, 50, 1.6, 1.4)]
+
+
+@pytest.mark.parametrize("history, prune, grow", [(GAP_WIDENS, True, False), (GAP_NARROWS, False, True)])
+def test_fbplus_end_epoch_to_update_with_paper_defaults(history, prune, grow):
+    """Flying Bird+ as the CLI builds it with the paper's constants (window 4, threshold 0.5, extra prune
+    0.4, extra growth 0.05, adaptive from half of training), fed hand-made epochs through end_epoch: the
+    next topology update prunes extra when gap = train RA - val RA widened and grows extra when the val
+    *adversarial* loss stalled, and neither before the start epoch."""
+    assert sw.fbplus_decision([t - v for t, v, _, _ in history], [a for *_, a in history]) == (prune, grow)
+    assert sw.fbplus_decision([v - t for t, v, _, _ in history], [c for _, _, c, _ in history]) == (grow, prune)
+    cfg = sw.parse_args(["--mode", "dynamic+", "--epochs", "10", "--sparsity", "0.5", "--allocation", "uniform",
+                         "--update-interval", "1", "--update-interval-late", "1"])
+    method = sw.method_for(cfg)
+    assert isinstance(method, sw.FlyingBirdPlus)
+    assert (method.start_epoch, method.window, method.threshold, method.prune_ratio, method.growth_ratio) == (
+        5, 4, 0.5, 0.4, 0.05)
+    assert sw.method_for(dataclasses.replace(cfg, fbplus_start=0)).start_epoch == 0  # 0 is a start, not "unset"
+    gen = torch.Generator().manual_seed(0)
+    model = chain_model((2, [(4, 3)], [6]), gen)  # a conv (72 weights) and a linear (864), half of each active
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.start(model, total_steps=10, epochs=10)
+    for train_ra, val_ra, loss, adv_loss in history:  # epochs 0-4
+        method.end_epoch(train_ra, dict(sa=90.0, ra=val_ra, loss=loss, adv_loss=adv_loss))
+    assert method.gaps == [t - v for t, v, _, _ in history] and method.losses == [a for *_, a in history]
+    records = []
+    for epoch in (4, 5):  # one step (and topology update, T = 1) in epoch 4, before the start, and one in 5
+        sgd_step(model, opt, gen, 2)
+        records.append(method.after_step(opt, epoch))
+    before, after = records
+    assert (before["extra_prune"], before["extra_growth"]) == (0.0, 0.0) and before["pruned"] == before["grown"]
+    assert (after["extra_prune"], after["extra_growth"]) == (0.4 if prune else 0.0, 0.05 if grow else 0.0)
+    assert (after["pruned"] > after["grown"]) == prune and (after["grown"] > after["pruned"]) == grow
+    assert (after["density"] < 0.5) == prune and (after["density"] > 0.5) == grow
+    assert method.events == [dict(epoch=5, step=2, prune=prune, grow=grow)]
 
 
 # ----------------------------------------------------------------------------- 12. FLOPs
@@ -1525,6 +1682,29 @@ def test_augment_rotation():
     torch.testing.assert_close(rot[:, :, 7, 7], torch.ones(2, 1))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 12), world=st.integers(2, 4), seed=SEEDS, shuffle=st.booleans())
+def test_batches_shards_are_the_rows_of_one_process(n, batch, world, seed, shuffle):
+    """Under torchrun each rank keeps rows lo:hi of the global batch: the ranks' shards, in rank order, are
+    one process's batch exactly (no row twice, none left out, sizes within one), whatever the remainder."""
+    x = torch.zeros(n, 1, 1, 1, dtype=torch.uint8)
+    y = torch.arange(n)  # the labels name the rows
+
+    def epoch(rank, w):
+        b = sw.Batches(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                       rank=rank, world=w)
+        return [(yb.clone(), b.rows) for _, yb in b]
+    one, shards = epoch(0, 1), [epoch(r, world) for r in range(world)]
+    assert all(len(s) == len(one) for s in shards)
+    for i, (rows, full) in enumerate(one):
+        assert full == (0, len(rows), len(rows))
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), rows)
+        bounds = [s[i][1] for s in shards]
+        assert [lo for lo, _, _ in bounds] == [0] + [hi for _, hi, _ in bounds[:-1]] and bounds[-1][1] == len(rows)
+        sizes = [hi - lo for lo, hi, _ in bounds]
+        assert max(sizes) - min(sizes) <= 1 and all(m == len(rows) for *_, m in bounds)
+
+
 # ----------------------------------------------------------------------------- 14. robust evaluation
 # On a tiny CNN adversarially trained on real Fashion-MNIST; AutoAttack through pyautoattack, with
 # small iteration counts.
@@ -1767,7 +1947,8 @@ print(status("VmHWM:") - base)
 
 
 def test_bench_peak_memory(benchmark):
-    """Peak resident memory of a PGD AT step, with masks vs dense (target: within 5%)."""
+    """Peak resident memory of a PGD AT step with masks is within 5% of dense (measured: +0.7%). Memory,
+    unlike time, does not depend on the load of the machine, so the ratio is asserted."""
     try:
         open("/proc/self/clear_refs", "w").write("5")
     except OSError:
@@ -1783,6 +1964,7 @@ def test_bench_peak_memory(benchmark):
     print(f"\npeak step memory: dense {peak['dense'] / 2**20:.1f} MiB, with masks {peak['sparse'] / 2**20:.1f} MiB "
           f"(ratio {peak['sparse'] / peak['dense']:.3f})")
     benchmark.pedantic(lambda: None, rounds=1)
+    assert peak["sparse"] <= 1.05 * peak["dense"], peak
 
 
 # =============================================================================
@@ -1844,6 +2026,18 @@ def eval_json(d: Path, pattern="eval-*.json") -> dict:
     files = [f for f in d.glob(pattern) if not f.name.endswith(".partial.json")]
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
+
+
+def eval_reference(model, data_dir, *, n=64, steps=2, restarts=2, seed=0) -> dict:
+    """--eval's per-example results recomputed (QUICK's options): the first n test images in batches of
+    256, PGD (eps 0.1, step 0.025) with restarts from a generator seeded with --seed."""
+    x, y = (t[:n] for t in sw.load_fashion_mnist(str(data_dir))["test"])
+    return sw.evaluate_examples(model, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=steps,
+                                restarts=restarts, generator=torch.Generator().manual_seed(seed))
+
+
+def pct(bits: torch.Tensor) -> float:
+    return 100 * int(bits.sum()) / len(bits)
 
 
 def strip(obj):
@@ -1958,7 +2152,7 @@ def test_cli_bad_options(capsys, tmp_path, args, words):
 
 def test_cli_subprocess_one_line():
     p = subprocess.run([sys.executable, "sparse_win.py", "--sparsity", "2"], cwd=HERE, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=300)
     assert p.returncode == 2
     assert p.stderr.splitlines() == ["sparse_win.py: error: --sparsity must be in [0, 1), got 2.0"]
     assert p.stdout == ""
@@ -2203,7 +2397,19 @@ FBPLUS = ["--mode", "dynamic+", "--epochs", 3, "--fbplus-start", 0, "--fbplus-wi
 
 @pytest.fixture(scope="module")
 def fbplus_run(tmp_path_factory, data_dir):
-    return run_ok(smoke(tmp_path_factory.mktemp("fbp") / "run", data_dir, *FBPLUS))
+    """The FB+ run; beside it, updates.json: the step and per-layer counts after every topology update."""
+    base = tmp_path_factory.mktemp("fbp")
+    after, real = [], sw.SparseMask.update
+
+    def update(self, *a, **kw):
+        changed = real(self, *a, **kw)
+        after.append(dict(step=self.steps, counts=list(self.counts)))
+        return changed
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sw.SparseMask, "update", update)
+        d = run_ok(smoke(base / "run", data_dir, *FBPLUS))
+    (base / "updates.json").write_text(json.dumps(after))
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -2249,8 +2455,11 @@ def check_common(d: Path, mode: str, epochs: int):
         counts = {n: int(m.sum()) for n, m in last["mask"]["masks"].items()}
         assert summary["inference_flops"] == sw.forward_flops(per_weight, counts)
         assert summary["final_density"] == sum(counts.values()) / sum(p.numel() for p in sw.prunable(net).values())
-        for n, m in last["mask"]["masks"].items():  # masked weights are zero in the saved model
+        state = last["optimizer"]["state"]  # indexed like net.parameters()
+        index = {n: i for i, (n, _) in enumerate(net.named_parameters())}
+        for n, m in last["mask"]["masks"].items():  # masked weights and their momentum are zero
             assert m.shape == last["model"][n].shape and not last["model"][n][~m].any()
+            assert not state[index[n]]["momentum_buffer"][~m].any(), n
     return recs, summary, last, per_weight
 
 
@@ -2320,6 +2529,7 @@ def test_fbplus_end_to_end(fbplus_run):
     recs, s, last, per_weight = check_common(fbplus_run, "dynamic+", 3)
     net, shapes, counts, target = smoke_igq()
     ups = last["run"]["updates"]
+    assert s["updates"] == ups  # the summary carries every update's counts
     steps = update_steps(3, N_TRAIN // 64, 2, 3)
     assert [u["step"] for u in ups] == steps == [2, 4, 6, 9, 12]
     # FB+ needs window + 1 = 2 epochs of history: events only in the third epoch, both kinds
@@ -2337,13 +2547,56 @@ def test_fbplus_end_to_end(fbplus_run):
     dens = [r["density"] for r in recs]
     assert dens[0] == dens[1] == target and dens[2] == ups[-1]["density"] < target
     assert s["final_density"] == dens[2] and all(b <= a for a, b in zip(dens, dens[1:]))
-    # FLOPs: before any event the per-layer counts are IGQ's; afterwards cheaper steps
-    fwd0 = sw.forward_flops(per_weight, dict(zip(sw.prunable(net), counts)))
-    for e in (1, 2):
-        assert recs[e - 1]["train_flops"] == (2 * K + 3) * fwd0 * N_TRAIN * e
-    assert recs[2]["train_flops"] - recs[1]["train_flops"] < (2 * K + 3) * fwd0 * N_TRAIN
-    assert s["train_flops_paper"] * (2 * K + 3) == s["train_flops"] * 3 * (K + 1)
-    assert s["inference_flops"] < fwd0
+    # the history FB+ decides on: gap = train RA - val RA and the val adversarial loss of every epoch
+    assert last["method"]["gaps"] == [r["train_ra"] - r["val_ra"] for r in recs]
+    assert last["method"]["losses"] == [r["val_adv_loss"] for r in recs]
+    check_fbplus_decisions(recs, ups, events, start=0, window=1, threshold=0)
+    # FLOPs, exactly: each step is charged with the counts in force while it ran, those left by the
+    # last topology update before it (an update after a step changes the cost of the next steps only)
+    names = list(sw.prunable(net))
+    after = {u["step"]: dict(zip(names, u["counts"])) for u in
+             json.loads((fbplus_run.parent / "updates.json").read_text())}
+    assert list(after) == steps
+    before = dict(zip(names, counts))  # each update's counts follow the released rule, layer by layer
+    for u in ups:
+        p, drops, grows = u["death_rate"], 0, 0
+        for n, shape in zip(names, shapes):
+            c, size = before[n], math.prod(shape)
+            k = math.ceil(p * c) if c < size else 0  # a full layer is left alone
+            drop = min(k + math.ceil(p * u["extra_prune"] * c), c) if k else 0
+            grow = min(k + math.ceil(u["extra_growth"] * k), size - c + drop) if k else 0
+            assert after[u["step"]][n] == c - drop + grow, (u, n)
+            drops, grows = drops + drop, grows + grow
+        assert (u["pruned"], u["grown"]) == (drops, grows)
+        before = after[u["step"]]
+    in_force, actual, paper, per_epoch = dict(zip(names, counts)), 0, 0, []
+    for step in range(1, 3 * N_TRAIN // 64 + 1):
+        fwd = sw.forward_flops(per_weight, in_force)
+        actual, paper = actual + (2 * K + 3) * fwd * 64, paper + 3 * (K + 1) * fwd * 64
+        in_force = after.get(step, in_force)
+        if step % (N_TRAIN // 64) == 0:
+            per_epoch.append((actual, paper))
+    assert [(r["train_flops"], r["train_flops_paper"]) for r in recs] == per_epoch
+    fwd0 = sw.forward_flops(per_weight, dict(zip(names, counts)))
+    assert recs[0]["train_flops"] == (2 * K + 3) * fwd0 * N_TRAIN  # IGQ's counts until the first event
+    assert s["inference_flops"] == sw.forward_flops(per_weight, after[steps[-1]]) < fwd0
+
+
+def check_fbplus_decisions(recs, updates, events, *, start, window, threshold):
+    """Every topology update of an FB+ run pruned / grew extra exactly when the rule says so for the
+    history recorded before its epoch (gap = train RA - val RA, val adversarial loss), and the events
+    are those updates."""
+    gaps = [r["train_ra"] - r["val_ra"] for r in recs]
+    losses = [r["val_adv_loss"] for r in recs]
+    fired = []
+    for u in updates:
+        e = u["epoch"]
+        want = sw.fbplus_decision(gaps[:e], losses[:e], window=window, threshold=threshold) if e >= start else (
+            False, False)
+        assert (u["extra_prune"] > 0, u["extra_growth"] > 0) == want, u
+        if any(want):
+            fired.append(dict(epoch=e, step=u["step"], prune=want[0], grow=want[1]))
+    assert events == fired
 
 
 def test_static_end_to_end(static_run):
@@ -2352,7 +2605,13 @@ def test_static_end_to_end(static_run):
     total = sum(p.numel() for p in sw.prunable(net).values())
     # no early bird in 2 epochs (queue of 5): stage 1 stops at --eb-max-epochs 2
     assert s["ticket_epochs"] == 2 and len(s["early_bird_distances"]) == 2
-    assert s["early_bird_distances"][0] == 1.0 and 0 <= s["early_bird_distances"][1] <= 1
+    # each epoch's conv mask keeps exactly round(d x conv weights); the distance is theirs, and they moved
+    convs = sum(p.numel() for p in sw.prunable(net).values() if p.dim() >= 3)
+    early = last["method"]["early"]
+    assert len(early["masks"]) == 2 and all(sum(int(m.sum()) for m in e.values()) == round(0.2 * convs)
+                                             for e in early["masks"])
+    assert s["early_bird_distances"] == early["distances"] == [1.0, sw.mask_distance(*early["masks"][::-1])]
+    assert s["early_bird_distances"][1] > 0
     # global magnitude ticket: exactly round(d * total) weights over conv + linear
     target = round(0.2 * total) / total
     assert s["final_density"] == target and all(r["density"] == target for r in recs)
@@ -2362,6 +2621,9 @@ def test_static_end_to_end(static_run):
     fwd = s["inference_flops"]
     for e, r in enumerate(recs, 1):
         assert r["train_flops"] == s["ticket_flops"] + (2 * K + 3) * fwd * N_TRAIN * e
+    # the ratio to dense AT: all FLOPs (stage 1 too) over dense AT of the AT images only (paper convention)
+    assert s["train_flops_dense_ratio"] == s["train_flops_paper"] / (3 * (K + 1) * s["inference_flops_dense"]
+                                                                     * N_TRAIN * 2)
     assert s["inference_ratio"] == fwd / s["inference_flops_dense"] < 1
     # the ticket mask stays fixed: never-active weights stay out, ITOP = density
     assert all(r["itop"] == target for r in recs)
@@ -2374,6 +2636,52 @@ def test_training_loss_falls(tmp_path, data_dir):
     losses = [r["train_loss"] for r in recs]
     assert losses[-1] < losses[0] - 0.1, losses
     assert s["train_flops_paper"] * 5 == s["train_flops"] * 6  # PGD-1: 3 x 2 vs 2 + 3
+
+
+def test_train_reads_the_right_split_for_each_use(tmp_path, data_dir, monkeypatch):
+    """train() with evaluate() scripted per split: every record holds what its split returned, best.pt is
+    the first epoch of highest *validation* RA, RA best / final are that epoch's and the last epoch's test
+    RA, the robust gap is measured on training images, and FB+ records gap = train RA - val RA and the val
+    adversarial loss (not the clean one)."""
+    data = sw.load_fashion_mnist(str(data_dir))
+    images = {"val": data["val"][0][:32], "test": data["test"][0][:32], "gap": data["train"][0][:48]}
+    ra = {"val": [10.0, 30.0, 30.0], "test": [50.0, 20.0, 40.0], "gap": [77.0]}
+    calls = []
+
+    def scripted(model, batches, **kw):
+        split = next(k for k, x in images.items() if torch.equal(batches.x.cpu(), x))
+        i = calls.count(split)
+        calls.append(split)
+        return dict(sa=ra[split][i] + 1, ra=ra[split][i], loss=1.0 + i, adv_loss=2.0 - i / 4)
+    monkeypatch.setattr(sw, "evaluate", scripted)
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic+", "--epochs", 3, "--train-subset", 64,
+                     "--train-steps", 1, "--eval-subset", 32, "--gap-subset", 48))
+    recs, s = read_run(d)
+    assert calls == ["val", "test"] * 3 + ["gap"]
+    assert [(r["val_ra"], r["val_sa"], r["val_adv_loss"]) for r in recs] == [(v, v + 1, 2.0 - i / 4) for i, v in
+                                                                             enumerate(ra["val"])]
+    assert [(r["test_ra"], r["test_sa"]) for r in recs] == [(t, t + 1) for t in ra["test"]]
+    assert s["best_epoch"] == 2 and load_ck(d / "best.pt")["epoch"] == 2 and load_ck(d / "best.pt")["val_ra"] == 30
+    assert (s["ra_best"], s["sa_best"], s["ra_final"]) == (20.0, 21.0, 40.0)
+    assert (s["train_ra_final"], s["robust_gap"]) == (77.0, 37.0)
+    method = load_ck(d / "last.pt")["method"]
+    assert method["gaps"] == [r["train_ra"] - v for r, v in zip(recs, ra["val"])]
+    assert method["losses"] == [2.0, 1.75, 1.5]
+
+
+def test_train_and_eval_attacks_use_their_own_budgets(tmp_path, data_dir, monkeypatch):
+    """--train-eps / --train-alpha / --train-steps reach the training attack (model in train mode) and
+    --test-eps / --test-steps the evaluation attack (eval mode, step eps / 4), each and only each."""
+    seen, real = set(), sw.pgd
+
+    def spy(model, x, y, *, eps, alpha, steps, **kw):
+        seen.add((model.training, round(eps * 255, 9), round(alpha * 255, 9), steps))
+        return real(model, x, y, eps=eps, alpha=alpha, steps=steps, **kw)
+    monkeypatch.setattr(sw, "pgd", spy)
+    run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64,
+                 "--eval-subset", 32, "--gap-subset", 32, "--train-eps", 16, "--train-alpha", 5, "--train-steps", 1,
+                 "--test-eps", 4, "--test-steps", 3))
+    assert seen == {(True, 16.0, 5.0, 1), (False, 4.0, 1.0, 3)}
 
 
 def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
@@ -2776,14 +3084,18 @@ def test_checkpoint_every_bounds_the_loss_of_a_kill(capsys, tmp_path, data_dir, 
 
 
 def test_sigterm_from_outside_stops_the_cli_with_143(tmp_path, data_dir):
-    proc = subprocess.Popen([sys.executable, "sparse_win.py", *smoke(tmp_path / "run", data_dir, "--mode", "dense",
-                                                                     "--epochs", 200, "--train-subset", 64)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    # unbuffered: a pipe makes the child's stdout block-buffered, and the "epoch 1" line would arrive
+    # (and the signal be sent) only when some 50 epochs had filled the buffer
+    proc = subprocess.Popen([sys.executable, "-u", "sparse_win.py", *smoke(tmp_path / "run", data_dir, "--mode",
+                                                                           "dense", "--epochs", 200,
+                                                                           "--train-subset", 64)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(ONE_THREAD, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:  # wait for the first finished epoch
         if line.startswith("epoch   1/"):
             break
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     assert len(err.splitlines()) == 1 and "stopped by SIGTERM" in err and "--resume" in err
     ck = load_ck(tmp_path / "run" / "last.pt")
@@ -2978,7 +3290,7 @@ QUICK = ["--eval-subset", 64, "--eval-steps", 2, "--restarts", 2, "--aa-iters", 
 
 @pytest.mark.parametrize("which, mode", [("dense_run", "dense"), ("static_run", "static"), ("dynamic_run", "dynamic"),
                                          ("fbplus_run", "dynamic+")])
-def test_eval_each_mode(request, tmp_path, capsys, which, mode):
+def test_eval_each_mode(request, tmp_path, capsys, data_dir, which, mode):
     d = copy_run(request.getfixturevalue(which), tmp_path / "run")
     before = snapshot(d)
     recs, summary = read_run(d)
@@ -2993,9 +3305,13 @@ def test_eval_each_mode(request, tmp_path, capsys, which, mode):
     assert r["density"] == density and r["masked_weights_zero"] is True and r["nonzero_density"] <= density
     assert r["examples"] == 64 and r["split"] == "test" and r["eps"] == 0.1 and r["alpha"] == 0.025
     assert r["sa"] == recs[r["epoch"] - 1]["test_sa"]  # same split, subset and batches as the training record
-    assert r["pgd"]["steps"] == 2 and r["pgd"]["restarts"] == 2 and 0 <= r["pgd"]["ra"] <= r["sa"]
+    assert r["pgd"]["steps"] == 2 and r["pgd"]["restarts"] == 2
+    ex = eval_reference(sw.load_model(d), data_dir)  # robust: clean and every restart right, per example
+    assert (r["sa"], r["pgd"]["ra"]) == (pct(ex["clean"]), pct(ex["clean"] & ex["robust"]))
     assert r["autoattack"]["version"] == "standard" and r["autoattack"]["iters"] == 1
-    assert 0 <= r["autoattack"]["ra"] <= r["sa"]
+    x, y = (t[:64] for t in sw.load_fashion_mnist(str(data_dir))["test"])  # AutoAttack is seeded: recomputed
+    aa = sw.autoattack_eval(sw.load_model(d), x.float() / 255, y, eps=0.1, iters=1, batch_size=256, seed=0)
+    assert r["autoattack"]["ra"] == 100 * sum(aa["robust"]) / 64 and r["autoattack"]["flags"] == aa["flags"]
     assert all(set(c) >= {"ok", "detail"} for c in r["checks"].values())
     assert r["checks"]["eps0_equals_clean"]["ok"] is True
     assert f"| best.pt (epoch {r['epoch']}) | test | 64 | {density:.4f} | {r['sa']:.2f} |" in out
@@ -3056,6 +3372,20 @@ def test_eval_warns_in_one_line_per_failed_check(tmp_path, monkeypatch, capsys, 
     assert "unbounded_ra_zero" in failed(r["checks"])
     row = next(line for line in out if line.startswith("| best.pt"))
     assert row.endswith(f"| failed: {', '.join(k for k, c in r['checks'].items() if c['ok'] is False)} |")
+
+
+def test_eval_counts_robust_only_when_clean_is_right(tmp_path, monkeypatch, data_dir, dense_run, tiny_fmnist):
+    """--eval's PGD RA counts an example robust when it is right on the clean input and after every
+    restart (as AutoAttack counts). Here PGD meets a reversed gradient that leads it to the right class,
+    so some examples wrong on the clean input come out right after the attack: they must not count."""
+    d = copy_run(dense_run, tmp_path / "run")
+    model = Masked(tiny_fmnist[0], "reversed").eval()
+    monkeypatch.setattr(sw, "model_from_checkpoint", lambda ck, cfg, path: (model, None))
+    assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
+    r = eval_json(d)
+    ex = eval_reference(model, data_dir)
+    assert (ex["robust"] & ~ex["clean"]).any()
+    assert (r["sa"], r["pgd"]["ra"]) == (pct(ex["clean"]), pct(ex["clean"] & ex["robust"]))
 
 
 def test_eval_resumes_where_it_stopped(tmp_path, monkeypatch, capsys, dense_run):
@@ -3285,13 +3615,6 @@ def test_eval_on_cuda_matches_cpu(tmp_path, dense_run):
 # ----------------------------------------------------------------------------- 13. torchrun (DDP) on the CPU
 # Two gloo processes on this machine stand in for two GPUs: the same code path as NCCL on CUDA.
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def eval_shards(world: int, rank: int, all_reduce=None) -> dict:
     """Sharded evaluation of a fixed model on 100 real test images (batches of 33: the last shard is empty)."""
     torch.manual_seed(0)
@@ -3302,14 +3625,16 @@ def eval_shards(world: int, rank: int, all_reduce=None) -> dict:
                        all_reduce=all_reduce)
 
 
-def ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str):
+def ddp_worker(rank: int, world: int, store: str, argv: list[str], out: str):
     """One rank of a torchrun-like job: records its masks after every topology update and its
-    sharded evaluation, then runs the CLI (which finds the process group already joined)."""
+    sharded evaluation, then runs the CLI (which finds the process group already joined).
+
+    The ranks meet through a file (a FileStore), not a TCP port: a port found free, released and
+    bound again later can be taken by another process in between."""
     import torch.distributed as td
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    td.init_process_group("gloo")
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ev = eval_shards(world, rank, sw.Dist().sum_)
     snaps, real = [], sw.SparseMask.update
 
@@ -3322,8 +3647,11 @@ def ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str):
     torch.save(dict(code=code, snaps=snaps, eval=ev), Path(out) / f"rank{rank}.pt")
 
 
-def torchrun(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(ONE_THREAD, **(env_extra or {}))
+def torchrun(args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """sparse_win.py under `torchrun --standalone` with 2 processes. --standalone binds its rendezvous
+    store to port 0 (the system picks a free port and the store keeps it) and the workers join that
+    store, so no port is found free, released and bound again; timeout only guards against a hang."""
+    env = dict(ONE_THREAD, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "sparse_win.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -3334,7 +3662,7 @@ def ddp_run(tmp_path_factory, data_dir):
     """FB+ (3 epochs, topology updates every 2-3 steps) on 2 processes, each rank's masks recorded."""
     base = tmp_path_factory.mktemp("ddp")
     argv = smoke(base / "run", data_dir, *FBPLUS)
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), argv, str(base)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(base / "store"), argv, str(base)), nprocs=2, join=True)
     return base
 
 
@@ -3396,7 +3724,9 @@ def test_torchrun_refuses_a_batch_the_ranks_do_not_divide(tmp_path, data_dir):
 
 
 def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
-    """Rank 1 raises in its 3rd training attack: the job exits non-zero, promptly, with rank 1's message."""
+    """Rank 1 raises in its 3rd training attack: the job exits non-zero with rank 1's message, without
+    waiting for rank 0's collectives to time out (--dist-timeout 600 is longer than torchrun's hang
+    guard: a job that waited for it would time out here instead of failing)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
@@ -3410,12 +3740,9 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
         "            raise RuntimeError('injected failure on rank 1')\n"
         "        return real(*a, **kw)\n"
         "    F.cross_entropy = failing\n")
-    import time
-    t0 = time.time()
-    p = torchrun(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--dist-timeout", 30),
-                 env_extra=dict(PYTHONPATH=str(hook)), timeout=100)
+    p = torchrun(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--dist-timeout", 600),
+                 env_extra=dict(PYTHONPATH=str(hook)))
     assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
-    assert time.time() - t0 < 90
 
 
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
@@ -3438,12 +3765,19 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cpu_demo_learns(tmp_path):
-    """The README's first command (FB+ on Fashion-MNIST): robust accuracy far above chance."""
+    """The README's first command (FB+ with the paper's window 4, threshold 0.5, ratios 0.4 / 0.05, start
+    at half of training, on Fashion-MNIST): robust accuracy far above chance, and every topology update
+    from the start epoch on decided by the rule on the recorded history."""
     assert sw.main(["--preset", "cpu-demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     recs, summary = read_run(tmp_path / "demo")
     assert recs[-1]["train_loss"] < recs[0]["train_loss"]
     assert summary["ra_best"] > 40 and summary["sa_best"] > 60  # chance is 10%
     assert summary["topology_updates"] > 0 and summary["itop_rate"] > summary["final_density"]
+    cfg = sw.parse_args(["--preset", "cpu-demo"])
+    updates = load_ck(tmp_path / "demo" / "last.pt")["run"]["updates"]
+    assert any(u["epoch"] > cfg.fbplus_window for u in updates)  # a decision with a full window
+    check_fbplus_decisions(recs, updates, summary["fbplus_events"], start=cfg.fbplus_start_epoch,
+                           window=cfg.fbplus_window, threshold=cfg.fbplus_threshold)
 
 
 @pytest.mark.slow

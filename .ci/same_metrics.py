@@ -5,7 +5,8 @@
 Extracts `git show REV:sparse_win.py` into a temp dir, runs `--preset smoke` of each mode (and
 Flying Bird+ with its adaptive rule firing) with that file and with the working tree's, one
 thread each on the CPU, and compares the runs' metrics.jsonl record by record with the
-wall-clock field "time" removed, and summary.json without "wall_seconds". Prints one line per
+wall-clock field "time" removed, and the fields of summary.json that both versions write (a field
+only one writes is named, not counted as a difference) without "wall_seconds". Prints one line per
 run and exits 1 on any difference. Fashion-MNIST comes from Debian's dataset-fashion-mnist.
 """
 from __future__ import annotations
@@ -84,11 +85,14 @@ def main(rev: str = "HEAD", jobs: int = 2) -> int:
                    (("old", tmp / "old"), ("new", HERE)) if errors[(name, which, code)]]
             if not bad:
                 old, new = (records(tmp / which / "runs" / name.replace(" ", "-")) for which in ("old", "new"))
+                shared = set(old[1]) & set(new[1])
                 diff = first_difference(old[0], new[0], "metrics.jsonl ")
-                diff = diff or first_difference(old[1], new[1], "summary.json ")
+                diff = diff or first_difference(*({k: s[k] for k in shared} for s in (old[1], new[1])), "summary.json ")
                 bad = [diff] if diff else []
+                only = sorted(set(old[1]) ^ set(new[1]))
                 if not bad:
-                    print(f"same   {name}: {len(old[0])} epochs of metrics.jsonl and summary.json equal (time aside)")
+                    print(f"same   {name}: {len(old[0])} epochs of metrics.jsonl and summary.json equal (time aside)"
+                          + (f"; summary fields in one version only: {', '.join(only)}" if only else ""))
             for b in bad:
                 print(f"DIFFER {name}: {b}")
             failed |= bool(bad)
