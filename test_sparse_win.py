@@ -1158,6 +1158,17 @@ def test_robust_bird_masks_weights_and_momentum():
     assert rb.mask.steps == 3
 
 
+def test_early_bird_records_every_conv_kind():
+    """EarlyBird.record masks conv weights of any rank (Conv1d, transposed); linear and attention stay out
+    (the models of the FLOPs tests below)."""
+    for which, convs in [("signal", {"down.weight", "up.weight"}), ("vit", {"conv_proj.weight"}),
+                         ("volume", {"conv.weight", "up.weight", "up2d.weight"})]:
+        eb = sw.EarlyBird(density=0.3, queue=2)
+        eb.record(FLOP_MODELS[which][0]())
+        assert set(eb.masks[-1]) == convs
+        assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
+
+
 # ----------------------------------------------------------------------------- 10. Flying Bird: the cosine death rate
 
 @settings(max_examples=30, deadline=None)
@@ -1584,16 +1595,6 @@ def test_sparse_mask_exact_counts_beyond_cnns(which, density, alloc, seed, growt
             assert not params[n].detach()[~mask.masks[n]].any() and not momentum(opt, params[n])[~mask.masks[n]].any()
     for n, c in zip(mask.names, counts0):  # every layer that is not dense changed its topology
         assert (int(mask.ever_active[n].sum()) > ever0[n]) == (c < params[n].numel())
-
-
-def test_early_bird_records_every_conv_kind():
-    """EarlyBird.record masks conv weights of any rank (Conv1d, transposed); linear and attention stay out."""
-    for which, convs in [("signal", {"down.weight", "up.weight"}), ("vit", {"conv_proj.weight"}),
-                         ("volume", {"conv.weight", "up.weight", "up2d.weight"})]:
-        eb = sw.EarlyBird(density=0.3, queue=2)
-        eb.record(FLOP_MODELS[which][0]())
-        assert set(eb.masks[-1]) == convs
-        assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
 
 
 @settings(max_examples=20, deadline=None)
