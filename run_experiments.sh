@@ -183,7 +183,7 @@ if [ "$TASK" = study ]; then
     read -r mode s seed <<< "$item"
     [ -f "$OUT/$mode-s$s/seed$seed/summary.json" ] || { echo "not finished: $OUT/$mode-s$s/seed$seed" >&2; failed=1; }
   done
-  "$PYTHON" -c 'import sys, sparse_win as sw; sw.study_report(sys.argv[1], sys.argv[2])' "$OUT" "$REPORT"
+  "$PYTHON" results/study_report.py --study "$OUT" "$REPORT" || failed=1
   echo "report in $REPORT/table.md"
   exit "$failed"
 fi

@@ -15,11 +15,17 @@ Symbols, as in the paper:  eps (attack budget), alpha (attack step size), K (att
 d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update interval,
 900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
 
-Sections, in the order the data flows:
-    config -> data -> models -> attack (pgd, fgsm_rs, evaluate) -> masks (SparseMask) -> early bird
-    (EarlyBird) -> FLOPs (model_flops, FlopLedger) -> methods (Dense, RobustBird, FlyingBird,
-    FlyingBirdPlus) -> distributed (torchrun) -> train -> report
-    -> evaluate a checkpoint (load_model, autoattack_eval, masking_checks, evaluate_checkpoint) -> main
+Two parts. Part one is the library: torch only, and nothing in it refers to anything below it.
+    errors and constants -> models (build_model) -> attack (pgd, fgsm_rs, evaluate) -> masks (SparseMask)
+    -> the methods in the paper's order, each with its machinery beside it: Method, Dense; Robust Bird
+    (Sec. 3.1: EarlyBird, RobustBird); Flying Bird (Sec. 3.2: cosine_death_rate, FlyingBird); Flying
+    Bird+ (fbplus_decision, FlyingBirdPlus) -> FLOPs (model_flops, FlopLedger) -> data on the device
+    (augment, Batches) -> robust evaluation (autoattack_eval, masking_checks)
+Cut at the line "# === program": the file down to it is the whole library, to copy into your project.
+Part two is the program, in the order the data flows:
+    config (Config, validate) -> data (loaders) -> the configured run (model_for, method_for) -> distributed
+    (Dist) -> run directory and checkpoints -> train (Trainer, train) -> report -> evaluate a checkpoint
+    (load_model, evaluate_checkpoint) -> benchmark -> main
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
@@ -30,398 +36,23 @@ Import:  from sparse_win import SparseMask, FlyingBird, pgd, evaluate, model_flo
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import errno
-import io
-import hashlib
-import importlib.util
-import json
 import math
-import os
-import signal
-import sys
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- config
 
-MODES = ("dense", "static", "dynamic", "dynamic+")
-TRAIN_ATTACKS = ("pgd", "fgsm-rs")
-EVAL_ATTACKS = ("pgd", "autoattack", "all")
-AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
-ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")
-ALLOCATIONS = ("igq", "erk", "uniform")
-
+# ----------------------------------------------------------------------------- errors and constants
 
 class SparseWinError(ValueError):
-    """Bad input: the CLI prints it as one line and exits with status 2."""
+    """Bad input (an unknown name, a mismatched state, a missing package): the CLI prints it as one line
+    and exits with status 2."""
 
 
-# Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
-DIVERGED, DESYNC, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 74, 130, 143  # 74 EX_IOERR; 128 + SIGINT/SIGTERM
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (diverged, disk full, preempted); `code` is the exit status."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class Config:
-    """Every option of a run. The CLI is generated from these fields (--field-name)."""
-    preset: str = opt("", "start from a preset (cpu-demo, smoke); explicit flags override it")
-    dataset: str = opt("cifar10", "cifar10 | cifar100 | tiny-imagenet | fashion-mnist")
-    data_dir: str = opt("./data", "where datasets live (torchvision layout; Tiny-ImageNet: official layout)")
-    download: bool = opt(True, "download CIFAR / Fashion-MNIST through torchvision when missing")
-    arch: str = opt("resnet18", "resnet18 | preact_resnet18 | vgg16 | wrn (WideResNet)")
-    width: float = opt(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)")
-    wrn_depth: int = opt(34, "WideResNet depth (6n+4)")
-    wrn_widen: int = opt(10, "WideResNet widen factor")
-    mode: str = opt("dense", "dense | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)")
-    sparsity: float = opt(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1)")
-    allocation: str = opt("igq", "layer-wise density for FB/FB+: igq (released default) | erk | uniform")
-    growth: str = opt("random", "FB regrowth: random (released default) | gradient (RigL-style)")
-    death_rate: float = opt(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
-    death_rate_final: float = opt(0.005, "p at the last step")
-    update_interval: int = opt(900, "T: steps between topology updates in the first half of training")
-    update_interval_late: int = opt(1200, "T in the second half of training")
-    fbplus_start: int = opt(-1, "FB+: first epoch of adaptive pruning/growth (-1 = epochs // 2)")
-    fbplus_window: int = opt(4, "FB+: number of consecutive differences looked at")
-    fbplus_prune: float = opt(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
-    fbplus_grow: float = opt(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
-    fbplus_threshold: float = opt(0.5, "FB+: fraction of the window that must agree")
-    eb_threshold: float = opt(0.08, "RB: mask distance below which the early bird has emerged")
-    eb_queue: int = opt(5, "RB: FIFO length of recent ticket masks")
-    eb_max_epochs: int = opt(50, "RB: cap on stage-1 (standard training) epochs")
-    epochs: int = opt(200, "adversarial training epochs")
-    batch_size: int = opt(128, "minibatch size")
-    lr: float = opt(0.1, "SGD learning rate")
-    milestones: tuple = opt((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
-                                "Bird's AT stage 50 150, as released)", nargs="+", type=int)
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "SGD weight decay")
-    norm: str = opt("linf", "attack norm: linf | l2")
-    train_eps: float = opt(-1.0, "training eps in 1/255 units (-1 = dataset default: 8, Fashion-MNIST 25.5)")
-    train_alpha: float = opt(-1.0, "training step size in 1/255 units (-1 = eps / 4)")
-    train_steps: int = opt(10, "training PGD steps K (PGD-10)")
-    test_eps: float = opt(-1.0, "evaluation eps in 1/255 units (-1 = train eps)")
-    test_alpha: float = opt(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
-    test_steps: int = opt(20, "evaluation PGD steps (PGD-20)")
-    train_subset: int = opt(0, "use only the first N training images (0 = all)")
-    augment: bool = opt(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
-                              "--no-augment trains on the images as they are")
-    eval_every: int = opt(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
-                             "evaluated epochs, FB+ looks at their history")
-    eval_subset: int = opt(0, "evaluate on the first N val/test images (0 = all)")
-    gap_subset: int = opt(5000, "training images for the final robust generalization gap (0 = all)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    seed: int = opt(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
-    out: str = opt("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
-    resume: bool = opt(False, "continue the run in --out from its last.pt")
-    stop_after_epoch: int = opt(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
-    checkpoint_every: int = opt(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
-                                   "at epoch ends only)")
-    amp: bool | None = opt(None, "bf16 autocast", switch="on for CUDA, off for CPU")
-    compile: bool = opt(False, "torch.compile the model")
-    sync_bn: bool = opt(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
-    dist_timeout: int = opt(600, "torchrun: seconds a collective waits for the other ranks before the job fails")
-    channels_last: bool | None = opt(None, "channels_last memory format", switch="on for CUDA, off for CPU")
-    progress: bool = opt(True, "progress bar within each epoch (tqdm)")
-    benchmark: bool = opt(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
-    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
-    train_attack: str = opt("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
-                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
-    ticket_attack: str = opt("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
-    eval: str = opt("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
-    split: str = opt("test", "--eval: test | val | train (the run's training images, in eval mode, no "
-                             "augmentation: for the robust gap)")
-    eval_steps: int = opt(50, "--eval: PGD steps")
-    restarts: int = opt(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
-    attack: str = opt("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
-    aa_version: str = opt("standard", "--eval: AutoAttack version: standard | rand | plus")
-    aa_iters: int = opt(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
-                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
-    check_subset: int = opt(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
-    force: bool = opt(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
-    final_eval: str = opt("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
-
-    @property
-    def density(self) -> float:
-        return 1.0 - self.sparsity
-
-    def eps(self, train: bool) -> tuple[float, float]:
-        """(eps, alpha) in pixel units for the training or evaluation attack."""
-        eps = self.train_eps if self.train_eps > 0 else DATASETS[self.dataset]["eps"]
-        alpha = self.train_alpha
-        if not train:
-            eps, alpha = (self.test_eps if self.test_eps > 0 else eps), self.test_alpha
-        alpha = alpha if alpha > 0 else eps / 4
-        return eps / 255, alpha / 255
-
-    @property
-    def fbplus_start_epoch(self) -> int:
-        return self.fbplus_start if self.fbplus_start >= 0 else self.epochs // 2
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.dataset}-{self.mode}-s{self.sparsity:g}-seed{self.seed}")
-
-
-PRESETS = {
-    # Fashion-MNIST, 16-channel ResNet-18, PGD-5: every part of FB+ in a few minutes on 2 cores.
-    "cpu-demo": dict(dataset="fashion-mnist", width=0.25, mode="dynamic+", sparsity=0.8, epochs=6,
-                     milestones=(4, 5), train_steps=5, test_steps=10, train_subset=3000,
-                     eval_subset=500, gap_subset=500, update_interval=20, update_interval_late=25,
-                     eb_max_epochs=3, batch_size=128, lr=0.05),
-    # A few steps of everything, for run_experiments.sh --smoke and the tests.
-    "smoke": dict(dataset="fashion-mnist", width=0.0625, epochs=2, milestones=(1,), train_steps=2,
-                  test_steps=2, train_subset=256, eval_subset=64, gap_subset=64, update_interval=2,
-                  update_interval_late=3, eb_max_epochs=2, batch_size=64, progress=False),
-}
-
-
-def need(ok: bool, msg: str):
-    if not ok:
-        raise SparseWinError(msg)
-
-
-def validate(cfg: Config) -> Config:
-    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
-    need(cfg.mode in MODES, f"unknown mode {cfg.mode!r}; choose from {', '.join(MODES)}")
-    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
-    need(cfg.allocation in ALLOCATIONS, f"unknown allocation {cfg.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-    need(cfg.growth in ("random", "gradient"), f"unknown growth {cfg.growth!r}; choose random or gradient")
-    need(cfg.norm in ("linf", "l2"), f"unknown norm {cfg.norm!r}; choose linf or l2")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}; choose auto, cpu or cuda")
-    need(0 <= cfg.sparsity < 1, f"--sparsity must be in [0, 1), got {cfg.sparsity}")
-    need(cfg.width > 0, f"--width must be positive, got {cfg.width}")
-    need(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
-    need(cfg.update_interval > 0 and cfg.update_interval_late > 0, "update intervals must be positive")
-    need(cfg.train_steps >= 0 and cfg.test_steps >= 0, "attack steps must be >= 0")
-    need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
-    need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
-    need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
-    need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
-    need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
-    need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
-    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
-    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
-         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
-    need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
-    need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
-    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
-    need(cfg.aa_version in ("standard", "rand", "plus"),
-         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
-    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
-    need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
-    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
-    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
-    if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
-        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
-    if cfg.device == "cuda":
-        need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
-    need(not cfg.sync_bn or resolve_device(cfg.device).type == "cuda",
-         "--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's number of processes
-    need(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
-                                      f"number of processes, {world}")
-    return cfg
-
-
-# ----------------------------------------------------------------------------- data
-
-DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
-    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
-                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
-    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
-                          mean=(0.2860,), std=(0.3530,)),
-}
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def split_last(x, y, n_val):
-    """(train, val): the last n_val examples are validation (CIFAR: last 5,000 of 50,000)."""
-    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
-
-
-def load_cifar(name: str, root: str, download: bool = False):
-    """CIFAR-10/100 as uint8 (N, 3, 32, 32) tensors: train 45,000 / val 5,000 / test 10,000."""
-    from torchvision import datasets
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        parts = [cls(root, train=t, download=download) for t in (True, False)]
-    except Exception as e:  # offline download failure, missing or corrupt files
-        folder = Path(root) / cls.base_folder
-        files = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
-        why = (str(e).splitlines() or [""])[0][:80]
-        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {why}); "
-                             f"put the python-version files ({files}) there, or run online with --download")
-    (x, y), (xt, yt) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
-                         torch.tensor(d.targets, dtype=torch.long)) for d in parts]
-    train, val = split_last(x, y, len(x) // 10)
-    return dict(train=train, val=val, test=(xt, yt))
-
-
-def _read_idx(path) -> torch.Tensor:
-    """An IDX file (MNIST format, optionally gzipped) as a uint8 tensor."""
-    import gzip
-    data = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
-
-
-def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBIAN_FASHION_MNIST):
-    """Fashion-MNIST (N, 1, 28, 28): train 54,000 / val 6,000 / test 10,000.
-
-    Looks in root (torchvision layout), then in Debian's dataset-fashion-mnist package, then
-    downloads through torchvision.
-    """
-    names = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
-    for folder in (Path(root) / "FashionMNIST" / "raw", Path(debian_dir)):
-        paths = {(s, k): next((p for p in (folder / (names[s].format(k, n)),
-                                           folder / (names[s].format(k, n) + ".gz")) if p.exists()), None)
-                 for s in names for k, n in (("images", 3), ("labels", 1))}
-        if all(paths.values()):
-            xs = {s: _read_idx(paths[s, "images"]).unsqueeze(1) for s in names}
-            ys = {s: _read_idx(paths[s, "labels"]).long() for s in names}
-            train, val = split_last(xs["train"], ys["train"], len(ys["train"]) // 10)
-            return dict(train=train, val=val, test=(xs["test"], ys["test"]))
-    if download:
-        from torchvision import datasets
-        try:
-            for t in (True, False):
-                datasets.FashionMNIST(root, train=t, download=True)
-        except Exception as e:
-            raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}, and the "
-                                 f"download failed ({type(e).__name__}); install Debian's dataset-fashion-mnist "
-                                 f"or put the four IDX files in {root}/FashionMNIST/raw")
-        return load_fashion_mnist(root, download=False, debian_dir=debian_dir)
-    raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}; install "
-                         f"Debian's dataset-fashion-mnist or put the four IDX files there")
-
-
-def load_tiny_imagenet(root: str):
-    """Tiny-ImageNet from its official layout: train 90,000 / val 10,000 (fixed permutation) / test 10,000.
-
-    root (or root/tiny-imagenet-200) holds train/<wnid>/images/*.JPEG and
-    val/images/*.JPEG with val/val_annotations.txt; the official val set is our test set.
-    """
-    from PIL import Image
-    base = next((b for b in (Path(root) / "tiny-imagenet-200", Path(root)) if (b / "train").is_dir()), None)
-    if base is None or not (base / "val" / "val_annotations.txt").exists():
-        raise SparseWinError(f"tiny-imagenet not found in {root}: put the official tiny-imagenet-200 folder "
-                             f"there (train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt)")
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    label = {w: i for i, w in enumerate(wnids)}
-
-    def read(paths):
-        return torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
-                            .view(64, 64, 3).permute(2, 0, 1) for p in paths])
-    train = [(p, label[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
-    ann = [line.split("\t")[:2] for line in (base / "val" / "val_annotations.txt").read_text().splitlines() if line]
-    test = [(base / "val" / "images" / f, label[w]) for f, w in ann]
-    x, y = read([p for p, _ in train]), torch.tensor([c for _, c in train])
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed, seed-independent split
-    x, y = x[perm], y[perm]
-    train_split, val = split_last(x, y, len(x) // 10)
-    return dict(train=train_split, val=val, test=(read([p for p, _ in test]), torch.tensor([c for _, c in test])))
-
-
-def load_data(cfg: Config) -> dict:
-    """{'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return load_cifar(cfg.dataset, cfg.data_dir, cfg.download)
-    if cfg.dataset == "tiny-imagenet":
-        return load_tiny_imagenet(cfg.data_dir)
-    return load_fashion_mnist(cfg.data_dir, cfg.download)
-
-
-def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
-    B, C, H, W = x.shape
-    dev = x.device
-    if pad:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
-        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
-                   rows, cols]
-    if flip:
-        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
-    if rotate:
-        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
-        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
-                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
-        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
-                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
-    return x
-
-
-class Batches:
-    """Minibatches of a uint8 dataset held on one device; order and augmentation drawn there.
-
-    No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
-    step never waits on host workers.
-
-    Under torchrun, batch_size is the global batch: every rank draws the same order and
-    augmentation for all of it and keeps its shard, rows lo:hi (self.rows = (lo, hi, n) of the
-    batch in flight), so the draws do not depend on the number of ranks. drop_small: skip a last
-    batch with fewer examples than ranks (training; every rank must take a step).
-    """
-
-    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
-                 drop_small=False):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
-        self.rank, self.world, self.drop_small = rank, world, drop_small
-        self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
-        self.rows = None
-
-    def __len__(self):
-        n, b = len(self.y), self.batch_size
-        small = self.drop_small and 0 < n % b < self.world
-        return n // b + (n % b > 0) - small
-
-    def __iter__(self):
-        return self.epoch()
-
-    def epoch(self, order: torch.Tensor | None = None, start: int = 0):
-        """One epoch from batch `start` on; `order` resumes an epoch whose permutation was drawn before."""
-        n, dev = len(self.y), self.y.device
-        if self.shuffle and order is None:
-            order = torch.randperm(n, device=dev, generator=self.generator)
-        self.order = order
-        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
-            x = self.x[idx].float().div_(255)
-            if self.augmentation is not None:
-                x = augment(x, **self.augmentation, generator=self.generator)
-            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
-            lo = self.rank * q + min(self.rank, r)
-            hi = lo + q + (self.rank < r)
-            self.rows = (lo, hi, len(x))
-            yield x[lo:hi], self.y[idx][lo:hi]
+ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")  # build_model
+ALLOCATIONS = ("igq", "erk", "uniform")  # layer-wise density: layer_densities, SparseMask
+AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
 
 
 # ----------------------------------------------------------------------------- models
@@ -512,7 +143,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 cout = max(1, round(v * width))
-                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]  # bias, as released
+                conv = nn.Conv2d(cin, cout, 3, padding=1)  # with a bias, as released
+                layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
@@ -739,12 +371,6 @@ def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq"
     return counts
 
 
-def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: float = 0.005) -> float:
-    """Death rate p (Sec. 3.2): cosine decay from `initial` at step 0 to `final` at total_steps."""
-    t = min(max(step, 0), total_steps) / max(total_steps, 1)
-    return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * t))
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """A 1-D *view* of t in memory order: contiguous, channels_last(_3d), any dense layout of any rank.
 
@@ -945,24 +571,90 @@ class SparseMask:
         self._refresh()
 
 
-def fbplus_decision(gaps: list[float], losses: list[float], *, window: int = 4,
-                    threshold: float = 0.5) -> tuple[bool, bool]:
-    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth) from per-epoch histories.
+# ----------------------------------------------------------------------------- methods
 
-    Extra pruning when at least threshold * window of the last `window` differences of the
-    robust gap (train RA - val RA) are increases; extra growth when at least as many of the
-    val adversarial loss's differences are not decreases. Too short a history: neither.
+class Method:
+    """What the four methods share: the interface that train() (or your own loop) calls at fixed points,
+    and the answers about the model as it is now, whether a mask exists or not.
+
+        start(model, total_steps=, epochs=)   once, after the model is built and placed
+        pretraining                           True while a stage before AT runs (Robust Bird's ticket)
+        pretrain_epochs                       the number of such epochs run so far
+        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh
+        after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
+                                              update (returned as a record, else None)
+        end_epoch(train_ra, val)              after every AT epoch's validation
+        density, itop_rate(), layer_counts(), forward_flops(per_weight, constant)
+                                              the model now (dense: 1.0, 1.0, every weight, the dense count)
+        mask (a SparseMask; None while dense), summary(), state_dict(), load_state_dict()
     """
-    def count(h, rising):
-        if len(h) < window + 1:
-            return -1
-        tail = h[-window - 1:]
-        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:]))
-    need = threshold * window
-    return count(gaps, True) >= need, count(losses, False) >= need
+    name = "method"
+    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
+
+    def __init__(self):
+        self.mask: SparseMask | None = None
+        self.model: nn.Module | None = None
+        self.pretraining = False
+
+    def start(self, model: nn.Module, *, total_steps: int, epochs: int):
+        self.model = model
+
+    @property
+    def pretrain_epochs(self) -> int:
+        return 0
+
+    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
+        return False
+
+    def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
+        if self.mask is not None:
+            self.mask.step(optimizer)  # masked weights and their momentum back to zero
+        return None
+
+    def end_epoch(self, train_ra: float, val: dict):
+        pass
+
+    # -- the model as it is now
+    @property
+    def density(self) -> float:
+        """Fraction of the prunable weights that are active (1.0 while dense)."""
+        return self.mask.density if self.mask is not None else 1.0
+
+    def itop_rate(self) -> float:
+        """Fraction of the prunable weights ever active (SparseMask.itop_rate; 1.0 while dense)."""
+        return self.mask.itop_rate() if self.mask is not None else 1.0
+
+    def layer_counts(self) -> dict[str, int]:
+        """Active weights per prunable layer (every weight while dense)."""
+        if self.mask is not None:
+            return self.mask.layer_counts()
+        return {n: p.numel() for n, p in prunable(self.model).items()}
+
+    def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:
+        """Forward FLOPs per image now, from model_flops' (per_weight, constant)."""
+        return forward_flops(per_weight, self.layer_counts(), constant)
+
+    # -- records and checkpoints
+    def summary(self) -> dict:
+        return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
+
+    def state_dict(self) -> dict:
+        return dict(mask=self.mask.state_dict() if self.mask is not None else None, pretraining=self.pretraining)
+
+    def load_state_dict(self, state: dict):
+        self.pretraining = state["pretraining"]
+        if state["mask"] is not None:
+            if self.mask is None:  # adopted after start(): Robust Bird's ticket
+                self.mask = SparseMask(self.model, masks=state["mask"]["masks"])
+            self.mask.load_state_dict(state["mask"])
 
 
-# ----------------------------------------------------------------------------- early bird
+class Dense(Method):
+    """Dense PGD adversarial training (Madry et al. 2018): the baseline rows of Table 1."""
+    name = "dense AT"
+
+
+# ----------------------------------------------------------------------------- Robust Bird (Sec. 3.1)
 
 def magnitude_mask(weights: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """Global magnitude pruning: keep exactly round(density * total) largest |w| over all layers."""
@@ -1013,6 +705,163 @@ class EarlyBird:
 
     def load_state_dict(self, state: dict):
         self.masks, self.distances = list(state["masks"]), list(state["distances"])
+
+
+class RobustBird(Method):
+    """Robust Bird (Sec. 3.1): an early-bird ticket found by cheap *standard* training, then AT of
+    that fixed sparse subnetwork.
+
+    Stage 1 trains the dense model without an attack and, after every epoch, records the global
+    magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
+    is within `threshold` (0.08, normalized Hamming) of each older one, or after `max_epochs`,
+    the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
+    start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
+    """
+    name = "Robust Bird"
+    milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
+
+    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, max_epochs: int = 50):
+        super().__init__()
+        self.early = EarlyBird(density=density, queue=queue, threshold=threshold)
+        self.max_epochs, self.ticket_epochs, self.pretraining = max_epochs, 0, True
+
+    def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
+        self.ticket_epochs += 1
+        emerged = self.early.record(model)
+        log(f"ticket epoch {self.ticket_epochs:3d} loss {loss:.4f} acc {acc:5.2f} "
+            f"mask distance {self.early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
+        if not (emerged or self.ticket_epochs >= self.max_epochs):
+            return False
+        self.mask = SparseMask(model, masks=self.early.ticket(model))  # prune; the weights stay
+        self.pretraining = False
+        return True
+
+    def summary(self) -> dict:
+        return dict(ticket_epochs=self.ticket_epochs, fbplus_events=[], early_bird_distances=self.early.distances)
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), early=self.early.state_dict(), ticket_epochs=self.ticket_epochs)
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.early.load_state_dict(state["early"])
+        self.ticket_epochs = state["ticket_epochs"]
+
+    @property
+    def pretrain_epochs(self) -> int:
+        return self.ticket_epochs
+
+
+# ----------------------------------------------------------------------------- Flying Bird (Sec. 3.2)
+
+def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: float = 0.005) -> float:
+    """Death rate p (Sec. 3.2): cosine decay from `initial` at step 0 to `final` at total_steps."""
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * t))
+
+
+class FlyingBird(Method):
+    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
+
+    A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
+    steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
+    ceil(p * nnz) smallest |w| and regrows as many among all positions then inactive (random, or by
+    |grad| as RigL); p decays on a cosine from 0.5 to 0.005 over all steps. Regrown weights and their
+    momentum start at zero.
+    """
+    name = "Flying Bird"
+
+    def __init__(self, *, density: float = 0.2, allocation: str = "igq", growth: str = "random", seed: int = 0,
+                 death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
+                 interval_late: int = 1200):
+        super().__init__()
+        self.target_density, self.allocation, self.growth, self.seed = density, allocation, growth, seed
+        self.death_rate, self.death_rate_final = death_rate, death_rate_final
+        self.interval, self.interval_late = interval, interval_late
+
+    def start(self, model, *, total_steps, epochs):
+        super().start(model, total_steps=total_steps, epochs=epochs)
+        self.mask = SparseMask(model, density=self.target_density, allocation=self.allocation, seed=self.seed)
+        self.total_steps, self.late_epoch = total_steps, epochs // 2
+
+    def decide(self, epoch: int, step: int) -> dict:
+        """update() keyword arguments for the topology update at this step: none for FB (FB+ adds some)."""
+        return {}
+
+    def after_step(self, optimizer, epoch) -> dict | None:
+        self.mask.step(optimizer)
+        interval = self.interval_late if epoch >= self.late_epoch else self.interval  # released: T 900, then 1200
+        if self.mask.steps % interval:
+            return None
+        p = cosine_death_rate(self.mask.steps, self.total_steps, self.death_rate, self.death_rate_final)
+        extras = self.decide(epoch, self.mask.steps)
+        changed = self.mask.update(p, growth=self.growth, optimizer=optimizer, **extras)
+        return dict(step=self.mask.steps, epoch=epoch, death_rate=p, density=self.mask.density, **changed, **extras)
+
+
+# ----------------------------------------------------------------------------- Flying Bird+ (Sec. 3.2)
+
+def fbplus_decision(gaps: list[float], losses: list[float], *, window: int = 4,
+                    threshold: float = 0.5) -> tuple[bool, bool]:
+    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth) from per-epoch histories.
+
+    Extra pruning when at least threshold * window of the last `window` differences of the
+    robust gap (train RA - val RA) are increases; extra growth when at least as many of the
+    val adversarial loss's differences are not decreases. Too short a history: neither.
+    """
+    def count(h, rising):
+        if len(h) < window + 1:
+            return -1
+        tail = h[-window - 1:]
+        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:]))
+    enough = threshold * window
+    return count(gaps, True) >= enough, count(losses, False) >= enough
+
+
+class FlyingBirdPlus(FlyingBird):
+    """Flying Bird+ (Sec. 3.2): Flying Bird whose sparsity adapts from `start_epoch` (half of training).
+
+    After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
+    topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
+    least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
+    k + ceil(growth_ratio * k) instead of k = ceil(p * nnz) (the normal prune count, as released) when the
+    val adversarial loss did not fall in as many.
+    """
+    name = "Flying Bird+"
+
+    def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5, prune_ratio: float = 0.4,
+                 growth_ratio: float = 0.05, **flying_bird):
+        super().__init__(**flying_bird)
+        self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
+        self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
+        self.gaps: list[float] = []
+        self.losses: list[float] = []
+        self.events: list[dict] = []
+
+    def record(self, gap: float, val_adv_loss: float):
+        self.gaps.append(gap)
+        self.losses.append(val_adv_loss)
+
+    def end_epoch(self, train_ra, val):
+        self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
+
+    def decide(self, epoch: int, step: int) -> dict:
+        """FB+'s extra pruning and growth for this topology update (fbplus_decision); fired events are recorded."""
+        prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
+                       if epoch >= self.start_epoch else (False, False))
+        if prune or grow:
+            self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
+        return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
+
+    def summary(self) -> dict:
+        return dict(super().summary(), fbplus_events=self.events)
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), gaps=self.gaps, losses=self.losses, events=self.events)
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.gaps, self.losses, self.events = list(state["gaps"]), list(state["losses"]), list(state["events"])
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -1117,891 +966,78 @@ class FlopLedger:
         self.__dict__.update(state)
 
 
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- data on the device
 
-class Dense:
-    """Dense PGD adversarial training (Madry et al. 2018): the baseline rows of Table 1.
-
-    The four methods share one interface, which train() (or your own loop) calls at fixed points:
-        start(model, total_steps=, epochs=)   once, after the model is built and placed
-        pretraining                           True while a stage before AT runs (Robust Bird's ticket)
-        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh
-        after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
-                                              update (returned as a record, else None)
-        end_epoch(train_ra, val)              after every AT epoch's validation
-        mask, summary(), state_dict(), load_state_dict()
-    """
-    name = "dense AT"
-    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
-
-    def __init__(self):
-        self.mask: SparseMask | None = None
-        self.pretraining = False
-
-    def start(self, model: nn.Module, *, total_steps: int, epochs: int):
-        self.model = model
-
-    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
-        return False
-
-    def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
-        if self.mask is not None:
-            self.mask.step(optimizer)  # masked weights and their momentum back to zero
-        return None
-
-    def end_epoch(self, train_ra: float, val: dict):
-        pass
-
-    def summary(self) -> dict:
-        return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
-
-    def state_dict(self) -> dict:
-        return dict(mask=self.mask.state_dict() if self.mask else None, pretraining=self.pretraining)
-
-    def load_state_dict(self, state: dict):
-        self.pretraining = state["pretraining"]
-        if state["mask"] is not None:
-            if self.mask is None:  # adopted after start(): Robust Bird's ticket
-                self.mask = SparseMask(self.model, masks=state["mask"]["masks"])
-            self.mask.load_state_dict(state["mask"])
+def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
+    B, C, H, W = x.shape
+    dev = x.device
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
+        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
+                   rows, cols]
+    if flip:
+        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
+    if rotate:
+        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
+        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
+                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
+                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
+    return x
 
 
-class RobustBird(Dense):
-    """Robust Bird (Sec. 3.1): an early-bird ticket found by cheap *standard* training, then AT of
-    that fixed sparse subnetwork.
+class Batches:
+    """Minibatches of a uint8 dataset held on one device; order and augmentation drawn there.
 
-    Stage 1 trains the dense model without an attack and, after every epoch, records the global
-    magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
-    is within `threshold` (0.08, normalized Hamming) of each older one, or after `max_epochs`,
-    the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
-    start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
-    """
-    name = "Robust Bird"
-    milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
+    No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
+    step never waits on host workers.
 
-    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, max_epochs: int = 50):
-        super().__init__()
-        self.early = EarlyBird(density=density, queue=queue, threshold=threshold)
-        self.max_epochs, self.ticket_epochs, self.pretraining = max_epochs, 0, True
-
-    def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
-        self.ticket_epochs += 1
-        emerged = self.early.record(model)
-        log(f"ticket epoch {self.ticket_epochs:3d} loss {loss:.4f} acc {acc:5.2f} "
-            f"mask distance {self.early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
-        if not (emerged or self.ticket_epochs >= self.max_epochs):
-            return False
-        self.mask = SparseMask(model, masks=self.early.ticket(model))  # prune; the weights stay
-        self.pretraining = False
-        return True
-
-    def summary(self) -> dict:
-        return dict(ticket_epochs=self.ticket_epochs, fbplus_events=[], early_bird_distances=self.early.distances)
-
-    def state_dict(self) -> dict:
-        return dict(super().state_dict(), early=self.early.state_dict(), ticket_epochs=self.ticket_epochs)
-
-    def load_state_dict(self, state: dict):
-        super().load_state_dict(state)
-        self.early.load_state_dict(state["early"])
-        self.ticket_epochs = state["ticket_epochs"]
-
-
-class FlyingBird(Dense):
-    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
-
-    A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
-    steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
-    ceil(p * nnz) smallest |w| and regrows as many among all positions then inactive (random, or by
-    |grad| as RigL); p decays on a cosine from 0.5 to 0.005 over all steps. Regrown weights and their
-    momentum start at zero.
-    """
-    name = "Flying Bird"
-
-    def __init__(self, *, density: float = 0.2, allocation: str = "igq", growth: str = "random", seed: int = 0,
-                 death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
-                 interval_late: int = 1200):
-        super().__init__()
-        self.density, self.allocation, self.growth, self.seed = density, allocation, growth, seed
-        self.death_rate, self.death_rate_final = death_rate, death_rate_final
-        self.interval, self.interval_late = interval, interval_late
-
-    def start(self, model, *, total_steps, epochs):
-        super().start(model, total_steps=total_steps, epochs=epochs)
-        self.mask = SparseMask(model, density=self.density, allocation=self.allocation, seed=self.seed)
-        self.total_steps, self.late_epoch = total_steps, epochs // 2
-
-    def extra(self, epoch: int, step: int) -> dict:
-        """More pruning / growth for this update (Flying Bird+); none for FB."""
-        return {}
-
-    def after_step(self, optimizer, epoch) -> dict | None:
-        self.mask.step(optimizer)
-        interval = self.interval_late if epoch >= self.late_epoch else self.interval  # released: T 900, then 1200
-        if self.mask.steps % interval:
-            return None
-        p = cosine_death_rate(self.mask.steps, self.total_steps, self.death_rate, self.death_rate_final)
-        extra = self.extra(epoch, self.mask.steps)
-        changed = self.mask.update(p, growth=self.growth, optimizer=optimizer, **extra)
-        return dict(step=self.mask.steps, epoch=epoch, death_rate=p, density=self.mask.density, **changed, **extra)
-
-
-class FlyingBirdPlus(FlyingBird):
-    """Flying Bird+ (Sec. 3.2): Flying Bird whose sparsity adapts from `start_epoch` (half of training).
-
-    After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
-    topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
-    least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
-    k + ceil(growth_ratio * k) instead of k = ceil(p * nnz) (the normal prune count, as released) when the
-    val adversarial loss did not fall in as many.
-    """
-    name = "Flying Bird+"
-
-    def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5, prune_ratio: float = 0.4,
-                 growth_ratio: float = 0.05, **flying_bird):
-        super().__init__(**flying_bird)
-        self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
-        self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
-        self.gaps: list[float] = []
-        self.losses: list[float] = []
-        self.events: list[dict] = []
-
-    def record(self, gap: float, val_adv_loss: float):
-        self.gaps.append(gap)
-        self.losses.append(val_adv_loss)
-
-    def end_epoch(self, train_ra, val):
-        self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
-
-    def decide(self, epoch: int, step: int) -> dict:
-        """update() keyword arguments for this topology update; fired events are recorded."""
-        prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
-                       if epoch >= self.start_epoch else (False, False))
-        if prune or grow:
-            self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
-        return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
-
-    extra = decide
-
-    def summary(self) -> dict:
-        return dict(super().summary(), fbplus_events=self.events)
-
-    def state_dict(self) -> dict:
-        return dict(super().state_dict(), gaps=self.gaps, losses=self.losses, events=self.events)
-
-    def load_state_dict(self, state: dict):
-        super().load_state_dict(state)
-        self.gaps, self.losses, self.events = list(state["gaps"]), list(state["losses"]), list(state["events"])
-
-
-def method_for(cfg: Config) -> Dense:
-    """The configured method (--mode), with its constants from the config."""
-    if cfg.mode == "static":
-        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold,
-                          max_epochs=cfg.eb_max_epochs)
-    if cfg.mode in ("dynamic", "dynamic+"):
-        fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
-                  death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
-                  interval_late=cfg.update_interval_late)
-        if cfg.mode == "dynamic":
-            return FlyingBird(**fb)
-        return FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
-                              threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
-                              growth_ratio=cfg.fbplus_grow, **fb)
-    return Dense()
-
-
-# ----------------------------------------------------------------------------- distributed (torchrun)
-
-class Dist:
-    """This process's place in a torchrun job, and the few collectives train() needs.
-
-    One process is the same code with world = 1 and every collective a no-op. Under torchrun
-    (`torchrun --nproc_per_node=N sparse_win.py ...`) main() joins the process group (NCCL on
-    CUDA, gloo on CPU) with a timeout, so that a rank that dies or hangs fails the job instead
-    of blocking it.
+    Under torchrun, batch_size is the global batch: every rank draws the same order and
+    augmentation for all of it and keeps its shard, rows lo:hi (self.rows = (lo, hi, n) of the
+    batch in flight), so the draws do not depend on the number of ranks. drop_small: skip a last
+    batch with fewer examples than ranks (training; every rank must take a step).
     """
 
-    def __init__(self):
-        import torch.distributed as td
-        self.td = td
-        self.on = td.is_available() and td.is_initialized()
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
-        self.main = self.rank == 0
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            self.td.all_reduce(t)
-        return t
-
-    def any(self, flags: list[bool], device) -> list[bool]:
-        """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
-        if not self.on:
-            return [bool(f) for f in flags]
-        t = torch.tensor(flags, dtype=torch.float32, device=device)
-        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
-    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.on:
-            self.td.broadcast(t, src)
-        return t
-
-    def share_masks(self, mask: SparseMask):
-        """Rank 0's masks on every rank, the weights masked again."""
-        if not self.on:
-            return
-        for name in mask.names:
-            m = mask.masks[name].to(torch.uint8)
-            mask.masks[name].copy_(self.broadcast_(m).bool())
-        mask._refresh()
-        mask.apply()
-
-    def check_masks(self, mask: SparseMask, where: str):
-        """Stop the run when the masks differ between ranks (a checksum all-reduce)."""
-        if not self.on:
-            return
-        dev = next(iter(mask.masks.values())).device
-        sums = torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
-                            for i, m in enumerate(mask.masks.values())]).sum()
-        both = torch.stack([sums, -sums]).to(dev)
-        self.td.all_reduce(both, op=self.td.ReduceOp.MAX)  # max and -min of the checksums
-        if both[0] != -both[1]:
-            raise RunError(f"the masks differ between ranks after the topology update at {where}; "
-                           f"stopping (rank {self.rank})", DESYNC)
-
-    def agree(self, flag: bool, device, what: str) -> bool:
-        """flag, checked to be the same on every rank (a mismatch stops the run)."""
-        if self.on:
-            t = torch.tensor([float(flag), -float(flag)], device=device)
-            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-            if t[0] != -t[1]:
-                raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
-        return flag
-
-    def share_buffers(self, net: nn.Module):
-        """Rank 0's buffers (BatchNorm statistics) on every rank."""
-        for b in net.buffers():
-            self.broadcast_(b)
-
-    def barrier(self):
-        if self.on:
-            self.td.barrier()
-
-
-def init_distributed(cfg: Config):
-    """Join the torchrun job named by the environment (WORLD_SIZE > 1), once per process."""
-    import datetime
-    import torch.distributed as td
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
-        return
-    cuda = resolve_device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-
-
-# ----------------------------------------------------------------------------- train
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
-def _finite(obj):
-    """obj with every non-finite float replaced by None (JSON null), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def strict_json(obj, **kw) -> str:
-    """JSON that strict readers (jq, JavaScript, pyarrow) accept: NaN and Infinity are written as null."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
-
-
-def write_atomic(path: Path, data: bytes):
-    """Write path.tmp, fsync, rename over path: the old file stays whole until the new one is.
-
-    An OSError (disk full, no permission, I/O error) removes the .tmp and becomes one line (exit 74).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise _io_error(path, e) from None
-
-
-def _io_error(path: Path, e: OSError) -> RunError:
-    why = f"{e.strerror or e}" + (f" [{errno.errorcode[e.errno]}]" if e.errno in errno.errorcode else "")
-    again = "rerun with --resume" if (path.parent / "last.pt").exists() else "run the same command again"
-    return RunError(f"cannot write {path}: {why}; its previous version is intact: fix that and {again}", IO_ERROR)
-
-
-def atomic_save(obj, path: Path):
-    """torch.save into memory, then write_atomic: a crash or a full disk leaves the old file intact."""
-    buf = io.BytesIO()
-    try:
-        torch.save(obj, buf)
-    except OSError as e:
-        raise _io_error(path, e) from None
-    write_atomic(path, buf.getvalue())
-
-
-def write_text_atomic(path: Path, text: str):
-    write_atomic(path, text.encode())
-
-
-RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
-               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
-               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
-               "final_eval"}  # may differ between a run and its resume
-
-
-def check_run_dir(cfg: Config) -> Path:
-    """Refuse early, before anything is created: never overwrite a previous run without --resume."""
-    d = cfg.run_dir
-    if cfg.resume and not (d / "last.pt").exists():
-        raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
-    if not cfg.resume and (d / "last.pt").exists():
-        raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
-    parent = next(p for p in [d, *d.parents] if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SparseWinError(f"cannot write to run directory {d}: {parent} is not a writable directory")
-    return d
-
-
-def make_run_dir(d: Path) -> Path:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
-    return d
-
-
-def model_for(cfg: Config) -> nn.Module:
-    """The configured architecture, sized for the configured dataset."""
-    info = DATASETS[cfg.dataset]
-    return build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                       mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
-
-
-class StopRequest:
-    """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
-    after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __call__(self, signum, frame):
-        if signum == signal.SIGINT and self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __enter__(self):
-        import threading  # signal handlers can only be set from the main thread
-        main_thread = threading.current_thread() is threading.main_thread()
-        self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
-class RunLock:
-    """One training process per run directory: an exclusive OS lock (flock) on <run>/.lock, held for
-    the run's lifetime. The kernel drops it when the process ends, killed or not, so no stale lock
-    survives a crash; the file itself (the holder's pid) is ignored by git."""
-
-    def __init__(self):
-        self.fd = None
-
-    def acquire(self, run_dir: Path):
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock
-            return
-        path = run_dir / ".lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SparseWinError(f"{run_dir} is in use by another training process (pid {holder}); wait for it "
-                                 f"to end or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
-
-
-def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
-    """Run one experiment end to end; returns the summary (also written to summary.json).
-
-    Under torchrun every rank runs this; rank 0 alone logs, writes files and holds the run's lock.
-    """
-    lock = RunLock()
-    try:
-        return _train(cfg, log, stop, lock)
-    finally:
-        lock.release()
-
-
-def _train(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> dict:
-    validate(cfg)
-    method = method_for(cfg)
-    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones)  # recorded as used
-    dist = Dist()
-    log = log if dist.main else (lambda *a, **k: None)
-    run_dir = check_run_dir(cfg)
-    device = resolve_device(cfg.device)
-    cuda = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
-    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
-    refused = None
-    if dist.main:
-        try:
-            lock.acquire(make_run_dir(run_dir))  # a second process on this directory stops here (exit 2)
-        except SparseWinError as e:
-            refused = e
-    if dist.any([refused is not None], device)[0]:  # every rank stops, not only rank 0
-        raise refused or SparseWinError(f"rank 0 could not take {run_dir}; see its message")
-    net = model_for(cfg).to(device)
-    per_weight, unowned = model_flops(net, tuple(data["train"][0].shape[1:]))
-    dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
-    amp = cuda if cfg.amp is None else cfg.amp  # the fast path: on by default on CUDA, on request on CPU
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
-    net, core, model = fast_path(cfg, net, cuda, dist)
-
-    # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    train_batches, eval_batches = batches_for(cfg, data, gen, dist)
-    (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
-    attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
-    test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm, generator=gen,
-                       all_reduce=dist.sum_)  # evaluation attacks: fp32 always (evaluate_examples)
-
-    optimizer, scheduler = sgd(cfg, net)
-    ledger = FlopLedger()
-    method.start(net, total_steps=cfg.epochs * len(train_batches), epochs=cfg.epochs)
-    # partial: the epoch in progress when last.pt was written mid-epoch (order, batches done, running sums)
-    run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
-               partial=None, world=dist.world)
-    config = dataclasses.asdict(cfg)
-
-    def checkpoint() -> dict:
-        return dict(config=config, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), method=method.state_dict(),
-                    mask=method.mask.state_dict() if method.mask else None, ledger=ledger.state_dict(), run=run,
-                    generator=gen.get_state(), torch_rng=torch.get_rng_state())
-
-    def save(obj, name):
-        if dist.main:
-            atomic_save(obj, run_dir / name)
-
-    if cfg.resume:
-        ck = load_checkpoint(run_dir / "last.pt", config, dist.world)
-        restore(ck, net=net, method=method, optimizer=optimizer, scheduler=scheduler, ledger=ledger, generator=gen)
-        run = {"partial": None, **ck["run"]}
-        log(f"resumed {run_dir} at epoch {run['epoch']}" + (f", step {run['partial']['step']}" if run["partial"]
-                                                              else ""))
-    if method.mask is not None:
-        dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
-    if dist.main:
-        write_metrics(run_dir, run["history"])
-        write_text_atomic(run_dir / "config.json", strict_json(config, indent=1))
-
-    def where(step: int) -> str:
-        epoch = f"ticket epoch {method.ticket_epochs + 1}" if method.pretraining else f"epoch {run['epoch'] + 1}"
-        return f"{epoch}, step {step}/{len(train_batches)}"
-
-    def run_epoch(kind: str, desc: str) -> tuple[float, float]:
-        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
-        Resumes run["partial"], if any: the same permutation, the remaining batches, the running sums."""
-        attack_steps = attack_cost(kind, cfg.train_steps)  # what the ledger charges per example
-        model.train()
-        part = run["partial"] or {}
-        sums = torch.zeros(3, device=device)  # loss sum, correct, n: this rank's, summed at the end
-        if part and dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
-            sums += part["sums"].to(device)
-        start = part.get("step", 0)
-        fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
-        bar = _progress(len(train_batches), desc, cfg.progress and dist.main)
-        bar.update(start)
-        order = part["order"].to(device) if part.get("order") is not None else None
-        for i, (x, y) in enumerate(train_batches.epoch(order, start), start + 1):
-            with autocast():
-                x = perturb(core, x, y, kind=kind, **attack, rows=train_batches.rows)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            stopping, bad = dist.any([stop is not None and stop.signal is not None, not torch.isfinite(loss)],
-                                     device)  # one sync per step: every rank takes the same branch
-            if bad:  # stop before the bad step touches the weights
-                raise diverged(loss.item(), where(i), (run_dir / "last.pt").exists(), cfg.lr, amp)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ledger.charge(train_batches.rows[2], fwd, attack_steps)  # global images
-            sums[:2] += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
-            sums[2] += len(y)
-            update = method.after_step(optimizer, run["epoch"])
-            if update is not None:
-                dist.check_masks(method.mask, where(i))
-                run["updates"].append(update)
-                fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned)
-            bar.update(1)
-            if stopping or (cfg.checkpoint_every and ledger.steps % cfg.checkpoint_every == 0):
-                order = train_batches.order
-                run["partial"] = dict(step=i, sums=dist.sum_(sums.clone()).cpu(),
-                                      order=None if order is None else order.cpu())
-                run["wall"] = time.time() - t0
-                save(checkpoint(), "last.pt")
-                run["partial"] = None
-            if stopping:
-                raise stopped(stop, where(i))
-        bar.close()
-        run["partial"] = None
-        loss_sum, correct, n = dist.sum_(sums).tolist()
-        return loss_sum / n, 100 * correct / n
-
-    t0 = time.time() - run["wall"]
-    while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
-        loss, acc = run_epoch(cfg.ticket_attack, "stage 1")
-        dist.share_buffers(net)
-        adopted = method.end_pretrain_epoch(net, loss, acc, log)  # rank 0's weights = every rank's (DDP)
-        if dist.agree(adopted, device, "the early-bird decision"):  # the ticket is adopted: AT starts afresh
-            dist.share_masks(method.mask)
-            run["ticket_flops"], run["ticket_images"] = ledger.actual, ledger.images
-            optimizer, scheduler = sgd(cfg, net)
-        run["wall"] = time.time() - t0
-        save(checkpoint(), "last.pt")
-
-    while run["epoch"] < cfg.epochs:
-        if cfg.stop_after_epoch and run["epoch"] >= cfg.stop_after_epoch:
-            log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
-            return dict(stopped_at=run["epoch"])
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_ra = run_epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
-        scheduler.step()
-        dist.share_buffers(net)  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
-        run["epoch"] += 1
-        evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
-        none = dict(sa=None, ra=None, adv_loss=None)
-        val, test = ((evaluate(core, eval_batches[s], **test_attack) for s in ("val", "test")) if evaluated
-                     else (none, none))
-        if evaluated:
-            method.end_epoch(train_ra, val)
-        mask = method.mask
-        run["history"].append(dict(
-            epoch=run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"], val_ra=val["ra"],
-            val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
-            density=mask.density if mask else 1.0, train_flops=ledger.actual, train_flops_paper=ledger.paper,
-            itop=mask.itop_rate() if mask else 1.0, time=time.time() - t0))
-        if dist.main:
-            write_metrics(run_dir, run["history"])
-        log(epoch_line(run["history"][-1], cfg.epochs))
-        run["wall"] = time.time() - t0
-        if evaluated and val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
-            run["best_val_ra"], run["best_epoch"] = val["ra"], run["epoch"]
-            save(dict(config=config, model=net.state_dict(), mask=mask.state_dict() if mask else None,
-                      epoch=run["epoch"], val_ra=val["ra"]), "best.pt")
-        save(checkpoint(), "last.pt")
-
-    # Robust generalization gap of the final model: train RA (eval mode, no augmentation) - test RA
-    train_final = evaluate(core, eval_batches["gap"], **test_attack)
-    final_fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned) if method.mask else dense_fwd
-    summary = summarize(cfg, run, ledger, train_final["ra"], dense_fwd, final_fwd, method)
-    if dist.main:
-        summary.update(final_eval(cfg, run_dir, log))  # --final-eval autoattack: AA of best.pt and last.pt
-        write_text_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
-        plot_curves(run["history"], summary["fbplus_events"], run_dir / "curves.png", log)
-    log(format_table([summary]))
-    return summary
-
-
-def write_metrics(run_dir: Path, history: list[dict]):
-    """metrics.jsonl, one strict-JSON record per epoch; the whole file atomically (an append cut short
-    by a full disk would leave half a record)."""
-    write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
-
-
-def stopped(stop: StopRequest | None, where: str) -> RunError:
-    name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"  # another rank's
-    return RunError(f"stopped by {name} at {where}; last.pt holds this step: continue with the same command and "
-                    f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
-
-
-def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) -> RunError:
-    kept = "last.pt and best.pt hold the last good checkpoint" if checkpointed else "no checkpoint had been written yet"
-    return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
-                    + (" or --no-amp" if amp else ""), DIVERGED)
-
-
-def epoch_line(r: dict, epochs: int) -> str:
-    evaluation = (f" | val SA {r['val_sa']:5.2f} RA {r['val_ra']:5.2f} | test SA {r['test_sa']:5.2f} RA "
-                  f"{r['test_ra']:5.2f}" if r["val_ra"] is not None else " | (not evaluated: --eval-every)")
-    return (f"epoch {r['epoch']:3d}/{epochs} lr {r['lr']:.4f} loss {r['train_loss']:.4f} train RA {r['train_ra']:5.2f}"
-            f"{evaluation} | density {r['density']:.4f} | {r['time']:.0f}s")
-
-
-def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
-    """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
-    info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
-    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
-    train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
-                    drop_small=True, **shard)
-    data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
-    return train, {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test", "gap")}
-
-
-def sgd(cfg: Config, net: nn.Module):
-    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
-    (cfg.milestones: train() has put the method's default there when --milestones was not given)."""
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=0.1)
-
-
-def subsets(cfg: Config, data: dict) -> dict:
-    """The first --train-subset / --eval-subset images of each split (0 = all)."""
-    n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
-    return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
-
-
-def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core
-    compiled if asked, for attacks and evaluation (no gradient sync); model for the update step,
-    DistributedDataParallel under torchrun (it all-reduces the gradients)."""
-    if cuda if cfg.channels_last is None else cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if cfg.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    core = torch.compile(net) if cfg.compile else net
-    if not dist.on:
-        return net, core, core
-    import inspect
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # BN buffers: rank 0's are broadcast once per epoch (Dist.share_buffers), not at every forward of the attack
-    quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters  # torch >= 2.14 renames the option
-    ddp = DDP(net, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
-    return net, core, torch.compile(ddp) if cfg.compile else ddp
-
-
-def restore(ck: dict, *, net, method, optimizer, scheduler, ledger, generator):
-    """Load last.pt's state into a freshly built run (train --resume)."""
-    net.load_state_dict(ck["model"])
-    method.load_state_dict(ck["method"])
-    optimizer.load_state_dict(ck["optimizer"])
-    for p, state in optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
-        for k, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                state[k] = torch.empty_like(p).copy_(v)
-    scheduler.load_state_dict(ck["scheduler"])
-    ledger.load_state_dict(ck["ledger"])
-    generator.set_state(ck["generator"])
-    torch.set_rng_state(ck["torch_rng"])
-
-
-def load_checkpoint(path: Path, config: dict, world: int) -> dict:
-    """last.pt of this run, refused with one line when unreadable or written with other options.
-    Read like every checkpoint: weights only (read_checkpoint), so a last.pt from elsewhere runs no code."""
-    ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
-    if not {"run", "method", "optimizer"} <= set(ck):
-        raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
-    defaults = dataclasses.asdict(Config())  # an option newer than the checkpoint: its default was in force
-    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]]
-    if changed:
-        k = changed[0]
-        raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
-                             f"{config[k]!r}); resume with the same options")
-    if ck["run"].get("world", 1) != world:
-        raise SparseWinError(f"{path} was written by {ck['run'].get('world', 1)} processes, now {world}: resume "
-                             f"with the same number (the data shards and RNG streams depend on it)")
-    return ck
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar when tqdm is installed and wanted, else a stand-in that does nothing."""
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
-    except ImportError:
-        class Null:
-            update = close = lambda self, *a: None  # noqa: E731
-        return Null()
-
-
-# ----------------------------------------------------------------------------- report
-
-METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
-
-
-def summarize(cfg, run, ledger, train_final_ra, dense_fwd, final_fwd, method: Dense) -> dict:
-    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios."""
-    mask = method.mask
-    h = run["history"]
-    best, final = h[run["best_epoch"] - 1], h[-1]
-    return dict(
-        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
-        best_epoch=run["best_epoch"], epochs=len(h), milestones=list(cfg.milestones),
-        ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
-        sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
-        train_flops=ledger.actual, train_flops_paper=ledger.paper,
-        # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
-        train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
-                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
-        inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
-        robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
-        final_density=mask.density if mask else 1.0, itop_rate=mask.itop_rate() if mask else 1.0,
-        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
-        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
-        **method.summary(),
-        wall_seconds=run["wall"])
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference)."""
-    head = ("| method | RA best | RA final | diff | SA best | SA final | diff | train FLOPs | "
-            "inference FLOPs (x dense) | robust gen. gap | density | ITOP |")
-    aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
-    head += " AA best | AA final |" if aa else ""
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['ra_best']:.2f} | {r['ra_final']:.2f} | {r['ra_diff']:.2f} | "
-                     f"{r['sa_best']:.2f} | {r['sa_final']:.2f} | {r['sa_diff']:.2f} | {r['train_flops']:.3e} | "
-                     f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f}) | {r['robust_gap']:.2f} | "
-                     f"{r['final_density']:.4f} | {r['itop_rate']:.3f} |"
-                     + ("".join(f" {r[k]:.2f} |" if k in r else " - |" for k in ("ra_aa_best", "ra_aa_final"))
-                        if aa else ""))
-    return "\n".join(lines)
-
-
-def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
-    """curves.png: train robust acc, test SA and test RA per epoch; FB+ extra prune/grow marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no curves.png")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train_ra", "train RA"), ("test_sa", "test SA"), ("test_ra", "test RA")):
-        points = [(r["epoch"], r[key]) for r in history if r[key] is not None]  # --eval-every: evaluated epochs
-        ax.plot(*zip(*points), label=label)
-    for i, e in enumerate(events):
-        color = "tab:red" if e["prune"] else "tab:green"
-        ax.axvline(e["epoch"] + 0.5, color=color, ls=":", lw=1,
-                   label=None if i else "FB+ extra prune (red) / grow (green)")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)")
-    ax.legend()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path):
-    """The figure as a PNG, rendered in memory and written with write_atomic; the figure is closed."""
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------- evaluate a checkpoint
-# python sparse_win.py --eval RUN_DIR: clean accuracy, PGD with restarts, AutoAttack (Croce & Hein 2020,
-# the field's standard) and gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial
-# Robustness", Sec. 5), written to eval-<checkpoint>-<options>.json beside the checkpoint.
-
-EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
-
-
-def find_checkpoint(path) -> Path:
-    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
-    p = Path(path)
-    if not p.exists():
-        raise SparseWinError(f"no such checkpoint or run directory: {p}")
-    if p.is_dir():
-        if not (p / "best.pt").is_file():
-            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
-        return p / "best.pt"
-    return p
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A sparse_win checkpoint, read with torch's weights-only unpickler (no code in the file runs)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
-    return ck
-
-
-def config_of(ck: dict, **overrides) -> Config:
-    """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in ck["config"].items() if k in names}
-    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
-
-
-def model_of(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
-    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
-    net = model_for(cfg)
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError:
-        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
-            from None
-    masks = ck["mask"]["masks"] if ck["mask"] else None
-    if masks is not None:
-        weights = prunable(net)
-        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
-            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
-        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
-        if alive:
-            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
-    return net.eval(), masks
-
-
-def load_model(path, *, device="cpu") -> nn.Module:
-    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
-    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
-    RobustBench / torchattacks convention)."""
-    path = find_checkpoint(path)
-    ck = read_checkpoint(path)
-    return model_of(ck, config_of(ck), path)[0].to(device)
-
-
-def density_of(net: nn.Module, masks: dict | None) -> tuple[float, float]:
-    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too."""
-    weights = prunable(net)
-    total = sum(w.numel() for w in weights.values())
-    active = sum(int(m.sum()) for m in masks.values()) if masks else total
-    return active / total, sum(int(w.count_nonzero()) for w in weights.values()) / total
-
+    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
+                 drop_small=False):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
+        self.rank, self.world, self.drop_small = rank, world, drop_small
+        self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
+        self.rows = None
+
+    def __len__(self):
+        n, b = len(self.y), self.batch_size
+        small = self.drop_small and 0 < n % b < self.world
+        return n // b + (n % b > 0) - small
+
+    def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0):
+        """One epoch from batch `start` on; `order` resumes an epoch whose permutation was drawn before."""
+        n, dev = len(self.y), self.y.device
+        if self.shuffle and order is None:
+            order = torch.randperm(n, device=dev, generator=self.generator)
+        self.order = order
+        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            x = self.x[idx].float().div_(255)
+            if self.augmentation is not None:
+                x = augment(x, **self.augmentation, generator=self.generator)
+            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
+            lo = self.rank * q + min(self.rank, r)
+            hi = lo + q + (self.rank < r)
+            self.rows = (lo, hi, len(x))
+            yield x[lo:hi], self.y[idx][lo:hi]
+
+
+# ----------------------------------------------------------------------------- robust evaluation
 
 def _import_autoattack():
     """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
@@ -2105,6 +1141,1091 @@ def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: 
         autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
 
 
+# === program: everything above this line is the library (torch only; copy the file down to here to use it)
+# Below, the training program (python sparse_win.py ...), in the order the data flows: config, data, the
+# configured run, distributed, run directory and checkpoints, train, report, evaluate a checkpoint, benchmark, main.
+
+import argparse  # noqa: E402 (the program's imports sit with the program)
+import dataclasses  # noqa: E402
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- config
+
+MODES = ("dense", "static", "dynamic", "dynamic+")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs")
+EVAL_ATTACKS = ("pgd", "autoattack", "all")
+
+
+# Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
+DIVERGED, DESYNC, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 74, 130, 143  # 74 EX_IOERR; 128 + SIGINT/SIGTERM
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (diverged, disk full, preempted); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def option(default, help: str, **kw):
+    """A Config field: its default, its --help text, and any other argparse keywords."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Every option of a run. The CLI is generated from these fields (--field-name)."""
+    preset: str = option("", "start from a preset (cpu-demo, smoke); explicit flags override it")
+    dataset: str = option("cifar10", "cifar10 | cifar100 | tiny-imagenet | fashion-mnist")
+    data_dir: str = option("./data", "where datasets live (torchvision layout; Tiny-ImageNet: official layout)")
+    download: bool = option(True, "download CIFAR / Fashion-MNIST through torchvision when missing")
+    arch: str = option("resnet18", "resnet18 | preact_resnet18 | vgg16 | wrn (WideResNet)")
+    width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)")
+    wrn_depth: int = option(34, "WideResNet depth (6n+4)")
+    wrn_widen: int = option(10, "WideResNet widen factor")
+    mode: str = option("dense", "dense | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)")
+    sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1)")
+    allocation: str = option("igq", "layer-wise density for FB/FB+: igq (released default) | erk | uniform")
+    growth: str = option("random", "FB regrowth: random (released default) | gradient (RigL-style)")
+    death_rate: float = option(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
+    death_rate_final: float = option(0.005, "p at the last step")
+    update_interval: int = option(900, "T: steps between topology updates in the first half of training")
+    update_interval_late: int = option(1200, "T in the second half of training")
+    fbplus_start: int = option(-1, "FB+: first epoch of adaptive pruning/growth (-1 = epochs // 2)")
+    fbplus_window: int = option(4, "FB+: number of consecutive differences looked at")
+    fbplus_prune: float = option(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
+    fbplus_grow: float = option(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
+    fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
+    eb_threshold: float = option(0.08, "RB: mask distance below which the early bird has emerged")
+    eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
+    eb_max_epochs: int = option(50, "RB: cap on stage-1 (standard training) epochs")
+    epochs: int = option(200, "adversarial training epochs")
+    batch_size: int = option(128, "minibatch size")
+    lr: float = option(0.1, "SGD learning rate")
+    milestones: tuple = option((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
+                                "Bird's AT stage 50 150, as released)", nargs="+", type=int)
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    norm: str = option("linf", "attack norm: linf | l2")
+    train_eps: float = option(-1.0, "training eps in 1/255 units (-1 = dataset default: 8, Fashion-MNIST 25.5)")
+    train_alpha: float = option(-1.0, "training step size in 1/255 units (-1 = eps / 4)")
+    train_steps: int = option(10, "training PGD steps K (PGD-10)")
+    test_eps: float = option(-1.0, "evaluation eps in 1/255 units (-1 = train eps)")
+    test_alpha: float = option(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
+    test_steps: int = option(20, "evaluation PGD steps (PGD-20)")
+    train_subset: int = option(0, "use only the first N training images (0 = all)")
+    augment: bool = option(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
+                              "--no-augment trains on the images as they are")
+    eval_every: int = option(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
+                             "evaluated epochs, FB+ looks at their history")
+    eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)")
+    gap_subset: int = option(5000, "training images for the final robust generalization gap (0 = all)")
+    device: str = option("auto", "auto | cpu | cuda")
+    seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
+    out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
+    resume: bool = option(False, "continue the run in --out from its last.pt")
+    stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
+    checkpoint_every: int = option(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
+                                   "at epoch ends only)")
+    amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
+    compile: bool = option(False, "torch.compile the model")
+    sync_bn: bool = option(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
+    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks before the job fails")
+    channels_last: bool | None = option(None, "channels_last memory format", switch="on for CUDA, off for CPU")
+    progress: bool = option(True, "progress bar within each epoch (tqdm)")
+    benchmark: bool = option(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
+    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
+    train_attack: str = option("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
+                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+    ticket_attack: str = option("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
+    eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
+    split: str = option("test", "--eval: test | val | train (the run's training images, in eval mode, no "
+                             "augmentation: for the robust gap)")
+    eval_steps: int = option(50, "--eval: PGD steps")
+    restarts: int = option(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
+    attack: str = option("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
+    aa_version: str = option("standard", "--eval: AutoAttack version: standard | rand | plus")
+    aa_iters: int = option(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
+                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
+    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
+    force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
+    final_eval: str = option("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    def eps(self, train: bool) -> tuple[float, float]:
+        """(eps, alpha) in pixel units for the training or evaluation attack."""
+        eps = self.train_eps if self.train_eps > 0 else DATASETS[self.dataset]["eps"]
+        alpha = self.train_alpha
+        if not train:
+            eps, alpha = (self.test_eps if self.test_eps > 0 else eps), self.test_alpha
+        alpha = alpha if alpha > 0 else eps / 4
+        return eps / 255, alpha / 255
+
+    @property
+    def fbplus_start_epoch(self) -> int:
+        return self.fbplus_start if self.fbplus_start >= 0 else self.epochs // 2
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.dataset}-{self.mode}-s{self.sparsity:g}-seed{self.seed}")
+
+
+PRESETS = {
+    # Fashion-MNIST, 16-channel ResNet-18, PGD-5: every part of FB+ in a few minutes on 2 cores.
+    "cpu-demo": dict(dataset="fashion-mnist", width=0.25, mode="dynamic+", sparsity=0.8, epochs=6,
+                     milestones=(4, 5), train_steps=5, test_steps=10, train_subset=3000,
+                     eval_subset=500, gap_subset=500, update_interval=20, update_interval_late=25,
+                     eb_max_epochs=3, batch_size=128, lr=0.05),
+    # A few steps of everything, for run_experiments.sh --smoke and the tests.
+    "smoke": dict(dataset="fashion-mnist", width=0.0625, epochs=2, milestones=(1,), train_steps=2,
+                  test_steps=2, train_subset=256, eval_subset=64, gap_subset=64, update_interval=2,
+                  update_interval_late=3, eb_max_epochs=2, batch_size=64, progress=False),
+}
+
+
+def need(ok: bool, msg: str):
+    if not ok:
+        raise SparseWinError(msg)
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def validate(cfg: Config, *, world: int = 1) -> Config:
+    """cfg, checked: every option in range and consistent; CUDA and pyautoattack present when asked for;
+    the global batch divisible by the `world` processes of a torchrun job."""
+    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+    need(cfg.mode in MODES, f"unknown mode {cfg.mode!r}; choose from {', '.join(MODES)}")
+    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
+    need(cfg.allocation in ALLOCATIONS, f"unknown allocation {cfg.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    need(cfg.growth in ("random", "gradient"), f"unknown growth {cfg.growth!r}; choose random or gradient")
+    need(cfg.norm in ("linf", "l2"), f"unknown norm {cfg.norm!r}; choose linf or l2")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}; choose auto, cpu or cuda")
+    need(0 <= cfg.sparsity < 1, f"--sparsity must be in [0, 1), got {cfg.sparsity}")
+    need(cfg.width > 0, f"--width must be positive, got {cfg.width}")
+    need(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
+    need(cfg.update_interval > 0 and cfg.update_interval_late > 0, "update intervals must be positive")
+    need(cfg.train_steps >= 0 and cfg.test_steps >= 0, "attack steps must be >= 0")
+    need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
+    need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
+    need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
+    need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
+    need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
+    need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
+    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
+    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
+         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
+    need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
+    need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
+    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
+    need(cfg.aa_version in ("standard", "rand", "plus"),
+         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
+    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
+    need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
+    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
+    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
+    if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
+        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
+    if cfg.device == "cuda":
+        need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
+    need(not cfg.sync_bn or resolve_device(cfg.device).type == "cuda",
+         "--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    need(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                                      f"number of processes, {world}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+
+DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
+    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
+                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
+                          mean=(0.2860,), std=(0.3530,)),
+}
+
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def split_last(x, y, n_val):
+    """(train, val): the last n_val examples are validation (CIFAR: last 5,000 of 50,000)."""
+    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+
+
+def load_cifar(name: str, root: str, download: bool = False):
+    """CIFAR-10/100 as uint8 (N, 3, 32, 32) tensors: train 45,000 / val 5,000 / test 10,000."""
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        parts = [cls(root, train=t, download=download) for t in (True, False)]
+    except Exception as e:  # offline download failure, missing or corrupt files
+        folder = Path(root) / cls.base_folder
+        files = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {why}); "
+                             f"put the python-version files ({files}) there, or run online with --download")
+    (x, y), (xt, yt) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                         torch.tensor(d.targets, dtype=torch.long)) for d in parts]
+    train, val = split_last(x, y, len(x) // 10)
+    return dict(train=train, val=val, test=(xt, yt))
+
+
+def _read_idx(path) -> torch.Tensor:
+    """An IDX file (MNIST format, optionally gzipped) as a uint8 tensor."""
+    import gzip
+    data = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+
+
+def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBIAN_FASHION_MNIST):
+    """Fashion-MNIST (N, 1, 28, 28): train 54,000 / val 6,000 / test 10,000.
+
+    Looks in root (torchvision layout), then in Debian's dataset-fashion-mnist package, then
+    downloads through torchvision.
+    """
+    names = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
+    for folder in (Path(root) / "FashionMNIST" / "raw", Path(debian_dir)):
+        paths = {(s, k): next((p for p in (folder / (names[s].format(k, n)),
+                                           folder / (names[s].format(k, n) + ".gz")) if p.exists()), None)
+                 for s in names for k, n in (("images", 3), ("labels", 1))}
+        if all(paths.values()):
+            xs = {s: _read_idx(paths[s, "images"]).unsqueeze(1) for s in names}
+            ys = {s: _read_idx(paths[s, "labels"]).long() for s in names}
+            train, val = split_last(xs["train"], ys["train"], len(ys["train"]) // 10)
+            return dict(train=train, val=val, test=(xs["test"], ys["test"]))
+    if download:
+        from torchvision import datasets
+        try:
+            for t in (True, False):
+                datasets.FashionMNIST(root, train=t, download=True)
+        except Exception as e:
+            raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}, and the "
+                                 f"download failed ({type(e).__name__}); install Debian's dataset-fashion-mnist "
+                                 f"or put the four IDX files in {root}/FashionMNIST/raw")
+        return load_fashion_mnist(root, download=False, debian_dir=debian_dir)
+    raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}; install "
+                         f"Debian's dataset-fashion-mnist or put the four IDX files there")
+
+
+def load_tiny_imagenet(root: str):
+    """Tiny-ImageNet from its official layout: train 90,000 / val 10,000 (fixed permutation) / test 10,000.
+
+    root (or root/tiny-imagenet-200) holds train/<wnid>/images/*.JPEG and
+    val/images/*.JPEG with val/val_annotations.txt; the official val set is our test set.
+    """
+    from PIL import Image
+    base = next((b for b in (Path(root) / "tiny-imagenet-200", Path(root)) if (b / "train").is_dir()), None)
+    if base is None or not (base / "val" / "val_annotations.txt").exists():
+        raise SparseWinError(f"tiny-imagenet not found in {root}: put the official tiny-imagenet-200 folder "
+                             f"there (train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt)")
+    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    label = {w: i for i, w in enumerate(wnids)}
+
+    def read(paths):
+        return torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
+                            .view(64, 64, 3).permute(2, 0, 1) for p in paths])
+    train = [(p, label[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    ann = [line.split("\t")[:2] for line in (base / "val" / "val_annotations.txt").read_text().splitlines() if line]
+    test = [(base / "val" / "images" / f, label[w]) for f, w in ann]
+    x, y = read([p for p, _ in train]), torch.tensor([c for _, c in train])
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed, seed-independent split
+    x, y = x[perm], y[perm]
+    train_split, val = split_last(x, y, len(x) // 10)
+    return dict(train=train_split, val=val, test=(read([p for p, _ in test]), torch.tensor([c for _, c in test])))
+
+
+def load_data(cfg: Config) -> dict:
+    """{'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return load_cifar(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.dataset == "tiny-imagenet":
+        return load_tiny_imagenet(cfg.data_dir)
+    return load_fashion_mnist(cfg.data_dir, cfg.download)
+
+
+def subsets(cfg: Config, data: dict) -> dict:
+    """The first --train-subset / --eval-subset images of each split (0 = all)."""
+    n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
+    return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
+
+
+# ----------------------------------------------------------------------------- the configured run
+
+def model_for(cfg: Config) -> nn.Module:
+    """The configured architecture, sized for the configured dataset."""
+    info = DATASETS[cfg.dataset]
+    return build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
+                       mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+
+
+METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
+
+
+def method_for(cfg: Config) -> Method:
+    """The configured method (--mode), with its constants from the config."""
+    if cfg.mode == "static":
+        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold,
+                          max_epochs=cfg.eb_max_epochs)
+    if cfg.mode in ("dynamic", "dynamic+"):
+        fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
+                  death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
+                  interval_late=cfg.update_interval_late)
+        if cfg.mode == "dynamic":
+            return FlyingBird(**fb)
+        return FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
+                              threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
+                              growth_ratio=cfg.fbplus_grow, **fb)
+    return Dense()
+
+
+def sgd(cfg: Config, net: nn.Module):
+    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
+    (cfg.milestones: setup() has put the method's default there when --milestones was not given)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
+
+
+def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
+    """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
+    info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
+    aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
+    train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
+                    drop_small=True, **shard)
+    data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
+    return train, {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test", "gap")}
+
+
+def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core
+    compiled if asked, for attacks and evaluation (no gradient sync); model for the update step,
+    DistributedDataParallel under torchrun (it all-reduces the gradients)."""
+    if cuda if cfg.channels_last is None else cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    core = torch.compile(net) if cfg.compile else net
+    if not dist.on:
+        return net, core, core
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # BN buffers: rank 0's are broadcast once per epoch (Dist.share_buffers), not at every forward of the attack
+    quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters  # torch >= 2.14 renames the option
+    ddp = DDP(net, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
+    return net, core, torch.compile(ddp) if cfg.compile else ddp
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+class Dist:
+    """This process's place in a torchrun job, and the few collectives train() needs.
+
+    One process is the same code with world = 1 and every collective a no-op. Under torchrun
+    (`torchrun --nproc_per_node=N sparse_win.py ...`) main() joins the process group (NCCL on
+    CUDA, gloo on CPU) with a timeout, so that a rank that dies or hangs fails the job instead
+    of blocking it.
+    """
+
+    def __init__(self):
+        import torch.distributed as td
+        self.td = td
+        self.on = td.is_available() and td.is_initialized()
+        self.rank = td.get_rank() if self.on else 0
+        self.world = td.get_world_size() if self.on else 1
+        self.main = self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            self.td.all_reduce(t)
+        return t
+
+    def any(self, flags: list[bool], device) -> list[bool]:
+        """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
+        if not self.on:
+            return [bool(f) for f in flags]
+        t = torch.tensor(flags, dtype=torch.float32, device=device)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.on:
+            self.td.broadcast(t, src)
+        return t
+
+    def share_masks(self, mask: SparseMask | None):
+        """Rank 0's masks on every rank, the weights masked again (a dense model has none to share)."""
+        if not self.on or mask is None:
+            return
+        for name in mask.names:
+            m = mask.masks[name].to(torch.uint8)
+            mask.masks[name].copy_(self.broadcast_(m).bool())
+        mask._refresh()
+        mask.apply()
+
+    def check_masks(self, mask: SparseMask, where: str):
+        """Stop the run when the masks differ between ranks (a checksum all-reduce)."""
+        if not self.on:
+            return
+        dev = next(iter(mask.masks.values())).device
+        sums = torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
+                            for i, m in enumerate(mask.masks.values())]).sum()
+        both = torch.stack([sums, -sums]).to(dev)
+        self.td.all_reduce(both, op=self.td.ReduceOp.MAX)  # max and -min of the checksums
+        if both[0] != -both[1]:
+            raise RunError(f"the masks differ between ranks after the topology update at {where}; "
+                           f"stopping (rank {self.rank})", DESYNC)
+
+    def agree(self, flag: bool, device, what: str) -> bool:
+        """flag, checked to be the same on every rank (a mismatch stops the run)."""
+        if self.on:
+            t = torch.tensor([float(flag), -float(flag)], device=device)
+            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+            if t[0] != -t[1]:
+                raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
+        return flag
+
+    def share_buffers(self, net: nn.Module):
+        """Rank 0's buffers (BatchNorm statistics) on every rank."""
+        for b in net.buffers():
+            self.broadcast_(b)
+
+    def barrier(self):
+        if self.on:
+            self.td.barrier()
+
+
+def init_distributed(cfg: Config):
+    """Join the torchrun job named by the environment (WORLD_SIZE > 1), once per process."""
+    import datetime
+    import torch.distributed as td
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
+        return
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+
+
+# ----------------------------------------------------------------------------- run directory and checkpoints
+
+def _finite(obj):
+    """obj with every non-finite float replaced by None (JSON null), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """JSON that strict readers (jq, JavaScript, pyarrow) accept: NaN and Infinity are written as null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write path.tmp, fsync, rename over path: the old file stays whole until the new one is.
+
+    An OSError (disk full, no permission, I/O error) removes the .tmp and becomes one line (exit 74).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise _io_error(path, e) from None
+
+
+def _io_error(path: Path, e: OSError) -> RunError:
+    why = f"{e.strerror or e}" + (f" [{errno.errorcode[e.errno]}]" if e.errno in errno.errorcode else "")
+    again = "rerun with --resume" if (path.parent / "last.pt").exists() else "run the same command again"
+    return RunError(f"cannot write {path}: {why}; its previous version is intact: fix that and {again}", IO_ERROR)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save into memory, then write_atomic: a crash or a full disk leaves the old file intact."""
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+    except OSError as e:
+        raise _io_error(path, e) from None
+    write_atomic(path, buf.getvalue())
+
+
+def write_text_atomic(path: Path, text: str):
+    write_atomic(path, text.encode())
+
+
+RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
+               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
+               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
+               "final_eval"}  # may differ between a run and its resume
+
+
+def check_run_dir(cfg: Config) -> Path:
+    """Refuse early, before anything is created: never overwrite a previous run without --resume."""
+    d = cfg.run_dir
+    if cfg.resume and not (d / "last.pt").exists():
+        raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
+    if not cfg.resume and (d / "last.pt").exists():
+        raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
+    parent = next(p for p in [d, *d.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SparseWinError(f"cannot write to run directory {d}: {parent} is not a writable directory")
+    return d
+
+
+def make_run_dir(d: Path) -> Path:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
+    return d
+
+
+class StopRequest:
+    """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
+    after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self):
+        import threading  # signal handlers can only be set from the main thread
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class RunLock:
+    """One training process per run directory: an exclusive OS lock (flock) on <run>/.lock, held for
+    the run's lifetime. The kernel drops it when the process ends, killed or not, so no stale lock
+    survives a crash; the file itself (the holder's pid) is ignored by git."""
+
+    def __init__(self):
+        self.fd = None
+
+    def acquire(self, run_dir: Path):
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        path = run_dir / ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SparseWinError(f"{run_dir} is in use by another training process (pid {holder}); wait for it "
+                                 f"to end or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# Checkpoint formats: 1, unversioned (before format 2): last.pt held the mask twice, under "method" and "mask";
+# 2: the "format" key, the mask once, under "mask" (best.pt, last.pt, and a checkpoint of your own alike).
+CHECKPOINT_FORMAT = 2
+
+
+def find_checkpoint(path) -> Path:
+    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
+    p = Path(path)
+    if not p.exists():
+        raise SparseWinError(f"no such checkpoint or run directory: {p}")
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
+        return p / "best.pt"
+    return p
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A sparse_win checkpoint (best.pt, last.pt, or config + model + mask of your own), read on the CPU with
+    torch's weights-only unpickler (no code in the file runs), in the current format: an unversioned one
+    (format 1) loses its second copy of the mask; one from a newer sparse_win is refused."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
+    version = ck.get("format", 1) if isinstance(ck, dict) else 1
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise SparseWinError(f"{path} was written by a newer sparse_win (checkpoint format {version}); this one "
+                             f"reads formats 1 to {CHECKPOINT_FORMAT}")
+    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
+    if isinstance(ck.get("method"), dict):
+        ck["method"].pop("mask", None)  # format 1: the same state as ck["mask"]
+    return ck
+
+
+def check_resume(ck: dict, path: Path, config: dict, world: int):
+    """Refuse, in one line, to resume from a checkpoint that is not this run's last.pt: a best.pt, other
+    options (an option newer than the checkpoint counts as its default), another number of processes."""
+    if not {"run", "method", "optimizer"} <= set(ck):
+        raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
+    defaults = dataclasses.asdict(Config())
+    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]]
+    if changed:
+        k = changed[0]
+        raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
+                             f"{config[k]!r}); resume with the same options")
+    if ck["run"].get("world", 1) != world:
+        raise SparseWinError(f"{path} was written by {ck['run'].get('world', 1)} processes, now {world}: resume "
+                             f"with the same number (the data shards and RNG streams depend on it)")
+
+
+def write_metrics(run_dir: Path, history: list[dict]):
+    """metrics.jsonl, one strict-JSON record per epoch; the whole file atomically (an append cut short
+    by a full disk would leave half a record)."""
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
+
+
+# ----------------------------------------------------------------------------- train
+
+NOT_EVALUATED = dict(sa=None, ra=None, adv_loss=None)  # an epoch that --eval-every skips
+
+
+class Trainer:
+    """One training process: the model, its optimizer, method, FLOP ledger, generator and run record, and
+    the pieces of the paper's training loop that train() strings together. benchmark() times its step().
+
+    net is the model itself; core the one that attacks and evaluates (compiled if asked); model the one
+    the update step runs (DistributedDataParallel under torchrun). run is what last.pt resumes: epoch,
+    history, topology updates, best epoch, and the epoch in progress ('partial') at a mid-epoch save.
+    """
+
+    def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
+                 stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
+        self.cfg, self.method, self.device, self.dist = cfg, method, device, dist
+        self.stop, self.run_dir, self.log = stop, run_dir, log
+        net = model_for(cfg).to(device)
+        self.per_weight, self.unowned = model_flops(net, input_shape)
+        self.dense_fwd = forward_flops(self.per_weight, {n: p.numel() for n, p in prunable(net).items()}, self.unowned)
+        self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp  # the fast path: default on CUDA only
+        self.net, self.core, self.model = fast_path(cfg, net, device.type == "cuda", dist)
+        # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
+        self.attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=self.generator)
+        self.test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm,
+                                generator=self.generator, all_reduce=dist.sum_)  # always fp32 (evaluate_examples)
+        self.optimizer, self.scheduler = sgd(cfg, self.net)
+        self.ledger = FlopLedger()
+        self.run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
+                        partial=None, world=dist.world)
+        self.config = dataclasses.asdict(cfg)
+        self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
+        self.t0 = time.time()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Step i of the epoch on this rank's rows of the global batch: the attack (kind pgd | fgsm-rs | none),
+        the update, then the method (re-mask; every T steps a topology update). Returns (loss, logits, stop
+        asked); a loss that is not finite on any rank stops the run before it touches the weights."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext():
+            x = perturb(self.core, x, y, kind=kind, **self.attack, rows=self.batches.rows)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+        stopping, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
+                                       not torch.isfinite(loss)], self.device)  # one sync: every rank alike
+        if bad:
+            checkpointed = self.run_dir is not None and (self.run_dir / "last.pt").exists()
+            raise diverged(loss.item(), self.where(i), checkpointed, self.cfg.lr, self.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
+        self.ledger.charge(self.batches.rows[2], fwd, attack_cost(kind, self.cfg.train_steps))  # global images
+        update = self.method.after_step(self.optimizer, self.run["epoch"])
+        if update is not None:
+            self.dist.check_masks(self.method.mask, self.where(i))
+            self.run["updates"].append(update)
+        return loss, logits, stopping
+
+    def epoch(self, kind: str, desc: str) -> tuple[float, float]:
+        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
+        Resumes run['partial'], if any: the same permutation, the remaining batches, the running sums."""
+        self.model.train()
+        part = self.run["partial"] or {}
+        sums = torch.zeros(3, device=self.device)  # loss sum, correct, n: this rank's, summed at the end
+        if part and self.dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
+            sums += part["sums"].to(self.device)
+        start = part.get("step", 0)
+        bar = _progress(len(self.batches), desc, self.cfg.progress and self.dist.main)
+        bar.update(start)
+        order = part["order"].to(self.device) if part.get("order") is not None else None
+        for i, (x, y) in enumerate(self.batches.epoch(order, start), start + 1):
+            loss, logits, stopping = self.step(x, y, i, kind)
+            sums[:2] += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+            sums[2] += len(y)
+            bar.update(1)
+            if stopping or (self.cfg.checkpoint_every and self.ledger.steps % self.cfg.checkpoint_every == 0):
+                order = self.batches.order
+                self.run["partial"] = dict(step=i, sums=self.dist.sum_(sums.clone()).cpu(),
+                                           order=None if order is None else order.cpu())
+                self.save_last()
+                self.run["partial"] = None
+            if stopping:
+                raise stopped(self.stop, self.where(i))
+        bar.close()
+        self.run["partial"] = None
+        loss_sum, correct, n = self.dist.sum_(sums).tolist()
+        return loss_sum / n, 100 * correct / n
+
+    def where(self, step: int) -> str:
+        """Where step `step` of the epoch in progress is, for messages: 'epoch 3, step 5/40'."""
+        epoch = (f"ticket epoch {self.method.pretrain_epochs + 1}" if self.method.pretraining
+                 else f"epoch {self.run['epoch'] + 1}")
+        return f"{epoch}, step {step}/{len(self.batches)}"
+
+    def start_afresh(self):
+        """The method ended its stage before AT (Robust Bird adopted its ticket): rank 0's masks on every
+        rank, the stage's cost recorded, and AT starts with a fresh optimizer and schedule."""
+        self.dist.share_masks(self.method.mask)
+        self.run["ticket_flops"], self.run["ticket_images"] = self.ledger.actual, self.ledger.images
+        self.optimizer, self.scheduler = sgd(self.cfg, self.net)
+
+    def evaluate(self, split: str) -> dict:
+        """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches."""
+        return evaluate(self.core, self.eval_batches[split], **self.test_attack)
+
+    def record(self, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
+        """The epoch's row of metrics.jsonl, written at once, and its log line."""
+        self.run["history"].append(dict(
+            epoch=self.run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"],
+            val_ra=val["ra"], val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"],
+            test_adv_loss=test["adv_loss"], density=self.method.density, train_flops=self.ledger.actual,
+            train_flops_paper=self.ledger.paper, itop=self.method.itop_rate(), time=time.time() - self.t0))
+        if self.dist.main:
+            write_metrics(self.run_dir, self.run["history"])
+        self.log(epoch_line(self.run["history"][-1], self.cfg.epochs))
+
+    # -- checkpoints (rank 0 writes)
+    def save(self, obj: dict, name: str):
+        if self.dist.main:
+            atomic_save(dict(obj, format=CHECKPOINT_FORMAT, config=self.config, model=self.net.state_dict()),
+                        self.run_dir / name)
+
+    def save_last(self):
+        """last.pt: everything a resume needs, the mask once (under 'mask', not in the method's state)."""
+        self.run["wall"] = time.time() - self.t0
+        method = self.method.state_dict()
+        self.save(dict(mask=method.pop("mask"), method=method, optimizer=self.optimizer.state_dict(),
+                       scheduler=self.scheduler.state_dict(), ledger=self.ledger.state_dict(), run=self.run,
+                       generator=self.generator.get_state(), torch_rng=torch.get_rng_state()), "last.pt")
+
+    def save_best(self, val_ra: float):
+        """best.pt: the model of the best validation RA so far, for --eval and load_model."""
+        self.run["best_val_ra"], self.run["best_epoch"] = val_ra, self.run["epoch"]
+        self.save(dict(mask=self.method.state_dict()["mask"], epoch=self.run["epoch"], val_ra=val_ra), "best.pt")
+
+    def resume(self):
+        """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
+        path = self.run_dir / "last.pt"
+        ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+        check_resume(ck, path, self.config, self.dist.world)
+        self.net.load_state_dict(ck["model"])
+        self.method.load_state_dict(dict(ck["method"], mask=ck["mask"]))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        for p, state in self.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.ledger.load_state_dict(ck["ledger"])
+        self.generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        self.run = {"partial": None, **ck["run"]}
+        self.log(f"resumed {self.run_dir} at epoch {self.run['epoch']}"
+                 + (f", step {self.run['partial']['step']}" if self.run["partial"] else ""))
+
+
+def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
+    """Everything before the first step: the options checked, the data on the device, the run directory
+    checked and locked (rank 0), model, method and optimizer built; with --resume, last.pt's state."""
+    dist = Dist()
+    validate(cfg, world=dist.world)
+    method = method_for(cfg)
+    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones)  # recorded as used
+    log = log if dist.main else (lambda *a, **k: None)
+    run_dir = check_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    refused = None
+    if dist.main:
+        try:
+            lock.acquire(make_run_dir(run_dir))  # a second process on this directory stops here (exit 2)
+        except SparseWinError as e:
+            refused = e
+    if dist.any([refused is not None], device)[0]:  # every rank stops, not only rank 0
+        raise refused or SparseWinError(f"rank 0 could not take {run_dir}; see its message")
+    t = Trainer(cfg, method, device=device, dist=dist, input_shape=tuple(data["train"][0].shape[1:]), stop=stop,
+                run_dir=run_dir, log=log)
+    t.batches, t.eval_batches = batches_for(cfg, data, t.generator, dist)
+    method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
+    if cfg.resume:
+        t.resume()
+    dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
+    if dist.main:
+        write_metrics(run_dir, t.run["history"])
+        write_text_atomic(run_dir / "config.json", strict_json(t.config, indent=1))
+    t.t0 = time.time() - t.run["wall"]
+    return t
+
+
+def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
+    """Run one experiment end to end, the paper's sparse AT loop for the configured method; returns the
+    summary (also written to summary.json). Under torchrun every rank runs this; rank 0 alone logs,
+    writes files and holds the run directory's lock."""
+    with RunLock() as lock:
+        t = setup(cfg, log, stop, lock)
+        cfg, method, run, dist = t.cfg, t.method, t.run, t.dist
+        while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
+            loss, acc = t.epoch(cfg.ticket_attack, "stage 1")
+            dist.share_buffers(t.net)  # rank 0's weights = every rank's (DDP)
+            if dist.agree(method.end_pretrain_epoch(t.net, loss, acc, t.log), t.device, "the early-bird decision"):
+                t.start_afresh()  # the ticket is adopted: prune, keep the weights, AT from a fresh optimizer
+            t.save_last()
+
+        while run["epoch"] < cfg.epochs:  # AT: attack, update, re-mask; every T steps prune and regrow (FB, FB+)
+            if cfg.stop_after_epoch and run["epoch"] >= cfg.stop_after_epoch:
+                t.log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
+                return dict(stopped_at=run["epoch"])
+            lr = t.optimizer.param_groups[0]["lr"]
+            train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
+            t.scheduler.step()
+            dist.share_buffers(t.net)  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
+            run["epoch"] += 1
+            evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
+            val, test = (t.evaluate("val"), t.evaluate("test")) if evaluated else (NOT_EVALUATED, NOT_EVALUATED)
+            if evaluated:
+                method.end_epoch(train_ra, val)  # FB+ records the robust gap and the val adversarial loss
+            t.record(lr, train_loss, train_ra, val, test)
+            if evaluated and val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
+                t.save_best(val["ra"])
+            t.save_last()
+
+        train_final = t.evaluate("gap")  # robust generalization gap: train RA (eval mode, no augmentation) - test RA
+        summary = summarize(t, train_final["ra"])
+        if dist.main:
+            summary.update(final_eval(cfg, t.run_dir, t.log))  # --final-eval autoattack: AA of best.pt and last.pt
+            write_text_atomic(t.run_dir / "summary.json", strict_json(summary, indent=1))
+            plot_curves(run["history"], summary["fbplus_events"], t.run_dir / "curves.png", t.log)
+        t.log(format_table([summary]))
+        return summary
+
+
+def stopped(stop: StopRequest | None, where: str) -> RunError:
+    name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"  # another rank's
+    return RunError(f"stopped by {name} at {where}; last.pt holds this step: continue with the same command and "
+                    f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
+
+
+def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) -> RunError:
+    kept = "last.pt and best.pt hold the last good checkpoint" if checkpointed else "no checkpoint had been written yet"
+    return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
+                    + (" or --no-amp" if amp else ""), DIVERGED)
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    evaluation = (f" | val SA {r['val_sa']:5.2f} RA {r['val_ra']:5.2f} | test SA {r['test_sa']:5.2f} RA "
+                  f"{r['test_ra']:5.2f}" if r["val_ra"] is not None else " | (not evaluated: --eval-every)")
+    return (f"epoch {r['epoch']:3d}/{epochs} lr {r['lr']:.4f} loss {r['train_loss']:.4f} train RA {r['train_ra']:5.2f}"
+            f"{evaluation} | density {r['density']:.4f} | {r['time']:.0f}s")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar when tqdm is installed and wanted, else a stand-in that does nothing."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+    except ImportError:
+        class Null:
+            update = close = lambda self, *a: None  # noqa: E731
+        return Null()
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize(t: Trainer, train_final_ra: float) -> dict:
+    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios."""
+    cfg, run, ledger, method, dense_fwd = t.cfg, t.run, t.ledger, t.method, t.dense_fwd
+    final_fwd = method.forward_flops(t.per_weight, t.unowned)
+    h = run["history"]
+    best, final = h[run["best_epoch"] - 1], h[-1]
+    return dict(
+        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
+        best_epoch=run["best_epoch"], epochs=len(h), milestones=list(cfg.milestones),
+        ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
+        sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
+        train_flops=ledger.actual, train_flops_paper=ledger.paper,
+        # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
+        train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
+                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
+        inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
+        robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
+        final_density=method.density, itop_rate=method.itop_rate(),
+        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        **method.summary(),
+        wall_seconds=run["wall"])
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header, the |---| rule, one line per row of cells (every table sparse_win writes)."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference)."""
+    aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
+    head = ["method", "RA best", "RA final", "diff", "SA best", "SA final", "diff", "train FLOPs",
+            "inference FLOPs (x dense)", "robust gen. gap", "density", "ITOP"] + (["AA best", "AA final"] if aa else [])
+    return markdown_table(head, [
+        [r["method"], *(f"{r[k]:.2f}" for k in ("ra_best", "ra_final", "ra_diff", "sa_best", "sa_final", "sa_diff")),
+         f"{r['train_flops']:.3e}", f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f})",
+         f"{r['robust_gap']:.2f}", f"{r['final_density']:.4f}", f"{r['itop_rate']:.3f}",
+         *((f"{r[k]:.2f}" if k in r else "-" for k in ("ra_aa_best", "ra_aa_final")) if aa else ())] for r in rows])
+
+
+def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
+    """curves.png: train robust acc, test SA and test RA per epoch; FB+ extra prune/grow marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no curves.png")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_ra", "train RA"), ("test_sa", "test SA"), ("test_ra", "test RA")):
+        points = [(r["epoch"], r[key]) for r in history if r[key] is not None]  # --eval-every: evaluated epochs
+        ax.plot(*zip(*points), label=label)
+    for i, e in enumerate(events):
+        color = "tab:red" if e["prune"] else "tab:green"
+        ax.axvline(e["epoch"] + 0.5, color=color, ls=":", lw=1,
+                   label=None if i else "FB+ extra prune (red) / grow (green)")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path):
+    """The figure as a PNG, rendered in memory and written with write_atomic; the figure is closed."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- evaluate a checkpoint
+
+EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
+
+
+def config_of(ck: dict, **overrides) -> Config:
+    """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in ck["config"].items() if k in names}
+    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
+
+
+def model_from_checkpoint(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
+    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
+    net = model_for(cfg)
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
+            from None
+    masks = ck["mask"]["masks"] if ck["mask"] else None
+    if masks is not None:
+        weights = prunable(net)
+        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
+            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
+        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
+        if alive:
+            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
+    return net.eval(), masks
+
+
+def load_model(path, *, device="cpu") -> nn.Module:
+    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
+    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
+    RobustBench / torchattacks convention)."""
+    path = find_checkpoint(path)
+    ck = read_checkpoint(path)
+    return model_from_checkpoint(ck, config_of(ck), path)[0].to(device)
+
+
+def density_of(net: nn.Module, masks: dict | None) -> tuple[float, float]:
+    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too."""
+    weights = prunable(net)
+    total = sum(w.numel() for w in weights.values())
+    active = sum(int(m.sum()) for m in masks.values()) if masks else total
+    return active / total, sum(int(w.count_nonzero()) for w in weights.values()) / total
+
+
 class EvalProgress:
     """The finished parts of one evaluation, saved atomically after each part (and each AutoAttack
     batch), so that the same --eval after an interruption continues where it stopped."""
@@ -2179,7 +2300,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     if attack != "pgd":
         _import_autoattack()  # fail now, not after the PGD part
     dev = resolve_device(cfg.device)
-    net, masks = model_of(ck, cfg, ck_path)
+    net, masks = model_from_checkpoint(ck, cfg, ck_path)
     net = net.to(dev)
     density, nonzero = density_of(net, masks)
     data = load_data(cfg)
@@ -2240,18 +2361,16 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
 
 def format_eval_table(rows: list[dict]) -> str:
     """Markdown table of --eval results (accuracies in %)."""
-    lines = ["| checkpoint | split | images | density | SA | PGD RA | AutoAttack RA | gradient-masking checks |",
-             "|" + "---|" * 8]
-    for r in rows:
-        pgd, aa = r["pgd"], r["autoattack"]
-        failed = [k for k, c in r["checks"].items() if c["ok"] is False]
-        lines.append(
-            f"| {Path(r['checkpoint']).name} (epoch {r['epoch']}) | {r['split']} | {r['examples']} | "
-            f"{r['density']:.4f} | {r['sa']:.2f} | "
-            + (f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-") + " | "
-            + (f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" if aa else "-")
-            + f" | {'failed: ' + ', '.join(failed) if failed else 'passed'} |")
-    return "\n".join(lines)
+    def cells(r):
+        pgd, aa, failed = r["pgd"], r["autoattack"], [k for k, c in r["checks"].items() if c["ok"] is False]
+        aa_cell = f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" \
+            if aa else "-"
+        return [f"{Path(r['checkpoint']).name} (epoch {r['epoch']})", r["split"], r["examples"],
+                f"{r['density']:.4f}", f"{r['sa']:.2f}",
+                f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-", aa_cell,
+                "failed: " + ", ".join(failed) if failed else "passed"]
+    head = ["checkpoint", "split", "images", "density", "SA", "PGD RA", "AutoAttack RA", "gradient-masking checks"]
+    return markdown_table(head, [cells(r) for r in rows])
 
 
 def eval_options(cfg: Config) -> dict:
@@ -2273,184 +2392,53 @@ def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
     return out
 
 
-# -- study: many runs -> one table and three figures (run_experiments.sh --study)
-
-STUDY_COLUMNS = (  # (header, summary key, decimals): the paper's Table 1 layout, ratios to dense AT
-    ("RA best", "ra_best", 2), ("RA final", "ra_final", 2), ("diff", "ra_diff", 2),
-    ("SA best", "sa_best", 2), ("SA final", "sa_final", 2), ("diff", "sa_diff", 2),
-    ("robust gen. gap", "robust_gap", 2), ("train FLOPs (x dense)", "train_flops_dense_ratio", 3),
-    ("inference FLOPs (x dense)", "inference_ratio", 3), ("final density", "final_density", 4))
-
-
-def load_runs(root) -> list[dict]:
-    """Every finished run under root (a run dir holds summary.json): summary, per-epoch history, config."""
-    runs = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        d = path.parent
-        read = lambda name, parse: parse((d / name).read_text()) if (d / name).exists() else None  # noqa: E731
-        history = read("metrics.jsonl", lambda t: [json.loads(line) for line in t.splitlines() if line.strip()])
-        runs.append(dict(dir=d, summary=json.loads(path.read_text()), history=history or [],
-                         config=read("config.json", json.loads) or {}))
-    return runs
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
-def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
-    """{(mode, sparsity): runs}, seeds pooled; dense AT is keyed at sparsity 0 whatever it was given."""
-    groups = {}
-    for r in runs:
-        s = r["summary"]
-        groups.setdefault((s["mode"], 0.0 if s["mode"] == "dense" else float(s["sparsity"])), []).append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])))
-
-
-def group_stats(runs: list[dict]) -> dict:
-    """Mean and std over seeds of every STUDY_COLUMNS value, plus train_ra_final and the seeds."""
-    keys = [k for _, k, _ in STUDY_COLUMNS] + ["train_ra_final"]
-    return dict(n=len(runs), seeds=sorted(r["config"].get("seed") for r in runs),
-                **{k: mean_std([r["summary"][k] for r in runs]) for k in keys})
-
-
-def _study_table(rows: list[tuple[str, dict]], extra=()) -> str:
-    cols = [*STUDY_COLUMNS, *extra]
-    lines = ["| method | n | " + " | ".join(h for h, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for label, st in rows:
-        cells = [f"{st[k][0]:.{d}f} ± {st[k][1]:.{d}f}" for _, k, d in cols]
-        lines.append(f"| {label} | {st['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str = "dynamic", log=print) -> dict:
-    """Aggregate a study: table.md, curves.png, gap.png and sparsity.png in out_dir.
-
-    Runs are grouped by (mode, sparsity); every number is mean ± sample std over seeds.
-    Main table: dense AT and every method at `sparsity`; sweep table and sparsity.png: the
-    `sweep_mode` runs (Flying Bird) at each sparsity, the analogue of the paper's Figure 1.
-    Returns {(mode, sparsity): group_stats}.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(load_runs(runs_root))
-    if not groups:
-        raise SparseWinError(f"no finished runs (summary.json) under {runs_root}")
-    stats = {k: group_stats(v) for k, v in groups.items()}
-    main = [k for k in groups if k[0] == "dense" or math.isclose(k[1], sparsity)]
-    sweep = [k for k in groups if k[0] == sweep_mode]
-    label = lambda k: METHOD[k[0]] + ("" if k[0] == "dense" else f" s={k[1]:g}")  # noqa: E731
-    train_ra = (("train RA (final model)", "train_ra_final", 2),)
-    text = (f"# Study: {runs_root}\n\nMean ± sample std over n seeds. Accuracies in %, test set; best = epoch of "
-            f"best validation RA; robust gen. gap = train RA - test RA of the final model; FLOPs as a "
-            f"fraction of dense AT.\n\n## Methods at sparsity {sparsity:g}\n\n"
-            + _study_table([(label(k), stats[k]) for k in main])
-            + f"\n\n## {METHOD[sweep_mode]} across sparsity\n\n"
-            + _study_table([(label(k), stats[k]) for k in sweep], extra=train_ra) + "\n")
-    write_text_atomic(out_dir / "table.md", text)
-
-    colors = {k: f"C{i}" for i, k in enumerate(main)}
-    fig, ax = plt.subplots(figsize=(7, 4))  # curves.png: mean over seeds per epoch
-    for k in main:
-        for key, ls, what in (("test_ra", "-", "test RA"), ("train_ra", "--", "train RA")):
-            per_epoch = {}
-            for r in groups[k]:
-                for h in r["history"]:
-                    if h[key] is not None:  # --eval-every: only the evaluated epochs
-                        per_epoch.setdefault(h["epoch"], []).append(h[key])
-            ep = sorted(per_epoch)
-            ax.plot(ep, [mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[k], label=f"{label(k)} {what}")
-    ax.set(xlabel="epoch", ylabel="robust accuracy (%)", title="test RA (solid), running train RA (dashed)")
-    ax.legend(fontsize=7)
-    _save_figure(fig, out_dir / "curves.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))  # gap.png: one point per seed, bar = mean ± std
-    titles = ("robust gen. gap", "robust overfitting (RA best - final)")
-    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), titles):
-        for i, k in enumerate(main):
-            values = [r["summary"][key] for r in groups[k]]
-            ax.bar(i, stats[k][key][0], yerr=stats[k][key][1], color=colors[k], alpha=0.4, capsize=4)
-            ax.plot([i] * len(values), values, "o", color=colors[k])
-        ax.set_xticks(range(len(main)), [label(k) for k in main], rotation=20, fontsize=7)
-        ax.set(ylabel="points (%)", title=title)
-    _save_figure(fig, out_dir / "gap.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))  # sparsity.png: Figure-1 analogue
-    xs = [k[1] for k in sweep]
-    for key, what in (("train_ra_final", "train RA (final model)"), ("ra_final", "test RA (final)")):
-        ax.errorbar(xs, [stats[k][key][0] for k in sweep], yerr=[stats[k][key][1] for k in sweep],
-                    marker="o", capsize=4, label=what)
-    ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title=f"{METHOD[sweep_mode]}: robust train vs test")
-    ax.legend()
-    _save_figure(fig, out_dir / "sparsity.png")
-    log(text)
-    return stats
-
-
 # ----------------------------------------------------------------------------- benchmark
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 
 def benchmark(cfg: Config, log=print) -> list[dict]:
-    """PGD-K AT throughput (images/s) of dense and sparse models at the dataset's input shape.
+    """AT throughput (images/s) of a dense and a sparse model at the dataset's input shape: the time of
+    Trainer.step, the very step train() runs (attack, update, re-mask, FLOP ledger, divergence check).
 
-    Rows: fp32 eager (the baseline), then the fast path (bf16 autocast + channels_last
-    [+ compile]) on CUDA. Prints projected epoch time and achieved fraction of bf16 peak.
+    Rows: fp32 eager (the baseline), then the fast path (bf16 autocast + channels_last [+ compile]) on
+    CUDA. Sparse: Flying Bird at --sparsity (Flying Bird+ with --mode dynamic+). Prints projected epoch
+    time and achieved fraction of bf16 peak.
     """
     device = resolve_device(cfg.device)
     info = DATASETS[cfg.dataset]
     shape = (info["channels"], info["size"], info["size"])
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    x = torch.rand(cfg.batch_size, *shape, device=device, generator=gen)
+    x = torch.randint(0, 256, (cfg.batch_size, *shape), dtype=torch.uint8, device=device, generator=gen)
     y = torch.randint(0, info["classes"], (cfg.batch_size,), device=device, generator=gen)
-    eps, alpha = cfg.eps(train=True)
     peak = next((v for k, v in BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    variants = [("fp32 eager", False, False, False)]
+    variants = [("fp32 eager", dict(amp=False, channels_last=False, compile=False))]
     if device.type == "cuda":
-        variants.append(("bf16 channels_last" + (" compile" if cfg.compile else ""), True, True, cfg.compile))
+        variants.append(("bf16 channels_last" + (" compile" if cfg.compile else ""),
+                         dict(amp=True, channels_last=True, compile=cfg.compile)))
+    sparse = cfg.mode if cfg.mode in ("dynamic", "dynamic+") else "dynamic"
     rows = []
-    for label, amp, cl, comp in variants:
-        for sparse in (False, True):
-            net = model_for(cfg).to(device)
-            per_weight, unowned = model_flops(net, shape)
-            dense_fwd = forward_flops(per_weight, {n: p.numel() for n, p in prunable(net).items()}, unowned)
-            if cl:
-                net = net.to(memory_format=torch.channels_last)
-            mask = SparseMask(net, density=cfg.density, allocation=cfg.allocation) if sparse else None  # as train()
-            model = torch.compile(net) if comp else net
-            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
-
-            def step():
-                with ctx():
-                    xa = pgd(model, x, y, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=gen)
-                    loss = F.cross_entropy(model(xa), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if mask is not None:
-                    mask.step(opt)
+    for label, fast in variants:
+        for mode in ("dense", sparse):
+            run_cfg = dataclasses.replace(cfg, mode=mode, **fast)
+            t = Trainer(run_cfg, method_for(run_cfg), device=device, dist=Dist(), input_shape=shape)
+            t.batches = Batches(x, y, batch_size=cfg.batch_size)
+            xb, yb = next(iter(t.batches))  # the batch as a step sees it: pixels in [0, 1], t.batches.rows set
+            t.method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             for _ in range(3):
-                step()
+                t.step(xb, yb, 1, cfg.train_attack)
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             n, t0 = 0, time.perf_counter()
             while n < 5 or time.perf_counter() - t0 < 2.0:
-                step()
+                t.step(xb, yb, 1, cfg.train_attack)
                 n += 1
             sync()
             ips = n * cfg.batch_size / (time.perf_counter() - t0)
-            executed = (2 * cfg.train_steps + 3) * dense_fwd  # the hardware runs dense kernels
-            rows.append(dict(variant=label, model="sparse" if sparse else "dense", images_per_s=ips,
+            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * t.dense_fwd  # dense kernels run
+            rows.append(dict(variant=label, model="dense" if mode == "dense" else "sparse", images_per_s=ips,
                              epoch_s=45000 / ips, tflops=executed * ips / 1e12,
                              peak_fraction=executed * ips / peak if peak else None,
                              peak_memory=torch.cuda.max_memory_allocated() if device.type == "cuda" else None))
@@ -2526,3 +2514,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,5 +1,7 @@
-"""Tests of sparse_win.py: properties of the library parts, the training program end to end,
-and benchmarks against in-run baselines.
+"""Tests of sparse_win.py, in the file's two parts and its order: first the library above the
+'# === program' line (properties, fast paths against slow references, benchmarks against in-run
+baselines), then the training program below it, end to end. The studies' report has its tests
+beside it, in results/test_study_report.py.
 
     python -m pytest -q                   # default suite (CI)
     python -m pytest -m slow              # the longer runs
@@ -11,6 +13,7 @@ Benchmark groups put our code beside its baseline, and the "(x.xx)" in the table
 Hypothesis runs the "ci" profile (derandomized) when CI is set, and "mutants" (the same, without
 shrinking) under .ci/mutants.py, the check that these tests catch realistic bugs in sparse_win.py.
 """
+import ast
 import copy
 import dataclasses
 import errno
@@ -25,6 +28,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import symtable
 import sys
 import time
 from pathlib import Path
@@ -72,10 +76,9 @@ def all_threads_for_benchmarks(request):
 
 
 # =============================================================================
-# library: models, masks, attack, early bird, FLOPs
+# library: the tests of the part of sparse_win.py above '# === program', in its order
 # =============================================================================
 
-# Library half of sparse_win.py: models, attack, masks, early bird, FLOPs.
 # Hypothesis draws shapes, densities and seeds; torch fills values from a seeded Generator.
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -186,7 +189,367 @@ def tiny_cnn(gen, c=3, classes=3, bn=False):
     return model
 
 
-# ----------------------------------------------------------------------------- 1. allocation
+def linear_problem(d: int, k: int, b: int, seed: int):
+    """A float64 linear classifier (d -> k) with random weights, and b inputs in [0, 1] with labels."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, k).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
+        model.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
+    return model, torch.rand(b, d, generator=gen, dtype=torch.float64), torch.randint(0, k, (b,), generator=gen)
+
+
+def linear_ce_grad(model: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d cross-entropy / dx of a linear classifier in closed form, per example: (softmax(W x + b) - onehot(y)) W."""
+    W, bias = model.weight.detach(), model.bias.detach()
+    return (torch.softmax(x @ W.T + bias, dim=1) - F.one_hot(y, W.shape[0]).to(W.dtype)) @ W
+
+
+# ----------------------------------------------------------------------------- 1. the library stands alone
+
+def names_bound(node: ast.stmt) -> set[str]:
+    """The module-level names a top-level statement binds."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def names_used(node: ast.stmt, table) -> set[str]:
+    """The module-level names a top-level statement reads: at import time (decorators, defaults, bases,
+    annotations, the statement itself) and, through its symbol table, as globals of its body."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        a = getattr(node, "args", None)
+        parts = [*node.decorator_list, *getattr(node, "bases", []), *getattr(node, "keywords", [])]
+        if a is not None:
+            parts += [*a.defaults, *filter(None, a.kw_defaults), *filter(None, [node.returns])]
+            parts += [x.annotation for x in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]
+                      if x is not None and x.annotation is not None]
+    else:
+        parts = [node]
+    used = {n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name)}
+
+    def global_reads(tab):
+        return {s.get_name() for s in tab.get_symbols() if s.is_referenced() and s.is_global()}.union(
+            *(global_reads(c) for c in tab.get_children()))
+    return used | (global_reads(table) if table is not None else set())
+
+
+def test_library_above_the_banner_refers_to_nothing_below_it():
+    """Copying sparse_win.py down to the '# === program' line gives the whole library: no top-level
+    statement above it reads a name that only the program below defines (and the part runs alone)."""
+    path = Path(sw.__file__)
+    src = path.read_text()
+    lines = src.splitlines()
+    banner = [i for i, line in enumerate(lines, 1) if line.startswith("# === program")]
+    assert len(banner) == 1 and "above this line is the library" in lines[banner[0] - 1]
+    tree = ast.parse(src)
+    tables = {tab.get_lineno(): tab for tab in symtable.symtable(src, str(path), "exec").get_children()}
+    above = [n for n in tree.body if n.end_lineno < banner[0]]
+    below = set().union(*(names_bound(n) for n in tree.body if n.lineno > banner[0]))
+    assert {"Config", "train", "main", "json", "Path"} <= below  # the program's names are seen
+    for node in above:
+        wrong = names_used(node, tables.get(node.lineno)) & below
+        assert not wrong, (getattr(node, "name", ast.unparse(node)[:60]), node.lineno, wrong)
+    library = {}  # and the part above the banner, alone, defines the library that README documents
+    exec(compile("\n".join(lines[:banner[0] - 1]), "library", "exec"), library)
+    for name in ("SparseMask", "Dense", "RobustBird", "FlyingBird", "FlyingBirdPlus", "pgd", "fgsm_rs", "evaluate",
+                 "model_flops", "forward_flops", "FlopLedger", "EarlyBird", "build_model", "fbplus_decision"):
+        assert name in library, name
+
+
+# ----------------------------------------------------------------------------- 2. models
+
+def test_resnet18_parameter_count():
+    assert sum(p.numel() for p in sw.build_model("resnet18", num_classes=10).parameters()) == 11_173_962
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn"])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny-imagenet", "fashion-mnist"])
+def test_output_shapes(arch, dataset):
+    info = sw.DATASETS[dataset]
+    model = sw.build_model(arch, num_classes=info["classes"], in_channels=info["channels"], width=0.0625,
+                           mean=info["mean"], std=info["std"], wrn_depth=10, wrn_widen=1)
+    x = torch.rand(2, info["channels"], info["size"], info["size"])
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert out.shape == (2, info["classes"])
+    assert torch.isfinite(out).all()
+
+
+def test_normalize_module():
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = sw.Normalize(mean, std)(x)
+    for c in range(3):
+        torch.testing.assert_close(got[:, c], (x[:, c] - mean[c]) / std[c])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn"])
+def test_normalization_happens_inside_the_model(arch):
+    info = sw.DATASETS["cifar10"]
+    model = sw.build_model(arch, width=0.0625, mean=info["mean"], std=info["std"], wrn_depth=10, wrn_widen=1)
+    fill_(model, torch.Generator().manual_seed(0))
+    model.eval()
+    plain = copy.deepcopy(model)
+    norms = [m for m in plain.modules() if isinstance(m, sw.Normalize)]
+    assert len(norms) == 1
+    norms[0].mean.zero_()
+    norms[0].std.fill_(1.0)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain((x - mean) / std))
+        assert not torch.allclose(model(x), plain(x))  # the normalization does change the output
+
+
+# ----------------------------------------------------------------------------- 3. attack: pgd, fgsm_rs
+
+ATTACK = dict(eps=st.sampled_from([2 / 255, 8 / 255, 16 / 255]), steps=st.integers(1, 4),
+              norm=st.sampled_from(["linf", "l2"]), seed=SEEDS)
+
+
+@settings(max_examples=12, deadline=None)
+@given(**ATTACK, random_start=st.booleans(), training=st.booleans())
+def test_pgd_ball_box_mode_grads_determinism(eps, steps, norm, seed, random_start, training):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_cnn(gen, bn=True).train(training)
+    x = torch.rand(5, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    eps = eps if norm == "linf" else eps * 8  # L2 budgets are larger
+    params = list(model.parameters())
+    preset = {i: torch.randn(p.shape, generator=gen) for i, p in enumerate(params) if i % 2 == 0}
+    for i, p in enumerate(params):
+        p.grad = preset[i].clone() if i in preset else None
+    kw = dict(eps=eps, alpha=eps / 2, steps=steps, norm=norm, random_start=random_start)
+    state = copy.deepcopy(model.state_dict())
+    adv = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
+    assert model.training == training
+    for i, p in enumerate(params):
+        assert (p.grad is None) if i not in preset else torch.equal(p.grad, preset[i])
+    assert adv.shape == x.shape and not adv.requires_grad
+    assert adv.min() >= 0 and adv.max() <= 1
+    delta = (adv - x).flatten(1)
+    if norm == "linf":
+        assert delta.abs().max() <= eps + 1e-6
+    else:
+        assert (delta.norm(dim=1) <= eps * (1 + 1e-5)).all()
+    assert not torch.equal(adv, x)
+    model.load_state_dict(state)  # BN running stats move in train mode; restore before the rerun
+    again = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(adv, again)
+
+
+def test_pgd_random_start_depends_on_seed():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen).eval()
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0])
+    kw = dict(eps=8 / 255, alpha=2 / 255, steps=1)
+    a = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(1), **kw)
+    b = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(2), **kw)
+    assert not torch.equal(a, b)
+    assert torch.equal(sw.pgd(model, x, y, steps=0, eps=0.1, alpha=0.1), x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.01, 0.3),
+       attack=st.sampled_from(["pgd", "fgsm-rs"]))
+def test_one_step_attacks_closed_form_linear(d, k, b, seed, eps, attack):
+    """One signed-gradient step from a start, back into the eps-ball and [0, 1], as pgd projects:
+    PGD-1 without a random start steps eps from x; FGSM-RS (Wong et al. 2020) starts at x + U(-eps, eps)
+    clamped to [0, 1] and steps 1.25 eps."""
+    model, x, y = linear_problem(d, k, b, seed)
+    if attack == "pgd":
+        adv = sw.pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
+        start, alpha = x, eps
+    else:
+        adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
+        u = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
+        start, alpha = torch.clamp(x + u, 0, 1), 1.25 * eps
+    g = linear_ce_grad(model, start, y)
+    want = torch.clamp(x + torch.clamp(start + alpha * g.sign() - x, -eps, eps), 0, 1)
+    sure = g.abs() > 1e-12  # sign of a numerically zero gradient is not determined
+    assert torch.equal(adv[sure], want[sure])
+
+
+def test_pgd_increases_loss_on_trained_model():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=gen)
+    y = (x[:, :, :, :4].mean((1, 2, 3)) > x[:, :, :, 4:].mean((1, 2, 3))).long()  # left vs right brighter
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    clean = F.cross_entropy(model(x), y, reduction="none").detach()
+    assert (model(x).argmax(1) == y).float().mean() > 0.8  # it learned something
+    adv = sw.pgd(model, x, y, eps=0.1, alpha=0.03, steps=5, generator=torch.Generator().manual_seed(0))
+    robust = F.cross_entropy(model(adv), y, reduction="none").detach()
+    assert robust.mean() > clean.mean() * 1.5
+    assert (robust >= clean - 1e-6).float().mean() > 0.9
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=SEEDS, steps=st.integers(1, 4), eps=st.sampled_from([4 / 255, 8 / 255]))
+def test_pgd_matches_torchattacks_linf(seed, steps, eps):
+    torchattacks = pytest.importorskip("torchattacks")
+    gen = torch.Generator().manual_seed(seed)
+    model = sw.build_model("preact_resnet18", width=0.0625, num_classes=3).eval()
+    fill_(model, gen)
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    torch.manual_seed(seed)
+    theirs = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True)(x, y)
+    torch.manual_seed(seed)
+    ours = sw.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=steps, generator=None)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=SEEDS, steps=st.integers(1, 4))
+def test_pgd_matches_torchattacks_l2(seed, steps):
+    torchattacks = pytest.importorskip("torchattacks")
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_cnn(gen).eval()
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    torch.manual_seed(seed)
+    theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=steps, random_start=True)(x, y)
+    torch.manual_seed(seed)
+    ours = sw.pgd(model, x, y, eps=0.5, alpha=0.1, steps=steps, norm="l2", generator=None)
+    # loosened: torchattacks adds 1e-10 to norms and multiplies in another order (float32 rounding)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(2, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.05, 1.0),
+       ratio=st.sampled_from([0.25, 0.5, 2.0]))
+def test_pgd_l2_one_step_closed_form_linear(d, k, b, seed, eps, ratio):
+    """One L2 step from x is x + alpha g / |g| projected onto the eps-*ball* (a step shorter than eps stays
+    as it is, a longer one is cut to eps), then into [0, 1]. A projection onto the sphere fails here."""
+    model, x, y = linear_problem(d, k, b, seed)
+    alpha = ratio * eps
+    adv = sw.pgd(model, x, y, eps=eps, alpha=alpha, steps=1, norm="l2", random_start=False)
+    g = linear_ce_grad(model, x, y)
+    want = torch.clamp(x + min(alpha, eps) * g / g.norm(dim=1, keepdim=True), 0, 1)
+    # loosened from exact: pgd's gradient carries the mean's 1/b, which the normalization removes up to rounding
+    torch.testing.assert_close(adv, want, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(3, 7), world=st.integers(2, 3), seed=SEEDS, norm=st.sampled_from(["linf", "l2"]))
+def test_pgd_on_a_shard_equals_the_slice_of_the_full_batch(b, world, seed, norm):
+    """rows = (lo, hi, n): a rank's PGD on its shard draws the random start of the whole batch and keeps its
+    rows, so it gives what one process gives for those rows (a linear model: per-example gradients)."""
+    model, x, y = linear_problem(6, 3, b, seed)
+    eps = 0.1 if norm == "linf" else 0.5
+    kw = dict(eps=eps, alpha=eps / 4, steps=2, norm=norm)
+    full = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
+    q, r = divmod(b, world)
+    for rank in range(world):
+        lo = rank * q + min(rank, r)
+        hi = lo + q + (rank < r)
+        part = sw.pgd(model, x[lo:hi], y[lo:hi], rows=(lo, hi, b), generator=torch.Generator().manual_seed(seed),
+                      **kw)
+        # loosened for L2 only: the mean loss scales gradients by 1/len(batch); sign() drops it exactly,
+        # the L2 normalization up to rounding
+        torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0 if norm == "linf" else 1e-12)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=SEEDS, eps=st.sampled_from([2 / 255, 8 / 255, 0.1, 0.3]), training=st.booleans())
+def test_fgsm_rs_stays_in_ball_and_box(seed, eps, training):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_cnn(gen, bn=True).train(training)
+    x = torch.rand(6, 3, 8, 8, generator=gen)
+    x[0] = 0  # pixels at the edges of [0, 1], where the clamp to the box bites
+    x[1] = 1
+    y = torch.randint(0, 3, (6,), generator=gen)
+    adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
+    assert adv.min() >= 0 and adv.max() <= 1 and not adv.requires_grad
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert not torch.equal(adv, x) and model.training == training
+
+
+def test_attack_cost_and_perturb():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen).eval()
+    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0])
+    assert [sw.attack_cost(k, 10) for k in ("none", "fgsm-rs", "pgd")] == [0, 1, 10]
+    kw = dict(eps=0.1, alpha=0.02, steps=3)
+    assert sw.perturb(model, x, y, kind="none", **kw) is x
+    for kind, ref in (("pgd", lambda g: sw.pgd(model, x, y, generator=g, **kw)),
+                      ("fgsm-rs", lambda g: sw.fgsm_rs(model, x, y, eps=0.1, generator=g))):
+        got = sw.perturb(model, x, y, kind=kind, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(got, ref(torch.Generator().manual_seed(1)))
+
+
+# ----------------------------------------------------------------------------- 4. evaluate
+
+@settings(max_examples=8, deadline=None)
+@given(seed=SEEDS, steps=st.integers(0, 3), training=st.booleans())
+def test_evaluate_matches_manual_and_takes_no_param_grads(seed, steps, training):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_cnn(gen, bn=True)
+    with torch.no_grad():  # BN stats that differ from the batch stats, so eval mode matters
+        model[1].running_mean.copy_(torch.randn(4, generator=gen))
+        model[1].running_var.copy_(torch.rand(4, generator=gen) + 0.5)
+    model.train(training)
+    batches = [(torch.rand(n, 3, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 3)]
+    fired = []
+    hooks = [p.register_hook(lambda g, name=name: fired.append(name)) for name, p in model.named_parameters()]
+    kw = dict(eps=8 / 255, alpha=2 / 255, steps=steps)
+    got = sw.evaluate(model, batches, generator=torch.Generator().manual_seed(seed), **kw)
+    assert fired == [] and all(p.grad is None for p in model.parameters())
+    assert model.training == training
+    for h in hooks:
+        h.remove()
+
+    model.eval()  # manual: clean and PGD accuracy in %, mean losses, same generator draws
+    g2 = torch.Generator().manual_seed(seed)
+    ok = adv_ok = loss = adv_loss = 0.0
+    for x, y in batches:
+        adv = sw.pgd(model, x, y, generator=g2, **kw) if steps else x
+        with torch.no_grad():
+            lc, la = model(x), model(adv)
+        ok += int((lc.argmax(1) == y).sum())
+        adv_ok += int((la.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(lc, y, reduction="sum"))
+        adv_loss += float(F.cross_entropy(la, y, reduction="sum"))
+    n = 8
+    assert got["sa"] == 100 * (ok / n) and got["ra"] == 100 * (adv_ok / n)
+    torch.testing.assert_close([got["loss"], got["adv_loss"]], [loss / n, adv_loss / n])
+    if steps == 0:
+        assert got["ra"] == got["sa"]
+
+
+def test_param_hooks_do_fire_on_backward():
+    """Control for the hook check above: the hooks do see ordinary parameter gradients."""
+    model = tiny_cnn(torch.Generator().manual_seed(0))
+    fired = []
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name: fired.append(name))
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    assert sorted(fired) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_evaluate_is_fp32_inside_an_autocast_region():
+    """evaluate() turns autocast off: inside a caller's bf16 region it gives the fp32 numbers exactly."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, c=1, classes=4, bn=True)
+    x = torch.randint(256, (24, 1, 8, 8), generator=gen, dtype=torch.uint8)  # Batches holds uint8 images
+    y = torch.randint(4, (24,), generator=gen)
+    ev = lambda: sw.evaluate(model, sw.Batches(x, y, batch_size=8), eps=0.1, alpha=0.025, steps=3,  # noqa: E731
+                             generator=torch.Generator().manual_seed(1))
+    ref = ev()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ev() == ref
+
+
+# ----------------------------------------------------------------------------- 5. masks: allocation
 
 @FEW
 @given(shapes=layer_shapes(), density=DENSITIES, alloc=ALLOCS)
@@ -293,7 +656,7 @@ def test_allocation_flops_match_spec_table():
             assert abs(sw.forward_flops(per_weight, counts) / dense - ratio) <= 0.0005, (density, alloc)
 
 
-# ----------------------------------------------------------------------------- 2. topology updates
+# ----------------------------------------------------------------------------- 6. masks: topology updates
 
 def released_update_ref(b, w, g, p, extra_prune=0.0, extra_growth=0.0):
     """Slow reference of one layer's update, as released (a Python sort per layer).
@@ -479,7 +842,334 @@ def test_update_without_extras_keeps_density(spec, density, seed):
         assert mask.counts == counts and mask.density == d
 
 
-# ----------------------------------------------------------------------------- 3. cosine death rate
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, density=st.floats(0.05, 0.9), growth=st.sampled_from(["random", "gradient"]))
+def test_topology_updates_do_not_depend_on_memory_layout(seed, density, growth):
+    """Same weights, same seed: channels_last and contiguous models get the same masks, update after update."""
+    gen = torch.Generator().manual_seed(seed)
+    a = tiny_cnn(gen, c=3, classes=4)
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in b.parameters())
+    ma, mb = (sw.SparseMask(m, density=density, seed=seed) for m in (a, b))
+    for step in range(10):
+        with torch.no_grad():
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                new = torch.randn(pa.shape, generator=gen).round(decimals=1)  # rounding: many ties
+                pa.copy_(new)
+                pb.copy_(new)
+                pa.grad = torch.randn(pa.shape, generator=gen).round(decimals=1)
+                pb.grad = torch.empty_like(pb).copy_(pa.grad)
+        ma.update(0.3, growth=growth)
+        mb.update(0.3, growth=growth)
+        for n in ma.names:
+            assert torch.equal(ma.masks[n], mb.masks[n]), (step, n)
+            assert torch.equal(ma.ever_active[n], mb.ever_active[n])
+        assert ma.counts == mb.counts
+
+
+def sort_update(mask: sw.SparseMask, death_rate: float, growth: str, generator=None):
+    """The straightforward topology update: sort every layer's full |w| and growth scores.
+
+    The reference that SparseMask.update must match (on tie-free data); the benchmarks below time both
+    and report the ratio (README), without asserting it: a timing on a shared machine is no test. Returns
+    {name: (mask after, the active weights kept by pruning)}.
+    """
+    out = {}
+    for i, name in enumerate(mask.names):
+        p, m = mask.params[name], mask.masks[name].reshape(-1).clone()
+        nnz, size = mask.counts[i], mask.sizes[i]
+        k = math.ceil(death_rate * nnz)
+        if nnz < size and k > 0:  # a full layer is left alone
+            m[p.detach().abs().reshape(-1).masked_fill(~m, math.inf).sort().indices[:k]] = False
+            kept = m.clone()
+            score = p.grad.abs().reshape(-1) if growth == "gradient" else torch.rand(size, generator=generator)
+            m[score.masked_fill(m, -math.inf).sort(descending=True).indices[:k]] = True  # the just-pruned too
+        else:
+            kept = m.clone()
+        out[name] = m.view(p.shape), kept.view(p.shape)
+    return out
+
+
+def _tie_free_model(width, seed, density=0.2):
+    g = torch.Generator().manual_seed(seed)
+    model = sw.build_model("resnet18", width=width)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))  # continuous draws: no ties
+            p.grad = torch.randn(p.shape, generator=g)
+    mask = sw.SparseMask(model, density=density, seed=seed)
+    with torch.no_grad():  # masked weights are zero after apply(); make active values tie-free again
+        for n, p in mask.params.items():
+            p.add_(torch.rand(p.shape, generator=g) * 1e-3 * mask.masks[n])
+    return model, mask
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+def test_update_matches_sort_reference(growth):
+    _, mask = _tie_free_model(0.125, seed=3)
+    ref = sort_update(mask, 0.3, growth)
+    before = {n: m.clone() for n, m in mask.masks.items()}
+    mask.update(0.3, growth=growth)
+    for n in mask.names:
+        after, kept = ref[n]
+        if growth == "gradient":  # deterministic: identical masks
+            assert torch.equal(mask.masks[n], after), n
+        else:  # random growth: the same weights kept, and the same counts
+            assert torch.equal(mask.masks[n] & kept, kept) and torch.equal(before[n] & kept, kept), n
+            assert not torch.equal(kept, before[n]) and int(mask.masks[n].sum()) == int(after.sum())
+
+
+# ----------------------------------------------------------------------------- 7. masks: state round trip
+
+def _roundtrip_setup(seed):
+    gen = torch.Generator().manual_seed(seed)
+    spec = (2, [(3, 3)], [5])
+    model = chain_model(spec, gen)
+    mask = sw.SparseMask(model, density=0.3, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for p in (0.5, 0.3):
+        sgd_step(model, opt, gen, spec[0])
+        mask.step(opt)
+        mask.update(p)
+    sgd_step(model, opt, gen, spec[0])
+    mask.step(opt)
+    model2 = chain_model(spec, torch.Generator().manual_seed(seed + 7))
+    mask2 = sw.SparseMask(model2, density=0.3, seed=seed + 7)  # different masks and RNG state
+    model2.load_state_dict(model.state_dict())  # resume order of train(): model, then mask
+    return model, mask, model2, mask2
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=SEEDS)
+def test_mask_state_dict_round_trip_through_bytes(seed):
+    model, mask, model2, mask2 = _roundtrip_setup(seed)
+    buf = io.BytesIO()
+    torch.save(mask.state_dict(), buf)
+    buf.seek(0)
+    mask2.load_state_dict(torch.load(buf))
+    assert mask2.counts == mask.counts and mask2.steps == mask.steps
+    for _ in range(3):  # the same random regrowth follows: the RNG state was carried
+        mask.update(0.4)
+        mask2.update(0.4)
+        assert all(torch.equal(mask.masks[n], mask2.masks[n]) for n in mask.names)
+        assert all(torch.equal(mask.ever_active[n], mask2.ever_active[n]) for n in mask.names)
+    assert mask2.itop_rate() == mask.itop_rate()
+
+
+def test_mask_state_dict_round_trip_in_memory_is_independent():
+    """A mask loaded from a live mask's state_dict() must not share storage with it."""
+    model, mask, model2, mask2 = _roundtrip_setup(3)
+    mask2.load_state_dict(mask.state_dict())
+    mask.update(0.4)
+    after = {n: m.clone() for n, m in mask.masks.items()}
+    mask2.update(0.4)
+    assert all(torch.equal(mask.masks[n], after[n]) for n in mask.names)  # mask2 left mask alone
+    assert all(torch.equal(mask2.masks[n], after[n]) for n in mask.names)
+
+
+def test_mask_load_state_dict_rejects_other_model():
+    a = sw.SparseMask(nn.Sequential(nn.Linear(4, 4)), density=0.5)
+    b = sw.SparseMask(nn.Sequential(nn.Linear(4, 5)), density=0.5)
+    with pytest.raises(sw.SparseWinError):
+        b.load_state_dict(a.state_dict())
+
+
+def test_mask_from_given_masks_is_a_copy():
+    model = nn.Sequential(nn.Linear(6, 6))
+    given_mask = {"0.weight": torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.5}
+    keep = given_mask["0.weight"].clone()
+    mask = sw.SparseMask(model, masks=given_mask)
+    assert torch.equal(mask.masks["0.weight"], keep)
+    assert mask.counts == [int(keep.sum())]
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    mask.update(0.5)
+    assert torch.equal(given_mask["0.weight"], keep)
+
+
+# ----------------------------------------------------------------------------- 8. methods: what every method answers
+
+@pytest.mark.parametrize("make", [lambda: sw.Dense(), lambda: sw.RobustBird(density=0.3, max_epochs=1),
+                                  lambda: sw.FlyingBird(density=0.3, seed=1),
+                                  lambda: sw.FlyingBirdPlus(start_epoch=0, density=0.3, seed=1)],
+                         ids=["dense", "robust-bird", "flying-bird", "flying-bird-plus"])
+def test_every_method_answers_density_and_flops(make):
+    """Density, ITOP rate, per-layer counts and forward FLOPs of the model as it is, asked of the method
+    (never whether it has a mask): dense answers 1.0, every weight and the dense count."""
+    model = tiny_cnn(torch.Generator().manual_seed(0))
+    per_weight, constant = sw.model_flops(model, (3, 8, 8))
+    sizes = {n: p.numel() for n, p in sw.prunable(model).items()}
+    dense = sw.forward_flops(per_weight, sizes, constant)
+    method = make()
+    assert isinstance(method, sw.Method)
+    method.start(model, total_steps=4, epochs=2)
+    if method.pretraining:  # Robust Bird is dense until it adopts its ticket (max_epochs 1: after one epoch)
+        assert (method.density, method.itop_rate(), method.layer_counts()) == (1.0, 1.0, sizes)
+        assert method.forward_flops(per_weight, constant) == dense and method.pretrain_epochs == 0
+        assert method.end_pretrain_epoch(model, 0.0, 0.0, log=lambda *a: None) and method.pretrain_epochs == 1
+    if isinstance(method, sw.Dense):
+        assert (method.density, method.itop_rate(), method.layer_counts()) == (1.0, 1.0, sizes)
+        assert method.forward_flops(per_weight, constant) == dense and method.mask is None
+    else:
+        counts = method.mask.layer_counts()
+        assert method.layer_counts() == counts and method.itop_rate() == method.mask.itop_rate()
+        assert method.density == sum(counts.values()) / sum(sizes.values()) == pytest.approx(0.3, abs=0.01)
+        assert method.forward_flops(per_weight, constant) == sw.forward_flops(per_weight, counts, constant) < dense
+
+
+# ----------------------------------------------------------------------------- 9. Robust Bird: the early-bird ticket
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=layer_shapes(3), seed=SEEDS, p=st.floats(0, 1))
+def test_mask_distance(shapes, seed, p):
+    gen = torch.Generator().manual_seed(seed)
+    a = {str(i): torch.rand(s, generator=gen) < 0.5 for i, s in enumerate(shapes)}
+    flip = {str(i): torch.rand(s, generator=gen) < p for i, s in enumerate(shapes)}
+    b = {n: a[n] ^ flip[n] for n in a}
+    total = sum(math.prod(s) for s in shapes)
+    diff = sum(int(f.sum()) for f in flip.values())
+    assert sw.mask_distance(a, b) == sw.mask_distance(b, a) == diff / total
+    assert (sw.mask_distance(a, b) == 0) == all(torch.equal(a[n], b[n]) for n in a)
+    assert sw.mask_distance(a, a) == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=layer_shapes(3), seed=SEEDS, density=DENSITIES)
+def test_magnitude_mask_global_topk(shapes, seed, density):
+    gen = torch.Generator().manual_seed(seed)
+    w = {str(i): torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)}  # layers differ in scale
+    m = sw.magnitude_mask(w, density)
+    total = sum(math.prod(s) for s in shapes)
+    assert list(m) == list(w)
+    assert all(m[n].dtype == torch.bool and m[n].shape == w[n].shape for n in w)
+    k = round(density * total)
+    assert sum(int(x.sum()) for x in m.values()) == k
+    flat = torch.cat([w[n].flatten() for n in w]).tolist()
+    chosen = torch.cat([m[n].flatten() for n in w]).nonzero().view(-1).tolist()
+    assert_chosen(flat, range(total), chosen, k, largest=True)
+
+
+def test_ticket_masks_are_shaped_like_weights_and_adoptable():
+    """Robust Bird adopts the ticket with SparseMask(net, masks=early.ticket(net))."""
+    gen = torch.Generator().manual_seed(0)
+    model = conv_net(gen)
+    ticket = sw.EarlyBird(density=0.3).ticket(model)
+    params = sw.prunable(model)
+    assert all(ticket[n].shape == params[n].shape for n in params)
+    mask = sw.SparseMask(model, masks=ticket)
+    assert mask.counts == [int(ticket[n].sum()) for n in params]
+    assert all(torch.equal(params[n].detach()[~ticket[n]], torch.zeros_like(params[n][~ticket[n]])) for n in params)
+
+
+def conv_net(gen):
+    return fill_(nn.Sequential(nn.Conv2d(2, 6, 3), nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 3)), gen)
+
+
+def test_early_bird_fires_when_masks_settle():
+    gen = torch.Generator().manual_seed(0)
+    model = conv_net(gen)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
+    fired = []
+    for epoch in range(12):
+        with torch.no_grad():
+            for n, p in model.named_parameters():  # noise that shrinks each epoch: the mask settles
+                p.copy_(base[n] + torch.randn(p.shape, generator=gen) * 0.5 ** epoch)
+        fired.append(eb.record(model))
+        # distance = max over the older queued masks, as computed by mask_distance
+        assert eb.distances[-1] == (max(sw.mask_distance(eb.masks[-1], m) for m in eb.masks[:-1])
+                                    if len(eb.masks) > 1 else 1.0)
+    assert len(eb.masks) == 5 and set(eb.masks[-1]) == {"0.weight", "1.weight"}  # conv weights only
+    # the rule itself: fires exactly when the queue is full and the newest mask is within 0.08 of every
+    # older one; here the queue fills while the masks still move (no shortcut through an early full queue)
+    assert fired == [i >= 4 and d <= 0.08 for i, d in enumerate(eb.distances)]
+    assert fired[-1] and eb.emerged
+    first = fired.index(True)
+    assert first > 4 and eb.distances[4] > 0.08
+    ticket = eb.ticket(model)
+    assert set(ticket) == {"0.weight", "1.weight", "3.weight"}  # the ticket covers linear too
+    total = sum(p.numel() for p in sw.prunable(model).values())
+    assert sum(int(t.sum()) for t in ticket.values()) == round(0.3 * total)
+
+
+def test_early_bird_needs_a_full_queue():
+    model = conv_net(torch.Generator().manual_seed(3))
+    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
+    fired = [eb.record(model) for _ in range(6)]  # identical masks every epoch: distance 0
+    assert fired == [False] * 4 + [True] * 2
+    assert eb.distances == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and len(eb.masks) == 5
+
+
+def test_early_bird_does_not_fire_when_masks_keep_changing():
+    gen = torch.Generator().manual_seed(1)
+    model = conv_net(gen)
+    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
+    for _ in range(12):
+        fill_(model, gen)  # fresh random weights every epoch
+        assert not eb.record(model)
+    assert min(eb.distances) > 0.08
+
+
+def test_early_bird_state_dict_round_trip():
+    gen = torch.Generator().manual_seed(2)
+    model = conv_net(gen)
+    eb = sw.EarlyBird(density=0.5, queue=3, threshold=0.3)
+    for _ in range(2):
+        eb.record(model)
+    eb2 = sw.EarlyBird(density=0.5, queue=3, threshold=0.3)
+    buf = io.BytesIO()
+    torch.save(eb.state_dict(), buf)
+    buf.seek(0)
+    eb2.load_state_dict(torch.load(buf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    assert eb.record(model) == eb2.record(model)
+    assert eb.distances == eb2.distances and eb.emerged == eb2.emerged
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(eb.masks, eb2.masks) for n in a)
+
+
+def test_robust_bird_masks_weights_and_momentum():
+    """Robust Bird adopts the global magnitude ticket, then every step re-masks the weights *and* their
+    momentum (the same rule as Flying Bird; the CUDA test checks it on the GPU path)."""
+    cfg = sw.parse_args(["--mode", "static", "--sparsity", "0.7", "--eb-queue", "2", "--eb-threshold", "1",
+                         "--eb-max-epochs", "5"])
+    rb = sw.method_for(cfg)
+    assert isinstance(rb, sw.RobustBird) and rb.max_epochs == 5
+    assert (rb.early.density, rb.early.queue, rb.early.threshold) == (cfg.density, 2, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    model = conv_net(gen)
+    rb.start(model, total_steps=6, epochs=2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is False and rb.pretraining  # queue not full
+    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is True and not rb.pretraining
+    params = sw.prunable(model)
+    assert sum(rb.mask.counts) == round(cfg.density * sum(p.numel() for p in params.values()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)  # AT: a fresh optimizer
+    x = torch.randn(4, 2, 5, 5, generator=gen)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) * torch.randn(4, 3, generator=gen)).sum().backward()
+        opt.step()
+        assert rb.after_step(opt, 0) is None  # a fixed ticket: no topology update
+        for n, m in rb.mask.masks.items():
+            assert not params[n].detach()[~m].any() and not momentum(opt, params[n])[~m].any(), n
+            assert momentum(opt, params[n])[m].any()  # active weights do move
+    assert rb.mask.steps == 3
+
+
+def test_early_bird_records_every_conv_kind():
+    """EarlyBird.record masks conv weights of any rank (Conv1d, transposed); linear and attention stay out
+    (the models of the FLOPs tests below)."""
+    for which, convs in [("signal", {"down.weight", "up.weight"}), ("vit", {"conv_proj.weight"}),
+                         ("volume", {"conv.weight", "up.weight", "up2d.weight"})]:
+        eb = sw.EarlyBird(density=0.3, queue=2)
+        eb.record(FLOP_MODELS[which][0]())
+        assert set(eb.masks[-1]) == convs
+        assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
+
+
+# ----------------------------------------------------------------------------- 10. Flying Bird: the cosine death rate
 
 @settings(max_examples=30, deadline=None)
 @given(total=st.integers(2, 5000))
@@ -498,7 +1188,31 @@ def test_cosine_death_rate(total):
                                    0.005 + 0.495 * (1 + math.cos(math.pi / 4)) / 2, rtol=0, atol=1e-15)
 
 
-# ----------------------------------------------------------------------------- 4. FB+ decision
+def test_flying_bird_death_rate_and_intervals_from_the_config():
+    """Flying Bird as the CLI builds it: T from --update-interval before half of training and from
+    --update-interval-late after, p on the cosine from --death-rate to --death-rate-final, ceil(p * nnz)
+    pruned and as many regrown per layer."""
+    cfg = sw.parse_args(["--mode", "dynamic", "--epochs", "2", "--sparsity", "0.5", "--allocation", "uniform",
+                         "--death-rate", "0.3", "--death-rate-final", "0.1", "--update-interval", "2",
+                         "--update-interval-late", "3"])
+    method = sw.method_for(cfg)
+    gen = torch.Generator().manual_seed(1)
+    model = chain_model((2, [(4, 3)], [6]), gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.start(model, total_steps=8, epochs=2)  # 4 steps per epoch
+    records = []
+    for step in range(8):
+        sgd_step(model, opt, gen, 2)
+        counts = list(method.mask.counts)
+        if (r := method.after_step(opt, step // 4)) is not None:
+            records.append((r, counts))
+    assert [r["step"] for r, _ in records] == [2, 4, 6]  # T = 2 in epoch 0, T = 3 in epoch 1
+    for r, counts in records:
+        assert r["death_rate"] == sw.cosine_death_rate(r["step"], 8, 0.3, 0.1)
+        assert r["pruned"] == r["grown"] == sum(math.ceil(r["death_rate"] * c) for c in counts)
+
+
+# ----------------------------------------------------------------------------- 11. Flying Bird+: the adaptive rule
 
 def test_fbplus_decision_hand_made():
     flat = [0.0] * 5
@@ -586,427 +1300,7 @@ def test_fbplus_end_epoch_to_update_with_paper_defaults(history, prune, grow):
     assert method.events == [dict(epoch=5, step=2, prune=prune, grow=grow)]
 
 
-def test_flying_bird_death_rate_and_intervals_from_the_config():
-    """Flying Bird as the CLI builds it: T from --update-interval before half of training and from
-    --update-interval-late after, p on the cosine from --death-rate to --death-rate-final, ceil(p * nnz)
-    pruned and as many regrown per layer."""
-    cfg = sw.parse_args(["--mode", "dynamic", "--epochs", "2", "--sparsity", "0.5", "--allocation", "uniform",
-                         "--death-rate", "0.3", "--death-rate-final", "0.1", "--update-interval", "2",
-                         "--update-interval-late", "3"])
-    method = sw.method_for(cfg)
-    gen = torch.Generator().manual_seed(1)
-    model = chain_model((2, [(4, 3)], [6]), gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    method.start(model, total_steps=8, epochs=2)  # 4 steps per epoch
-    records = []
-    for step in range(8):
-        sgd_step(model, opt, gen, 2)
-        counts = list(method.mask.counts)
-        if (r := method.after_step(opt, step // 4)) is not None:
-            records.append((r, counts))
-    assert [r["step"] for r, _ in records] == [2, 4, 6]  # T = 2 in epoch 0, T = 3 in epoch 1
-    for r, counts in records:
-        assert r["death_rate"] == sw.cosine_death_rate(r["step"], 8, 0.3, 0.1)
-        assert r["pruned"] == r["grown"] == sum(math.ceil(r["death_rate"] * c) for c in counts)
-
-
-# ----------------------------------------------------------------------------- 5. mask state round trip
-
-def _roundtrip_setup(seed):
-    gen = torch.Generator().manual_seed(seed)
-    spec = (2, [(3, 3)], [5])
-    model = chain_model(spec, gen)
-    mask = sw.SparseMask(model, density=0.3, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for p in (0.5, 0.3):
-        sgd_step(model, opt, gen, spec[0])
-        mask.step(opt)
-        mask.update(p)
-    sgd_step(model, opt, gen, spec[0])
-    mask.step(opt)
-    model2 = chain_model(spec, torch.Generator().manual_seed(seed + 7))
-    mask2 = sw.SparseMask(model2, density=0.3, seed=seed + 7)  # different masks and RNG state
-    model2.load_state_dict(model.state_dict())  # resume order of train(): model, then mask
-    return model, mask, model2, mask2
-
-
-@settings(max_examples=8, deadline=None)
-@given(seed=SEEDS)
-def test_mask_state_dict_round_trip_through_bytes(seed):
-    model, mask, model2, mask2 = _roundtrip_setup(seed)
-    buf = io.BytesIO()
-    torch.save(mask.state_dict(), buf)
-    buf.seek(0)
-    mask2.load_state_dict(torch.load(buf))
-    assert mask2.counts == mask.counts and mask2.steps == mask.steps
-    for _ in range(3):  # the same random regrowth follows: the RNG state was carried
-        mask.update(0.4)
-        mask2.update(0.4)
-        assert all(torch.equal(mask.masks[n], mask2.masks[n]) for n in mask.names)
-        assert all(torch.equal(mask.ever_active[n], mask2.ever_active[n]) for n in mask.names)
-    assert mask2.itop_rate() == mask.itop_rate()
-
-
-def test_mask_state_dict_round_trip_in_memory_is_independent():
-    """A mask loaded from a live mask's state_dict() must not share storage with it."""
-    model, mask, model2, mask2 = _roundtrip_setup(3)
-    mask2.load_state_dict(mask.state_dict())
-    mask.update(0.4)
-    after = {n: m.clone() for n, m in mask.masks.items()}
-    mask2.update(0.4)
-    assert all(torch.equal(mask.masks[n], after[n]) for n in mask.names)  # mask2 left mask alone
-    assert all(torch.equal(mask2.masks[n], after[n]) for n in mask.names)
-
-
-def test_mask_load_state_dict_rejects_other_model():
-    a = sw.SparseMask(nn.Sequential(nn.Linear(4, 4)), density=0.5)
-    b = sw.SparseMask(nn.Sequential(nn.Linear(4, 5)), density=0.5)
-    with pytest.raises(sw.SparseWinError):
-        b.load_state_dict(a.state_dict())
-
-
-def test_mask_from_given_masks_is_a_copy():
-    model = nn.Sequential(nn.Linear(6, 6))
-    given_mask = {"0.weight": torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.5}
-    keep = given_mask["0.weight"].clone()
-    mask = sw.SparseMask(model, masks=given_mask)
-    assert torch.equal(mask.masks["0.weight"], keep)
-    assert mask.counts == [int(keep.sum())]
-    with torch.no_grad():
-        model[0].weight.add_(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
-    mask.update(0.5)
-    assert torch.equal(given_mask["0.weight"], keep)
-
-
-# ----------------------------------------------------------------------------- 6. PGD
-
-ATTACK = dict(eps=st.sampled_from([2 / 255, 8 / 255, 16 / 255]), steps=st.integers(1, 4),
-              norm=st.sampled_from(["linf", "l2"]), seed=SEEDS)
-
-
-@settings(max_examples=12, deadline=None)
-@given(**ATTACK, random_start=st.booleans(), training=st.booleans())
-def test_pgd_ball_box_mode_grads_determinism(eps, steps, norm, seed, random_start, training):
-    gen = torch.Generator().manual_seed(seed)
-    model = tiny_cnn(gen, bn=True).train(training)
-    x = torch.rand(5, 3, 8, 8, generator=gen)
-    y = torch.randint(0, 3, (5,), generator=gen)
-    eps = eps if norm == "linf" else eps * 8  # L2 budgets are larger
-    params = list(model.parameters())
-    preset = {i: torch.randn(p.shape, generator=gen) for i, p in enumerate(params) if i % 2 == 0}
-    for i, p in enumerate(params):
-        p.grad = preset[i].clone() if i in preset else None
-    kw = dict(eps=eps, alpha=eps / 2, steps=steps, norm=norm, random_start=random_start)
-    state = copy.deepcopy(model.state_dict())
-    adv = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
-    assert model.training == training
-    for i, p in enumerate(params):
-        assert (p.grad is None) if i not in preset else torch.equal(p.grad, preset[i])
-    assert adv.shape == x.shape and not adv.requires_grad
-    assert adv.min() >= 0 and adv.max() <= 1
-    delta = (adv - x).flatten(1)
-    if norm == "linf":
-        assert delta.abs().max() <= eps + 1e-6
-    else:
-        assert (delta.norm(dim=1) <= eps * (1 + 1e-5)).all()
-    assert not torch.equal(adv, x)
-    model.load_state_dict(state)  # BN running stats move in train mode; restore before the rerun
-    again = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
-    assert torch.equal(adv, again)
-
-
-def test_pgd_random_start_depends_on_seed():
-    gen = torch.Generator().manual_seed(0)
-    model = tiny_cnn(gen).eval()
-    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0])
-    kw = dict(eps=8 / 255, alpha=2 / 255, steps=1)
-    a = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(1), **kw)
-    b = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(2), **kw)
-    assert not torch.equal(a, b)
-    assert torch.equal(sw.pgd(model, x, y, steps=0, eps=0.1, alpha=0.1), x)
-
-
-def linear_problem(d: int, k: int, b: int, seed: int):
-    """A float64 linear classifier (d -> k) with random weights, and b inputs in [0, 1] with labels."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Linear(d, k).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
-        model.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
-    return model, torch.rand(b, d, generator=gen, dtype=torch.float64), torch.randint(0, k, (b,), generator=gen)
-
-
-@settings(max_examples=20, deadline=None)
-@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS,
-       eps=st.floats(0.01, 0.3))
-def test_pgd_one_step_closed_form_linear(d, k, b, seed, eps):
-    model, x, y = linear_problem(d, k, b, seed)
-    adv = sw.pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
-    W, bias = model.weight.detach(), model.bias.detach()
-    g = (torch.softmax(x @ W.T + bias, dim=1) - F.one_hot(y, k).double()) @ W  # dCE/dx per sample
-    want = torch.clamp(x + eps * g.sign(), 0, 1)
-    sure = g.abs() > 1e-12  # sign of a numerically zero gradient is not determined
-    assert torch.equal(adv[sure], want[sure])
-
-
-@settings(max_examples=20, deadline=None)
-@given(d=st.integers(2, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.05, 1.0),
-       ratio=st.sampled_from([0.25, 0.5, 2.0]))
-def test_pgd_l2_one_step_closed_form_linear(d, k, b, seed, eps, ratio):
-    """One L2 step from x is x + alpha g / |g| projected onto the eps-*ball* (a step shorter than eps stays
-    as it is, a longer one is cut to eps), then into [0, 1]. A projection onto the sphere fails here."""
-    model, x, y = linear_problem(d, k, b, seed)
-    alpha = ratio * eps
-    adv = sw.pgd(model, x, y, eps=eps, alpha=alpha, steps=1, norm="l2", random_start=False)
-    W, bias = model.weight.detach(), model.bias.detach()
-    g = (torch.softmax(x @ W.T + bias, dim=1) - F.one_hot(y, k).double()) @ W  # dCE/dx per sample
-    want = torch.clamp(x + min(alpha, eps) * g / g.norm(dim=1, keepdim=True), 0, 1)
-    # loosened from exact: pgd's gradient carries the mean's 1/b, which the normalization removes up to rounding
-    torch.testing.assert_close(adv, want, rtol=0, atol=1e-12)
-
-
-def test_pgd_increases_loss_on_trained_model():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 1, 8, 8, generator=gen)
-    y = (x[:, :, :, :4].mean((1, 2, 3)) > x[:, :, :, 4:].mean((1, 2, 3))).long()  # left vs right brighter
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(30):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    clean = F.cross_entropy(model(x), y, reduction="none").detach()
-    assert (model(x).argmax(1) == y).float().mean() > 0.8  # it learned something
-    adv = sw.pgd(model, x, y, eps=0.1, alpha=0.03, steps=5, generator=torch.Generator().manual_seed(0))
-    robust = F.cross_entropy(model(adv), y, reduction="none").detach()
-    assert robust.mean() > clean.mean() * 1.5
-    assert (robust >= clean - 1e-6).float().mean() > 0.9
-
-
-@settings(max_examples=6, deadline=None)
-@given(seed=SEEDS, steps=st.integers(1, 4), eps=st.sampled_from([4 / 255, 8 / 255]))
-def test_pgd_matches_torchattacks_linf(seed, steps, eps):
-    torchattacks = pytest.importorskip("torchattacks")
-    gen = torch.Generator().manual_seed(seed)
-    model = sw.build_model("preact_resnet18", width=0.0625, num_classes=3).eval()
-    fill_(model, gen)
-    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    torch.manual_seed(seed)
-    theirs = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True)(x, y)
-    torch.manual_seed(seed)
-    ours = sw.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=steps, generator=None)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
-@settings(max_examples=6, deadline=None)
-@given(seed=SEEDS, steps=st.integers(1, 4))
-def test_pgd_matches_torchattacks_l2(seed, steps):
-    torchattacks = pytest.importorskip("torchattacks")
-    gen = torch.Generator().manual_seed(seed)
-    model = tiny_cnn(gen).eval()
-    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    torch.manual_seed(seed)
-    theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=steps, random_start=True)(x, y)
-    torch.manual_seed(seed)
-    ours = sw.pgd(model, x, y, eps=0.5, alpha=0.1, steps=steps, norm="l2", generator=None)
-    # loosened: torchattacks adds 1e-10 to norms and multiplies in another order (float32 rounding)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- 7. evaluate
-
-@settings(max_examples=8, deadline=None)
-@given(seed=SEEDS, steps=st.integers(0, 3), training=st.booleans())
-def test_evaluate_matches_manual_and_takes_no_param_grads(seed, steps, training):
-    gen = torch.Generator().manual_seed(seed)
-    model = tiny_cnn(gen, bn=True)
-    with torch.no_grad():  # BN stats that differ from the batch stats, so eval mode matters
-        model[1].running_mean.copy_(torch.randn(4, generator=gen))
-        model[1].running_var.copy_(torch.rand(4, generator=gen) + 0.5)
-    model.train(training)
-    batches = [(torch.rand(n, 3, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 3)]
-    fired = []
-    hooks = [p.register_hook(lambda g, name=name: fired.append(name)) for name, p in model.named_parameters()]
-    kw = dict(eps=8 / 255, alpha=2 / 255, steps=steps)
-    got = sw.evaluate(model, batches, generator=torch.Generator().manual_seed(seed), **kw)
-    assert fired == [] and all(p.grad is None for p in model.parameters())
-    assert model.training == training
-    for h in hooks:
-        h.remove()
-
-    model.eval()  # manual: clean and PGD accuracy in %, mean losses, same generator draws
-    g2 = torch.Generator().manual_seed(seed)
-    ok = adv_ok = loss = adv_loss = 0.0
-    for x, y in batches:
-        adv = sw.pgd(model, x, y, generator=g2, **kw) if steps else x
-        with torch.no_grad():
-            lc, la = model(x), model(adv)
-        ok += int((lc.argmax(1) == y).sum())
-        adv_ok += int((la.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(lc, y, reduction="sum"))
-        adv_loss += float(F.cross_entropy(la, y, reduction="sum"))
-    n = 8
-    assert got["sa"] == 100 * (ok / n) and got["ra"] == 100 * (adv_ok / n)
-    torch.testing.assert_close([got["loss"], got["adv_loss"]], [loss / n, adv_loss / n])
-    if steps == 0:
-        assert got["ra"] == got["sa"]
-
-
-def test_param_hooks_do_fire_on_backward():
-    """Control for the hook check above: the hooks do see ordinary parameter gradients."""
-    model = tiny_cnn(torch.Generator().manual_seed(0))
-    fired = []
-    for name, p in model.named_parameters():
-        p.register_hook(lambda g, name=name: fired.append(name))
-    model(torch.rand(2, 3, 8, 8)).sum().backward()
-    assert sorted(fired) == sorted(n for n, _ in model.named_parameters())
-
-
-# ----------------------------------------------------------------------------- 8. early bird
-
-@settings(max_examples=30, deadline=None)
-@given(shapes=layer_shapes(3), seed=SEEDS, p=st.floats(0, 1))
-def test_mask_distance(shapes, seed, p):
-    gen = torch.Generator().manual_seed(seed)
-    a = {str(i): torch.rand(s, generator=gen) < 0.5 for i, s in enumerate(shapes)}
-    flip = {str(i): torch.rand(s, generator=gen) < p for i, s in enumerate(shapes)}
-    b = {n: a[n] ^ flip[n] for n in a}
-    total = sum(math.prod(s) for s in shapes)
-    diff = sum(int(f.sum()) for f in flip.values())
-    assert sw.mask_distance(a, b) == sw.mask_distance(b, a) == diff / total
-    assert (sw.mask_distance(a, b) == 0) == all(torch.equal(a[n], b[n]) for n in a)
-    assert sw.mask_distance(a, a) == 0
-
-
-@settings(max_examples=30, deadline=None)
-@given(shapes=layer_shapes(3), seed=SEEDS, density=DENSITIES)
-def test_magnitude_mask_global_topk(shapes, seed, density):
-    gen = torch.Generator().manual_seed(seed)
-    w = {str(i): torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)}  # layers differ in scale
-    m = sw.magnitude_mask(w, density)
-    total = sum(math.prod(s) for s in shapes)
-    assert list(m) == list(w)
-    assert all(m[n].dtype == torch.bool and m[n].shape == w[n].shape for n in w)
-    k = round(density * total)
-    assert sum(int(x.sum()) for x in m.values()) == k
-    flat = torch.cat([w[n].flatten() for n in w]).tolist()
-    chosen = torch.cat([m[n].flatten() for n in w]).nonzero().view(-1).tolist()
-    assert_chosen(flat, range(total), chosen, k, largest=True)
-
-
-def test_ticket_masks_are_shaped_like_weights_and_adoptable():
-    """Robust Bird adopts the ticket with SparseMask(net, masks=early.ticket(net))."""
-    gen = torch.Generator().manual_seed(0)
-    model = conv_net(gen)
-    ticket = sw.EarlyBird(density=0.3).ticket(model)
-    params = sw.prunable(model)
-    assert all(ticket[n].shape == params[n].shape for n in params)
-    mask = sw.SparseMask(model, masks=ticket)
-    assert mask.counts == [int(ticket[n].sum()) for n in params]
-    assert all(torch.equal(params[n].detach()[~ticket[n]], torch.zeros_like(params[n][~ticket[n]])) for n in params)
-
-
-def conv_net(gen):
-    return fill_(nn.Sequential(nn.Conv2d(2, 6, 3), nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 3)), gen)
-
-
-def test_early_bird_fires_when_masks_settle():
-    gen = torch.Generator().manual_seed(0)
-    model = conv_net(gen)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
-    fired = []
-    for epoch in range(12):
-        with torch.no_grad():
-            for n, p in model.named_parameters():  # noise that shrinks each epoch: the mask settles
-                p.copy_(base[n] + torch.randn(p.shape, generator=gen) * 0.5 ** epoch)
-        fired.append(eb.record(model))
-        # distance = max over the older queued masks, as computed by mask_distance
-        assert eb.distances[-1] == (max(sw.mask_distance(eb.masks[-1], m) for m in eb.masks[:-1])
-                                    if len(eb.masks) > 1 else 1.0)
-    assert len(eb.masks) == 5 and set(eb.masks[-1]) == {"0.weight", "1.weight"}  # conv weights only
-    # the rule itself: fires exactly when the queue is full and the newest mask is within 0.08 of every
-    # older one; here the queue fills while the masks still move (no shortcut through an early full queue)
-    assert fired == [i >= 4 and d <= 0.08 for i, d in enumerate(eb.distances)]
-    assert fired[-1] and eb.emerged
-    first = fired.index(True)
-    assert first > 4 and eb.distances[4] > 0.08
-    ticket = eb.ticket(model)
-    assert set(ticket) == {"0.weight", "1.weight", "3.weight"}  # the ticket covers linear too
-    total = sum(p.numel() for p in sw.prunable(model).values())
-    assert sum(int(t.sum()) for t in ticket.values()) == round(0.3 * total)
-
-
-def test_robust_bird_masks_weights_and_momentum():
-    """Robust Bird adopts the global magnitude ticket, then every step re-masks the weights *and* their
-    momentum (the same rule as Flying Bird; the CUDA test checks it on the GPU path)."""
-    cfg = sw.parse_args(["--mode", "static", "--sparsity", "0.7", "--eb-queue", "2", "--eb-threshold", "1",
-                         "--eb-max-epochs", "5"])
-    rb = sw.method_for(cfg)
-    assert isinstance(rb, sw.RobustBird) and rb.max_epochs == 5
-    assert (rb.early.density, rb.early.queue, rb.early.threshold) == (cfg.density, 2, 1.0)
-    gen = torch.Generator().manual_seed(0)
-    model = conv_net(gen)
-    rb.start(model, total_steps=6, epochs=2)
-    quiet = lambda *a, **k: None  # noqa: E731
-    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is False and rb.pretraining  # queue not full
-    assert rb.end_pretrain_epoch(model, 1.0, 50.0, log=quiet) is True and not rb.pretraining
-    params = sw.prunable(model)
-    assert sum(rb.mask.counts) == round(cfg.density * sum(p.numel() for p in params.values()))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)  # AT: a fresh optimizer
-    x = torch.randn(4, 2, 5, 5, generator=gen)
-    for _ in range(3):
-        opt.zero_grad()
-        (model(x) * torch.randn(4, 3, generator=gen)).sum().backward()
-        opt.step()
-        assert rb.after_step(opt, 0) is None  # a fixed ticket: no topology update
-        for n, m in rb.mask.masks.items():
-            assert not params[n].detach()[~m].any() and not momentum(opt, params[n])[~m].any(), n
-            assert momentum(opt, params[n])[m].any()  # active weights do move
-    assert rb.mask.steps == 3
-
-
-def test_early_bird_needs_a_full_queue():
-    model = conv_net(torch.Generator().manual_seed(3))
-    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
-    fired = [eb.record(model) for _ in range(6)]  # identical masks every epoch: distance 0
-    assert fired == [False] * 4 + [True] * 2
-    assert eb.distances == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and len(eb.masks) == 5
-
-
-def test_early_bird_does_not_fire_when_masks_keep_changing():
-    gen = torch.Generator().manual_seed(1)
-    model = conv_net(gen)
-    eb = sw.EarlyBird(density=0.3, queue=5, threshold=0.08)
-    for _ in range(12):
-        fill_(model, gen)  # fresh random weights every epoch
-        assert not eb.record(model)
-    assert min(eb.distances) > 0.08
-
-
-def test_early_bird_state_dict_round_trip():
-    gen = torch.Generator().manual_seed(2)
-    model = conv_net(gen)
-    eb = sw.EarlyBird(density=0.5, queue=3, threshold=0.3)
-    for _ in range(2):
-        eb.record(model)
-    eb2 = sw.EarlyBird(density=0.5, queue=3, threshold=0.3)
-    buf = io.BytesIO()
-    torch.save(eb.state_dict(), buf)
-    buf.seek(0)
-    eb2.load_state_dict(torch.load(buf))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    assert eb.record(model) == eb2.record(model)
-    assert eb.distances == eb2.distances and eb.emerged == eb2.emerged
-    assert all(torch.equal(a[n], b[n]) for a, b in zip(eb.masks, eb2.masks) for n in a)
-
-
-# ----------------------------------------------------------------------------- 9. FLOPs
+# ----------------------------------------------------------------------------- 12. FLOPs
 
 def flop_counter(model, input_shape):
     """FlopCounterMode over one forward pass. Grad on and the math attention kernel: otherwise eval
@@ -1303,16 +1597,6 @@ def test_sparse_mask_exact_counts_beyond_cnns(which, density, alloc, seed, growt
         assert (int(mask.ever_active[n].sum()) > ever0[n]) == (c < params[n].numel())
 
 
-def test_early_bird_records_every_conv_kind():
-    """EarlyBird.record masks conv weights of any rank (Conv1d, transposed); linear and attention stay out."""
-    for which, convs in [("signal", {"down.weight", "up.weight"}), ("vit", {"conv_proj.weight"}),
-                         ("volume", {"conv.weight", "up.weight", "up2d.weight"})]:
-        eb = sw.EarlyBird(density=0.3, queue=2)
-        eb.record(FLOP_MODELS[which][0]())
-        assert set(eb.masks[-1]) == convs
-        assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
-
-
 @settings(max_examples=20, deadline=None)
 @given(schedule=st.lists(st.tuples(st.integers(1, 256), st.integers(1, 10**9), st.integers(0, 20)),
                          min_size=1, max_size=30))
@@ -1342,58 +1626,355 @@ def test_flop_ledger_conventions():
     assert abs(ledger.paper / 772.41e17 - 1) < 1e-4
 
 
-# ----------------------------------------------------------------------------- 10. models
+# ----------------------------------------------------------------------------- 13. data on the device: augment
 
-def test_resnet18_parameter_count():
-    assert sum(p.numel() for p in sw.build_model("resnet18", num_classes=10).parameters()) == 11_173_962
+def crop_candidates(x: torch.Tensor, pad: int, flip: bool):
+    """Slow reference: every crop of the zero-padded sample, unflipped and flipped."""
+    C, H, W = x.shape
+    p = torch.zeros(C, H + 2 * pad, W + 2 * pad)
+    p[:, pad:pad + H, pad:pad + W] = x
+    out = []
+    for src in ([p, p.flip(2)] if flip else [p]):
+        for oy in range(2 * pad + 1):
+            for ox in range(2 * pad + 1):
+                out.append(src[:, oy:oy + H, ox:ox + W])
+    return out
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn"])
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny-imagenet", "fashion-mnist"])
-def test_output_shapes(arch, dataset):
-    info = sw.DATASETS[dataset]
-    model = sw.build_model(arch, num_classes=info["classes"], in_channels=info["channels"], width=0.0625,
-                           mean=info["mean"], std=info["std"], wrn_depth=10, wrn_widen=1)
-    x = torch.rand(2, info["channels"], info["size"], info["size"])
+@pytest.mark.parametrize("pad, flip, shape", [(4, True, (32, 2, 8, 8)), (2, False, (16, 1, 5, 7)),
+                                              (1, True, (16, 3, 6, 4))])
+def test_augment_is_crop_and_flip(pad, flip, shape):
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(shape, generator=g) * 0.9 + 0.1  # no zeros inside: crops are unambiguous
+    out = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(7))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    seen = set()
+    for i in range(len(x)):
+        hits = [j for j, c in enumerate(crop_candidates(x[i], pad, flip)) if torch.equal(c, out[i])]
+        assert len(hits) >= 1, i
+        seen.add(hits[0])
+    assert len(seen) > 3  # offsets (and flips) really vary over the batch
+    if flip:
+        n = (2 * pad + 1) ** 2
+        assert any(h < n for h in seen) and any(h >= n for h in seen)
+    again = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out, again)
+    other = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(out, other)
+
+
+def test_augment_no_pad_no_flip_is_identity():
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(sw.augment(x, pad=0, flip=False, rotate=0), x)
+
+
+def test_augment_rotation():
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(8, 3, 16, 16, generator=g)
+    out = sw.augment(x, pad=4, flip=True, rotate=15, generator=torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    plain = sw.augment(x, pad=4, flip=True, rotate=0, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(out, plain)
+    again = sw.augment(x, pad=4, flip=True, rotate=15, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    # rotation alone of a constant image keeps the centre pixel's value (small angle, no padding)
+    ones = torch.ones(2, 1, 15, 15)
+    rot = sw.augment(ones, pad=0, flip=False, rotate=15, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(rot[:, :, 7, 7], torch.ones(2, 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 12), world=st.integers(2, 4), seed=SEEDS, shuffle=st.booleans())
+def test_batches_shards_are_the_rows_of_one_process(n, batch, world, seed, shuffle):
+    """Under torchrun each rank keeps rows lo:hi of the global batch: the ranks' shards, in rank order, are
+    one process's batch exactly (no row twice, none left out, sizes within one), whatever the remainder."""
+    x = torch.zeros(n, 1, 1, 1, dtype=torch.uint8)
+    y = torch.arange(n)  # the labels name the rows
+
+    def epoch(rank, w):
+        b = sw.Batches(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                       rank=rank, world=w)
+        return [(yb.clone(), b.rows) for _, yb in b]
+    one, shards = epoch(0, 1), [epoch(r, world) for r in range(world)]
+    assert all(len(s) == len(one) for s in shards)
+    for i, (rows, full) in enumerate(one):
+        assert full == (0, len(rows), len(rows))
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), rows)
+        bounds = [s[i][1] for s in shards]
+        assert [lo for lo, _, _ in bounds] == [0] + [hi for _, hi, _ in bounds[:-1]] and bounds[-1][1] == len(rows)
+        sizes = [hi - lo for lo, hi, _ in bounds]
+        assert max(sizes) - min(sizes) <= 1 and all(m == len(rows) for *_, m in bounds)
+
+
+# ----------------------------------------------------------------------------- 14. robust evaluation
+# On a tiny CNN adversarially trained on real Fashion-MNIST; AutoAttack through pyautoattack, with
+# small iteration counts.
+
+@pytest.fixture(scope="module")
+def tiny_fmnist():
+    """A 2-conv CNN trained for 3 epochs with FGSM-RS (eps 0.1) on 4,000 real Fashion-MNIST images (~3 s),
+    and 200 test images: SA ~75%, PGD-20 RA ~50%."""
+    data = sw.load_fashion_mnist("/nonexistent")
+    x, y = data["train"][0][:4000].float() / 255, data["train"][1][:4000]
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), nn.ReLU(), nn.Conv2d(8, 16, 5, 2, 2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 49, 10))
+    fill_(model, gen)
     with torch.no_grad():
-        out = model.eval()(x)
-    assert out.shape == (2, info["classes"])
-    assert torch.isfinite(out).all()
+        for p in model.parameters():
+            p.mul_(1 / math.sqrt(p[0].numel()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            xb, yb = x[order[i:i + 64]], y[order[i:i + 64]]
+            loss = F.cross_entropy(model(sw.fgsm_rs(model, xb, yb, eps=0.1, generator=gen)), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    xt, yt = data["test"][0][:200].float() / 255, data["test"][1][:200]
+    return model.eval(), xt, yt
 
 
-def test_normalize_module():
-    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
-    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    got = sw.Normalize(mean, std)(x)
-    for c in range(3):
-        torch.testing.assert_close(got[:, c], (x[:, c] - mean[c]) / std[c])
+def halves(x, y):
+    return [(x[:100], y[:100]), (x[100:], y[100:])]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn"])
-def test_normalization_happens_inside_the_model(arch):
-    info = sw.DATASETS["cifar10"]
-    model = sw.build_model(arch, width=0.0625, mean=info["mean"], std=info["std"], wrn_depth=10, wrn_widen=1)
-    fill_(model, torch.Generator().manual_seed(0))
+def pgd_ra(model, x, y, steps=20, eps=0.1):
+    """PGD-20 RA in %, an example robust when clean and attacked are both right (as AutoAttack counts)."""
+    ex = sw.evaluate_examples(model, halves(x, y), eps=eps, alpha=eps / 4, steps=steps,
+                              generator=torch.Generator().manual_seed(0))
+    return 100 * (ex["clean"] & ex["robust"]).double().mean().item()
+
+
+def test_pgd_restarts_worst_case_per_example(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    kw = dict(eps=0.1, alpha=0.05, steps=1)  # a weak attack, so that other random starts matter
+    # one batch: the first restart draws what the single run draws, so the comparison is per example
+    one = sw.evaluate_examples(model, [(x, y)], generator=torch.Generator().manual_seed(0), **kw)
+    four = sw.evaluate_examples(model, [(x, y)], restarts=4, generator=torch.Generator().manual_seed(0), **kw)
+    assert not (four["robust"] & ~one["robust"]).any()  # restarts never make an example robust
+    assert four["robust"].sum() < one["robust"].sum()  # and here they break some more
+    assert (four["adv_loss"] >= one["adv_loss"]).all() and torch.equal(four["clean"], one["clean"])
+    four = sw.evaluate_examples(model, halves(x, y), restarts=4, generator=torch.Generator().manual_seed(0), **kw)
+    gen, robust, worst = torch.Generator().manual_seed(0), [], []  # reference: 4 runs per batch, and-ed
+    for xb, yb in halves(x, y):
+        runs = [model(sw.pgd(model, xb, yb, generator=gen, **kw)).detach() for _ in range(4)]
+        robust.append(torch.stack([r.argmax(1) == yb for r in runs]).all(0))
+        worst.append(torch.stack([F.cross_entropy(r, yb, reduction="none") for r in runs]).amax(0))
+    assert torch.equal(four["robust"], torch.cat(robust))
+    torch.testing.assert_close(four["adv_loss"], torch.cat(worst))
+
+
+def test_autoattack_not_above_pgd20(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    aa = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["apgd-ce", "apgd-t"], iters=20,
+                            batch_size=100)
+    ra_aa, ra_pgd = 100 * sum(aa["robust"]) / len(y), pgd_ra(model, x, y)
+    assert ra_pgd > 30  # the model is robust enough for the comparison to mean something
+    assert ra_aa <= ra_pgd and aa["flags"] == []
+    clean = model(x).argmax(1) == y
+    assert not (torch.tensor(aa["robust"]) & ~clean).any()  # robust implies clean-correct
+    assert sw.aa_checks(ra_pgd, ra_aa, aa["flags"])["aa_not_above_pgd"]["ok"] is True
+
+
+@pytest.mark.slow
+def test_autoattack_standard_100_images(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    aa = sw.autoattack_eval(model, x[:100], y[:100], eps=0.1, batch_size=100)
+    ra_aa = sum(aa["robust"])
+    ex = sw.evaluate_examples(model, [(x[:100], y[:100])], eps=0.1, alpha=0.025, steps=20,
+                              generator=torch.Generator().manual_seed(0))
+    assert ra_aa <= int((ex["clean"] & ex["robust"]).sum()) and aa["flags"] == []
+
+
+def test_autoattack_resumes_after_its_last_batch(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    kw = dict(eps=0.1, version="custom", attacks=["apgd-ce"], iters=5, batch_size=50)
+    full = sw.autoattack_eval(model, x, y, **kw)
+    saved = []
+    half = sw.autoattack_eval(model, x[:100], y[:100], on_batch=lambda r: saved.append(copy.deepcopy(r)), **kw)
+    assert [len(r["robust"]) for r in saved] == [50, 100] and saved[-1] == half
+    assert sw.autoattack_eval(model, x, y, done=half, **kw) == full
+
+
+class Reverse(torch.autograd.Function):
+    """Identity forward, negated gradient: an obfuscated gradient that leads PGD towards the right class."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class Masked(nn.Module):
+    """A model built to mask gradients: `model(f(x))` with f noisy, gradient-reversing or rounding."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        f = {"random": lambda x: x + 0.2 * torch.randn_like(x), "reversed": Reverse.apply,
+             "rounded": lambda x: torch.round(x * 4) / 4}[self.kind]  # round: zero gradient everywhere
+        return self.model(f(x))
+
+
+def failed(checks):
+    return {k for k, c in checks.items() if c["ok"] is False}
+
+
+@pytest.mark.parametrize("kind, fires", [(None, set()), ("random", {"eps0_equals_clean"}),
+                                         ("reversed", {"ra_falls_with_steps", "ra_falls_with_eps",
+                                                       "unbounded_ra_zero"}),
+                                         ("rounded", {"unbounded_ra_zero"})])
+def test_masking_checks_fire_on_masked_models_only(tiny_fmnist, kind, fires):
+    model, x, y = tiny_fmnist
+    torch.manual_seed(0)  # the noise of the random model
+    checks = sw.masking_checks(model if kind is None else Masked(model, kind), halves(x, y), eps=0.1, alpha=0.025,
+                               steps=20)
+    assert set(checks) == CHECKS - {"aa_not_above_pgd", "autoattack_flags"}
+    detail = {k: c["detail"] for k, c in checks.items()}
+    assert failed(checks) >= fires if kind else failed(checks) == set(), detail  # a masked model may fail more
+
+
+def test_autoattack_checks_fire(tiny_fmnist):
+    model, x, y = tiny_fmnist
+    ra_pgd = pgd_ra(model, x, y)
+    # a randomized model: AutoAttack's own check says so
+    torch.manual_seed(0)
+    noisy = sw.autoattack_eval(Masked(model, "random"), x[:100], y[:100], eps=0.1, version="custom",
+                               attacks=["apgd-ce"], iters=2, batch_size=100)
+    assert any("randomized" in f for f in noisy["flags"])
+    assert failed(sw.aa_checks(ra_pgd, 0.0, noisy["flags"])) == {"autoattack_flags"}
+    # an AutoAttack far weaker than PGD-20 (Square, one query) reports more robustness than PGD: flagged
+    weak = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["square"], iters=1, batch_size=100)
+    ra_weak = 100 * sum(weak["robust"]) / len(y)
+    assert ra_weak > ra_pgd + 1 and weak["flags"] == []
+    assert failed(sw.aa_checks(ra_pgd, ra_weak, weak["flags"])) == {"aa_not_above_pgd"}
+
+
+# ----------------------------------------------------------------------------- 15. benchmarks
+# `python -m pytest -p test_sparse_win test_sparse_win.py --benchmark-only`: pytest-benchmark groups
+# put our code next to its baseline, measured in the same run; the table's "(x.xx)" columns
+# are the ratios. The default suite skips these (--benchmark-skip) but runs the equality checks.
+
+@pytest.fixture(scope="module")
+def full_resnet():
+    return _tie_free_model(1.0, seed=0)
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_bench_topology_update_ours(benchmark, full_resnet, growth):
+    _, mask = full_resnet
+    benchmark.group = f"topology update, ResNet-18 11.2M weights, d=0.2, {growth}"
+    benchmark.pedantic(lambda: mask.update(0.3, growth=growth), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_bench_topology_update_sort_baseline(benchmark, full_resnet, growth):
+    _, mask = full_resnet
+    benchmark.group = f"topology update, ResNet-18 11.2M weights, d=0.2, {growth}"
+    benchmark.pedantic(lambda: sort_update(mask, 0.3, growth), rounds=3, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    """ResNet-18 at width 16, batch 128, 32x32: the CPU reference point of issue targets."""
+    torch.manual_seed(0)
+    model = sw.build_model("resnet18", width=0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    mask = sw.SparseMask(model, density=0.2)
+
+    def sgd_step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sgd_step()  # momentum buffers exist
+    return model, opt, mask, x, y, sgd_step
+
+
+def test_bench_sgd_step_baseline(benchmark, step_setup):
+    benchmark.group = "mask upkeep vs standard SGD step (ResNet-18 w16, batch 128)"
+    benchmark.pedantic(step_setup[-1], rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_bench_mask_apply(benchmark, step_setup):
+    _, opt, mask, *_ = step_setup
+    benchmark.group = "mask upkeep vs standard SGD step (ResNet-18 w16, batch 128)"
+    benchmark.pedantic(lambda: mask.apply(opt), rounds=50, iterations=1, warmup_rounds=2)
+
+
+def test_bench_pgd_ours(benchmark, step_setup):
+    model, _, _, x, y, _ = step_setup
     model.eval()
-    plain = copy.deepcopy(model)
-    norms = [m for m in plain.modules() if isinstance(m, sw.Normalize)]
-    assert len(norms) == 1
-    norms[0].mean.zero_()
-    norms[0].std.fill_(1.0)
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), plain((x - mean) / std))
-        assert not torch.allclose(model(x), plain(x))  # the normalization does change the output
+    benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
+    benchmark.pedantic(lambda: sw.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10), rounds=5, iterations=1,
+                       warmup_rounds=1)
+
+
+def test_bench_pgd_torchattacks(benchmark, step_setup):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, _, _, x, y, _ = step_setup
+    model.eval()
+    atk = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+    benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
+    benchmark.pedantic(lambda: atk(x, y), rounds=5, iterations=1, warmup_rounds=1)
+
+
+PEAK_RSS = r"""
+import sys, torch, torch.nn.functional as F, sparse_win as sw
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+torch.manual_seed(0)
+base = status("VmRSS:")
+model = sw.build_model("resnet18", width=0.25)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+mask = sw.SparseMask(model, density=0.2) if sys.argv[1] == "sparse" else None
+x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
+def step():
+    loss = F.cross_entropy(model(sw.pgd(model, x, y, eps=8/255, alpha=2/255, steps=2)), y)
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    if mask is not None: mask.step(opt)
+step()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+step()
+print(status("VmHWM:") - base)
+"""
+
+
+def test_bench_peak_memory(benchmark):
+    """Peak resident memory of a PGD AT step with masks is within 5% of dense (measured: +0.7%). Memory,
+    unlike time, does not depend on the load of the machine, so the ratio is asserted."""
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    # glibc: one arena, big blocks mmapped and returned at once, so RSS follows live memory (without
+    # these the dense/sparse peaks scatter by +-15% from run to run; with them by < 0.1%)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               OMP_NUM_THREADS="1")
+    peak = {kind: int(subprocess.run([sys.executable, "-c", PEAK_RSS, kind], capture_output=True, text=True,
+                                     env=env, check=True).stdout) for kind in ("dense", "sparse")}
+    benchmark.extra_info.update(peak_dense_bytes=peak["dense"], peak_sparse_bytes=peak["sparse"],
+                                ratio=peak["sparse"] / peak["dense"])
+    print(f"\npeak step memory: dense {peak['dense'] / 2**20:.1f} MiB, with masks {peak['sparse'] / 2**20:.1f} MiB "
+          f"(ratio {peak['sparse'] / peak['dense']:.3f})")
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert peak["sparse"] <= 1.05 * peak["dense"], peak
 
 
 # =============================================================================
-# program: config, data, training, report, CLI
+# program: the tests of the part of sparse_win.py below '# === program', in its order
 # =============================================================================
 
-# End-to-end tests of the training program (config, data, train, report, main).
-# Every run uses the `smoke` preset (Fashion-MNIST from Debian's dataset-fashion-mnist,
-# 4-channel ResNet-18, PGD-2) with its run directory and data dir under tmp_path.
+# End-to-end tests of the training program (config, data, train, report, main). Every run uses the
+# `smoke` preset (Fashion-MNIST from Debian's dataset-fashion-mnist, 4-channel ResNet-18, PGD-2)
+# with its run directory and data dir under tmp_path.
 
 HERE = Path(sw.__file__).resolve().parent
 K = sw.PRESETS["smoke"]["train_steps"]  # training PGD steps of the smoke preset
@@ -1403,6 +1984,8 @@ REC_KEYS = {"epoch", "lr", "train_loss", "train_ra", "val_sa", "val_ra", "val_ad
 WALL = {"time", "wall_seconds"}  # wall-clock fields: the only ones allowed to differ after a resume
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # for sparse_win.py in a subprocess beside the tests
 
+
+# ----------------------------------------------------------------------------- helpers
 
 def smoke(out, data_dir, *extra) -> list[str]:
     return ["--preset", "smoke", "--out", str(out), "--data-dir", str(data_dir), "--no-download", *map(str, extra)]
@@ -1435,7 +2018,359 @@ def update_steps(epochs, steps_per_epoch, early, late):
             if s % (late if (s - 1) // steps_per_epoch >= epochs // 2 else early) == 0]
 
 
-# ----------------------------------------------------------------------------- shared runs
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def eval_json(d: Path, pattern="eval-*.json") -> dict:
+    files = [f for f in d.glob(pattern) if not f.name.endswith(".partial.json")]
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def eval_reference(model, data_dir, *, n=64, steps=2, restarts=2, seed=0) -> dict:
+    """--eval's per-example results recomputed (QUICK's options): the first n test images in batches of
+    256, PGD (eps 0.1, step 0.025) with restarts from a generator seeded with --seed."""
+    x, y = (t[:n] for t in sw.load_fashion_mnist(str(data_dir))["test"])
+    return sw.evaluate_examples(model, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=steps,
+                                restarts=restarts, generator=torch.Generator().manual_seed(seed))
+
+
+def pct(bits: torch.Tensor) -> float:
+    return 100 * int(bits.sum()) / len(bits)
+
+
+def strip(obj):
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if k not in WALL}
+    if isinstance(obj, list):
+        return [strip(v) for v in obj]
+    return obj
+
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN / Infinity, as jq, JavaScript and pyarrow do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def assert_cli_error(capsys, args, *words) -> str:
+    capsys.readouterr()
+    assert sw.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparse_win.py: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def snapshot(d: Path) -> dict:
+    """Every file of a run directory but its lock (which holds the pid of the last process that took it)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != ".lock"}
+
+
+def wait_for(path: Path, proc, timeout=300):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout, f"no {path} after {timeout} s"  # a hang guard, not a speed target
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- 1. config and the command line
+
+def test_presets_apply_and_flags_override():
+    for name, values in sw.PRESETS.items():
+        cfg = sw.parse_args(["--preset", name])
+        for k, v in values.items():
+            assert getattr(cfg, k) == (tuple(v) if isinstance(v, (list, tuple)) else v), (name, k)
+    cfg = sw.parse_args(["--preset", "smoke", "--epochs", "5", "--milestones", "3", "4", "--no-download"])
+    assert cfg.epochs == 5 and cfg.milestones == (3, 4) and cfg.download is False
+    assert cfg.width == sw.PRESETS["smoke"]["width"] and cfg.dataset == "fashion-mnist"
+    assert sw.parse_args(["--epochs", "7", "--preset", "cpu-demo"]).epochs == 7  # order does not matter
+    assert sw.parse_args(["--preset", "smoke", "--progress"]).progress is True
+
+
+def test_validate_takes_the_number_of_processes_from_its_caller(monkeypatch):
+    """validate() reads no environment: torchrun's WORLD_SIZE reaches it as an argument (train() passes the
+    processes of the job it joined)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = sw.parse_args(["--preset", "smoke", "--batch-size", "64"])
+    assert sw.validate(cfg, world=2) is cfg
+    with pytest.raises(sw.SparseWinError, match="--batch-size 64 .* divisible by the number of processes, 3"):
+        sw.validate(cfg, world=3)
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        sw.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(sw.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        if isinstance(f.default, bool):
+            assert "--no-" + f.name.replace("_", "-") in text
+    assert "--train_steps" not in text
+
+
+def test_paper_defaults():
+    cfg = sw.parse_args(["--dataset", "cifar100", "--mode", "dynamic", "--sparsity", "0.9"])
+    assert (cfg.dataset, cfg.mode, cfg.sparsity) == ("cifar100", "dynamic", 0.9)
+    assert cfg.density == pytest.approx(0.1)
+    assert cfg.epochs == 200 and cfg.lr == 0.1 and cfg.milestones == () and cfg.batch_size == 128
+    assert cfg.momentum == 0.9 and cfg.weight_decay == 5e-4 and cfg.arch == "resnet18"
+    assert cfg.train_steps == 10 and cfg.test_steps == 20 and cfg.norm == "linf"
+    assert cfg.eps(train=True) == (8 / 255, 2 / 255) and cfg.eps(train=False) == (8 / 255, 2 / 255)
+    assert cfg.update_interval == 900 and cfg.update_interval_late == 1200 and cfg.allocation == "igq"
+    assert cfg.growth == "random" and cfg.death_rate == 0.5 and cfg.death_rate_final == 0.005
+    assert (cfg.fbplus_window, cfg.fbplus_prune, cfg.fbplus_grow, cfg.fbplus_threshold) == (4, 0.4, 0.05, 0.5)
+    assert cfg.fbplus_start_epoch == 100 and (cfg.eb_threshold, cfg.eb_queue) == (0.08, 5)
+    assert sw.DATASETS["cifar100"]["rotate"] == 15
+    assert sw.parse_args(["--dataset", "fashion-mnist"]).eps(train=True) == pytest.approx((0.1, 0.025))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sparsity", "1.0"], ["--sparsity", "[0, 1)"]),
+    (["--sparsity", "-0.1"], ["--sparsity"]),
+    (["--sparsity", "abc"], ["--sparsity"]),
+    (["--dataset", "imagenet"], ["imagenet", "cifar10"]),
+    (["--mode", "sparse"], ["sparse", "dynamic+"]),
+    (["--preset", "nope"], ["nope", "smoke"]),
+    (["--bogus-flag"], ["--bogus-flag"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--fbplus-window", "0"], ["--fbplus-window"]),
+    (["--gap-subset", "-1"], ["subset"]),
+])
+def test_cli_bad_options(capsys, tmp_path, args, words):
+    assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "run", *args], *words)
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+def test_cli_subprocess_one_line():
+    p = subprocess.run([sys.executable, "sparse_win.py", "--sparsity", "2"], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == ["sparse_win.py: error: --sparsity must be in [0, 1), got 2.0"]
+    assert p.stdout == ""
+
+
+# ----------------------------------------------------------------------------- 2. data loaders
+
+def py2_pickle(d: dict) -> bytes:
+    """A pickle as Python 2 wrote CIFAR's files: keys are Python 2 str (SHORT_BINSTRING), so that
+    pickle.load(encoding='bytes') gives b'data' and encoding='latin1' (torchvision) gives 'data'."""
+    out = bytearray(b"\x80\x02}(")  # PROTO 2, EMPTY_DICT, MARK
+    for k, v in d.items():
+        kb = k.encode("latin1")
+        out += b"U" + bytes([len(kb)]) + kb
+        out += pickle.dumps(v, protocol=2)[2:-1]  # the value, without its PROTO and STOP
+    return bytes(out + b"u.")  # SETITEMS, STOP
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    # our small files cannot match the real MD5 sums: check that they exist, nothing more
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+def write_cifar(root: Path, name: str, rng: np.random.Generator, n_per_batch=4, n_test=5):
+    """Official python-version layout with random images; returns (train rows, labels, test rows, labels)."""
+    classes = 10 if name == "cifar10" else 100
+    key = "labels" if name == "cifar10" else "fine_labels"
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    batches = ["data_batch_%d" % i for i in range(1, 6)] if name == "cifar10" else ["train"]
+    n_train = n_per_batch * 5
+    x = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
+    y = rng.integers(0, classes, n_train).tolist()
+    xt = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    yt = rng.integers(0, classes, n_test).tolist()
+    per = n_train // len(batches)
+    for i, b in enumerate(batches):
+        rec = {"batch_label": b, key: y[i * per:(i + 1) * per], "data": x[i * per:(i + 1) * per],
+               "filenames": ["img_%d.png" % j for j in range(per)]}
+        if name == "cifar100":
+            rec["coarse_labels"] = [c // 5 for c in rec[key]]
+        (folder / b).write_bytes(py2_pickle(rec))
+    test = {"batch_label": "test", key: yt, "data": xt, "filenames": ["t_%d.png" % j for j in range(n_test)]}
+    if name == "cifar100":
+        test["coarse_labels"] = [c // 5 for c in yt]
+    (folder / ("test_batch" if name == "cifar10" else "test")).write_bytes(py2_pickle(test))
+    if name == "cifar10":
+        meta = {"num_cases_per_batch": per, "label_names": ["c%d" % i for i in range(10)], "num_vis": 3072}
+        (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    else:
+        meta = {"fine_label_names": ["f%d" % i for i in range(100)],
+                "coarse_label_names": ["c%d" % i for i in range(20)]}
+        (folder / "meta").write_bytes(py2_pickle(meta))
+    with open(folder / batches[0], "rb") as f:  # the fixture has the real format's bytes keys
+        assert b"data" in pickle.load(f, encoding="bytes")
+    return x, y, xt, yt
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_load_cifar(tmp_path, no_md5, name):
+    x, y, xt, yt = write_cifar(tmp_path, name, np.random.default_rng(1))
+    data = sw.load_cifar(name, str(tmp_path), download=False)
+    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
+    for t in (xtr, xv, xte):
+        assert t.dtype == torch.uint8 and t.shape[1:] == (3, 32, 32) and t.is_contiguous()
+    for t in (ytr, yv, yte):
+        assert t.dtype == torch.int64
+    assert len(xtr) == 18 and len(xv) == 2 and len(xte) == 5  # last N // 10 of train are val, in order
+    assert torch.cat([ytr, yv]).tolist() == y and yte.tolist() == yt
+    allx = torch.cat([xtr, xv])
+    for i in range(len(x)):  # pickle row: 1024 R, then 1024 G, then 1024 B, each row-major 32 x 32
+        for c in range(3):
+            for r in (0, 5, 31):
+                assert allx[i, c, r].tolist() == x[i, c * 1024 + r * 32: c * 1024 + r * 32 + 32].tolist()
+    assert torch.equal(allx, torch.from_numpy(x).view(-1, 3, 32, 32))
+    assert torch.equal(xte, torch.from_numpy(xt).view(-1, 3, 32, 32))
+    cfg = sw.parse_args(["--dataset", name, "--data-dir", str(tmp_path), "--no-download"])
+    assert torch.equal(sw.load_data(cfg)["val"][0], xv)
+
+
+def test_load_cifar_bad_files_is_error(tmp_path, no_md5):
+    write_cifar(tmp_path, "cifar10", np.random.default_rng(2))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(sw.SparseWinError, match="cifar10 not found"):
+        sw.load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def colour(cls: int, i: int) -> tuple:
+    return (30 + 40 * cls, 20 + 35 * i, 220 - 25 * cls)
+
+
+def write_tiny_imagenet(base: Path, wnids=("n02", "n01", "n03"), per_class=4, n_val=4):
+    from PIL import Image
+    order = sorted(wnids)
+    (base / "train").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")  # unsorted, as in the real file
+    expected = []  # (wnid label, colour) in the loader's order: sorted wnid, sorted file name
+    for w in wnids:
+        (base / "train" / w / "images").mkdir(parents=True)
+        (base / "train" / w / f"{w}_boxes.txt").write_text("".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n"
+                                                                   for i in range(per_class)))
+        for i in range(per_class):
+            Image.new("RGB", (64, 64), colour(order.index(w), i)).save(
+                base / "train" / w / "images" / f"{w}_{i}.JPEG", quality=100, subsampling=0)
+    for w in order:
+        expected += [(order.index(w), colour(order.index(w), i)) for i in range(per_class)]
+    (base / "val" / "images").mkdir(parents=True)
+    ann, test = [], []
+    for j in range(n_val):
+        w = wnids[j % len(wnids)]
+        if j == 0:  # a greyscale JPEG (Tiny-ImageNet has some): the loader makes it RGB
+            Image.new("L", (64, 64), 77).save(base / "val" / "images" / f"val_{j}.JPEG", quality=100)
+            test.append((order.index(w), (77, 77, 77)))
+        else:
+            Image.new("RGB", (64, 64), colour(order.index(w), j)).save(
+                base / "val" / "images" / f"val_{j}.JPEG", quality=100, subsampling=0)
+            test.append((order.index(w), colour(order.index(w), j)))
+        ann.append(f"val_{j}.JPEG\t{w}\t0\t10\t62\t56")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    return expected, test
+
+
+def test_load_tiny_imagenet(tmp_path):
+    expected, test = write_tiny_imagenet(tmp_path / "a" / "tiny-imagenet-200")
+    write_tiny_imagenet(tmp_path / "b")  # the same files directly under root
+    data = sw.load_tiny_imagenet(str(tmp_path / "a"))
+    again = sw.load_tiny_imagenet(str(tmp_path / "b"))
+    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
+    assert xtr.dtype == torch.uint8 and xtr.shape == (11, 3, 64, 64) and xv.shape == (1, 3, 64, 64)
+    assert xte.shape == (4, 3, 64, 64) and ytr.dtype == yte.dtype == torch.int64
+    for s in ("train", "val", "test"):  # the 90/10 split is a fixed permutation: same on every call
+        assert torch.equal(data[s][0], again[s][0]) and torch.equal(data[s][1], again[s][1])
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    want = [expected[i] for i in perm]
+    got_x, got_y = torch.cat([xtr, xv]), torch.cat([ytr, yv])
+    assert got_y.tolist() == [c for c, _ in want]  # labels by sorted wnid
+    assert sorted(got_y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    means = got_x.float().mean((2, 3))
+    # JPEG at quality 100 without chroma subsampling: solid colours come back within a few levels
+    torch.testing.assert_close(means, torch.tensor([c for _, c in want], dtype=torch.float), atol=3, rtol=0)
+    assert yte.tolist() == [c for c, _ in test]
+    torch.testing.assert_close(xte.float().mean((2, 3)), torch.tensor([c for _, c in test], dtype=torch.float),
+                               atol=3, rtol=0)
+    assert torch.equal(xte[0, 0], xte[0, 1]) and torch.equal(xte[0, 0], xte[0, 2])  # greyscale -> RGB
+
+
+def write_idx(path: Path, t: torch.Tensor):
+    magic = struct.pack(">I", 0x800 + t.dim()) + b"".join(struct.pack(">I", n) for n in t.shape)
+    body = magic + t.numpy().tobytes()
+    path.write_bytes(gzip.compress(body) if path.suffix == ".gz" else body)
+
+
+def test_read_idx_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(5,), (3, 4, 7), (2, 28, 28)]:
+        t = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        for name in ("a.idx", "a.idx.gz"):
+            write_idx(tmp_path / name, t)
+            r = sw._read_idx(tmp_path / name)
+            assert r.dtype == torch.uint8 and torch.equal(r, t)
+    assert (tmp_path / "a.idx").read_bytes()[:4] == b"\x00\x00\x08\x03"
+
+
+def test_load_fashion_mnist_from_idx(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    deb = tmp_path / "debian"
+    deb.mkdir()
+    x = torch.randint(0, 256, (20, 28, 28), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (20,), generator=g, dtype=torch.uint8)
+    xt = torch.randint(0, 256, (7, 28, 28), generator=g, dtype=torch.uint8)
+    yt = torch.randint(0, 10, (7,), generator=g, dtype=torch.uint8)
+    for stem, t in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
+                    ("t10k-images-idx3-ubyte", xt), ("t10k-labels-idx1-ubyte", yt)):
+        write_idx(deb / f"{stem}.gz", t)
+    assert (deb / "train-labels-idx1-ubyte.gz").read_bytes()[:2] == b"\x1f\x8b"
+    assert gzip.decompress((deb / "train-labels-idx1-ubyte.gz").read_bytes())[:4] == b"\x00\x00\x08\x01"
+    data = sw.load_fashion_mnist(str(tmp_path / "root"), debian_dir=str(deb))
+    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
+    assert xtr.shape == (18, 1, 28, 28) and xv.shape == (2, 1, 28, 28) and xte.shape == (7, 1, 28, 28)
+    assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64
+    assert torch.equal(torch.cat([xtr, xv])[:, 0], x) and torch.equal(xte[:, 0], xt)
+    assert torch.cat([ytr, yv]).tolist() == y.tolist() and yte.tolist() == yt.tolist()
+    # the torchvision layout under root (unpacked files) comes first
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem, t in (("train-images-idx3-ubyte", x[:10]), ("train-labels-idx1-ubyte", y[:10]),
+                    ("t10k-images-idx3-ubyte", xt[:3]), ("t10k-labels-idx1-ubyte", yt[:3])):
+        write_idx(raw / stem, t)
+    data = sw.load_fashion_mnist(str(tmp_path / "root"), debian_dir=str(deb))
+    assert len(data["train"][0]) == 9 and len(data["val"][0]) == 1 and torch.equal(data["test"][0][:, 0], xt[:3])
+
+
+def test_cli_missing_cifar(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "cifar10", "--no-download", "--data-dir",
+                                     tmp_path / "empty", "--out", tmp_path / "run"], "cifar10", "data_batch_1")
+    assert "cifar-10-batches-py" in line
+
+
+def test_cli_missing_tiny_imagenet(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "tiny-imagenet", "--data-dir",
+                              tmp_path / "empty", "--out", tmp_path / "run"], "tiny-imagenet", "val_annotations.txt")
+
+
+def test_cli_missing_fashion_mnist(capsys, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    # no Debian fallback either (the constant is bound as load_fashion_mnist's default argument)
+    monkeypatch.setattr(sw, "DEBIAN_FASHION_MNIST", str(tmp_path / "empty"))
+    monkeypatch.setattr(sw.load_fashion_mnist, "__defaults__", (False, str(tmp_path / "empty")))
+    assert_cli_error(capsys, ["--preset", "smoke", "--no-download", "--data-dir", tmp_path / "empty",
+                              "--out", tmp_path / "run"], "fashion-mnist")
+
+
+# ----------------------------------------------------------------------------- 3. shared runs
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -1483,7 +2418,7 @@ def static_run(tmp_path_factory, data_dir):
     return run_ok(smoke(tmp_path_factory.mktemp("static") / "run", data_dir, "--mode", "static"))
 
 
-# ----------------------------------------------------------------------------- 1. end to end
+# ----------------------------------------------------------------------------- 4. train, end to end
 
 def check_common(d: Path, mode: str, epochs: int):
     """Files of a finished run and the invariants every mode shares."""
@@ -1750,15 +2685,116 @@ def test_train_and_eval_attacks_use_their_own_budgets(tmp_path, data_dir, monkey
     assert seen == {(True, 16.0, 5.0, 1), (False, 4.0, 1.0, 3)}
 
 
-# ----------------------------------------------------------------------------- 2. resume
+def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
+    """Flying Bird without an attack (--train-steps 0) still prunes and regrows on schedule."""
+    run = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--train-steps", 0, "--epochs", 1))
+    _, summary = read_run(run)
+    steps = update_steps(1, N_TRAIN // 64, 2, 3)  # one epoch: all of it is the "late" half, T = 3
+    assert summary["topology_updates"] == len(steps) == 1 and summary["itop_rate"] > summary["final_density"]
 
-def strip(obj):
-    if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if k not in WALL}
-    if isinstance(obj, list):
-        return [strip(v) for v in obj]
-    return obj
 
+def test_robust_bird_default_milestones_are_the_released_50_150(tmp_path, data_dir):
+    """RB's AT stage reuses stage 1's schedule in the released code (x0.1 at 50 and 150): its default;
+    the others keep the paper's 100 and 150; an explicit --milestones wins; config and summary record them."""
+    assert sw.parse_args([]).milestones == ()  # "the method's default"
+    assert (sw.Dense.milestones, sw.FlyingBird.milestones, sw.FlyingBirdPlus.milestones) == ((100, 150),) * 3
+    assert sw.RobustBird.milestones == (50, 150)
+    cfg = dataclasses.replace(sw.parse_args(smoke(tmp_path / "rb", data_dir, "--mode", "static", "--epochs", 1,
+                                                  "--eb-max-epochs", 1, "--train-subset", 64)), milestones=())
+    s = sw.train(cfg, log=lambda *a: None)
+    assert s["milestones"] == [50, 150] == json.loads((tmp_path / "rb" / "config.json").read_text())["milestones"]
+    assert list(load_ck(tmp_path / "rb" / "last.pt")["scheduler"]["milestones"]) == [50, 150]
+    s = sw.train(dataclasses.replace(cfg, out=str(tmp_path / "rb2"), milestones=(7,)), log=lambda *a: None)
+    assert s["milestones"] == [7]
+
+
+def test_fbplus_with_erk_keeps_its_dense_layers_dense(tmp_path, data_dir):
+    """ERK makes small layers dense; FB+'s extra pruning (fired here at every late update) leaves them full."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, *FBPLUS, "--allocation", "erk"))
+    net = smoke_model()
+    shapes = [tuple(p.shape) for p in sw.prunable(net).values()]
+    counts = sw.allocate_counts(shapes, 0.2, "erk")
+    full = [n for n, k, s in zip(sw.prunable(net), counts, shapes) if k == math.prod(s)]
+    assert len(full) >= 2  # the stem conv and the linear among them
+    masks = load_ck(d / "last.pt")["mask"]["masks"]
+    assert all(bool(masks[n].all()) for n in full)
+    _, s = read_run(d)
+    assert s["fbplus_events"] and s["final_density"] < 0.2  # extra pruning did fire, elsewhere
+
+
+def test_evaluation_attacks_run_in_fp32_under_amp(tmp_path, data_dir, monkeypatch):
+    """--amp trains under bf16 autocast; every evaluation attack (val, test, the gap) runs in fp32."""
+    seen, real = [], sw.pgd
+
+    def spy(model, x, y, **kw):
+        seen.append((model.training, torch.is_autocast_enabled("cpu")))
+        return real(model, x, y, **kw)
+    monkeypatch.setattr(sw, "pgd", spy)
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64, "--amp"))
+    train_calls = [amp for training, amp in seen if training]
+    eval_calls = [amp for training, amp in seen if not training]
+    assert train_calls and all(train_calls)  # the training attack did run under bf16
+    assert len(eval_calls) == 3 and not any(eval_calls)  # val, test, gap: fp32
+    # and the recorded evaluation equals an fp32 one of the same weights (clean accuracy: no random start)
+    recs, s = read_run(d)
+    net = sw.load_model(d / "last.pt")
+    x, y = sw.subsets(sw.parse_args(smoke(d, data_dir)), sw.load_data(sw.parse_args(smoke(d, data_dir))))["test"]
+    ev = sw.evaluate(net, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=0)
+    assert ev["sa"] == recs[-1]["test_sa"]
+
+
+def test_fgsm_rs_training_charges_one_attack_step(tmp_path, data_dir):
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-attack", "fgsm-rs", "--epochs", 1))
+    recs, s = read_run(d)
+    fwd = s["inference_flops_dense"]
+    assert s["train_flops"] == 5 * fwd * N_TRAIN  # one attack step (2x) + update (3x)
+    assert s["train_flops_paper"] == 6 * fwd * N_TRAIN and s["train_flops_dense_ratio"] == 1.0
+    assert json.loads((d / "config.json").read_text())["train_attack"] == "fgsm-rs"
+
+
+@pytest.mark.parametrize("ticket_attack, per_image", [("fgsm-rs", 5), ("pgd", 2 * K + 3)])
+def test_ticket_attack_of_robust_bird_stage_one(tmp_path, data_dir, static_run, ticket_attack, per_image):
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "static", "--epochs", 1, "--ticket-attack", ticket_attack))
+    s = read_run(d)[1]
+    assert s["ticket_epochs"] == 2  # --eb-max-epochs 2 of the smoke preset
+    assert s["ticket_flops"] == per_image * s["inference_flops_dense"] * N_TRAIN * 2
+    assert read_run(static_run)[1]["ticket_flops"] == 3 * s["inference_flops_dense"] * N_TRAIN * 2  # default: none
+
+
+def test_no_augment_trains_on_the_images_as_they_are(tmp_path, data_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw, "augment", lambda x, **kw: calls.append(len(x)) or x)
+    run_ok(smoke(tmp_path / "a", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64))
+    assert sum(calls) == 64  # the default augments every training image
+    calls.clear()
+    seen, real = [], sw.pgd
+    monkeypatch.setattr(sw, "pgd", lambda model, x, y, **kw: (seen.append(x.clone()) if model.training else None)
+                        or real(model, x, y, **kw))
+    run_ok(smoke(tmp_path / "b", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64, "--no-augment"))
+    assert calls == [] and json.loads((tmp_path / "b" / "config.json").read_text())["augment"] is False
+    cfg = sw.parse_args(smoke(tmp_path / "b", data_dir, "--train-subset", 64))
+    x = sw.subsets(cfg, sw.load_data(cfg))["train"][0].float() / 255
+    rows = {tuple(r.flatten().tolist()) for r in x}
+    assert all(tuple(r.flatten().tolist()) in rows for b in seen for r in b)  # every attacked batch: raw images
+
+
+def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path, data_dir, monkeypatch):
+    ends = []
+    real = sw.FlyingBirdPlus.end_epoch
+    monkeypatch.setattr(sw.FlyingBirdPlus, "end_epoch",
+                        lambda self, ra, val: ends.append(val["ra"]) or real(self, ra, val))
+    d = run_ok(smoke(tmp_path / "run", data_dir, *FBPLUS[:4], "--epochs", 5, "--eval-every", 2, "--train-subset", 64))
+    recs, s = read_run(d)
+    evaluated = [r["epoch"] for r in recs if r["val_ra"] is not None]
+    assert evaluated == [2, 4, 5]  # every 2nd epoch and the last
+    assert all(r["test_ra"] is None and r["val_sa"] is None for r in recs if r["epoch"] not in evaluated)
+    assert s["best_epoch"] in evaluated and ends == [recs[e - 1]["val_ra"] for e in evaluated]
+    best = max(evaluated, key=lambda e: (recs[e - 1]["val_ra"], -e))
+    assert s["best_epoch"] == best and load_ck(d / "best.pt")["epoch"] == best
+    assert "not evaluated" in sw.epoch_line(recs[0], 5)
+
+
+# ----------------------------------------------------------------------------- 5. resume
 
 def assert_same_run(a: Path, b: Path):
     ra, sa = read_run(a)
@@ -1807,18 +2843,70 @@ def test_resume_static_equivalent(tmp_path, data_dir, static_run, monkeypatch, c
     assert_same_run(static_run, tmp_path / "run")
 
 
-# ----------------------------------------------------------------------------- 2b. never lose a run
+def test_resume_a_checkpoint_older_than_an_option(tmp_path, data_dir):
+    """A key missing from an old checkpoint's config means that option's default: the run resumes."""
+    args = smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-subset", 64)
+    run_ok(args + ["--stop-after-epoch", 1])
+    ck = load_ck(tmp_path / "run" / "last.pt")
+    for k in ("augment", "eval_every"):
+        del ck["config"][k]
+    torch.save(ck, tmp_path / "run" / "last.pt")
+    run_ok(args + ["--resume"])
+    assert len(read_run(tmp_path / "run")[0]) == 2
 
-def strict_loads(text: str):
-    """json.loads that refuses NaN / Infinity, as jq, JavaScript and pyarrow do."""
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-    return json.loads(text, parse_constant=refuse)
 
+def test_cli_resume_without_checkpoint(capsys, tmp_path):
+    assert_cli_error(capsys, ["--preset", "smoke", "--resume", "--out", tmp_path / "run"], "--resume", "last.pt")
+
+
+def test_cli_resume_unreadable_checkpoint(capsys, tmp_path, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert_cli_error(capsys, smoke(run, data_dir, "--resume"), "last.pt", "not a sparse_win checkpoint")
+    assert (run / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_cli_resume_other_config(capsys, tmp_path, data_dir, dense_run):
+    # dense_run was written with --sparsity 0.8 (the default); resuming it with 0.5 must refuse
+    d = tmp_path / "run"
+    shutil.copytree(dense_run, d)
+    before = snapshot(d)
+    args = smoke(d, data_dir, "--mode", "dense", "--train-steps", 10, "--train-subset", 64)
+    assert_cli_error(capsys, args + ["--resume", "--sparsity", "0.5"], "sparsity", "0.8", "0.5")
+    assert snapshot(d) == before
+
+
+def test_cli_existing_run_without_resume(capsys, tmp_path, data_dir, dense_run):
+    d = tmp_path / "run"
+    shutil.copytree(dense_run, d)
+    before = snapshot(d)
+    args = smoke(d, data_dir, "--mode", "dense", "--train-steps", 10, "--train-subset", 64)
+    assert_cli_error(capsys, args, "already holds a run", "--resume")
+    assert snapshot(d) == before
+    # a run stopped early (no summary yet) is protected the same way
+    (d / "summary.json").unlink()
+    before = snapshot(d)
+    assert_cli_error(capsys, args, "already holds a run")
+    assert snapshot(d) == before
+
+
+def test_run_killed_before_first_checkpoint_can_start_again(tmp_path, data_dir):
+    """metrics.jsonl without last.pt (killed in epoch 1): nothing to resume, so a new run may start."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    run_ok(smoke(run, data_dir, "--epochs", 1, "--train-subset", 64))
+    assert len(read_run(run)[0]) == 1
+
+
+# ----------------------------------------------------------------------------- 6. never lose a run
 
 def test_strict_json_writes_null_for_non_finite():
-    obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": 2, "e": "nan"}
-    assert strict_loads(sw.strict_json(obj)) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2, "e": "nan"}
+    obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": 2, "e": "nan", "f": (True, None),
+           1: "x"}
+    assert strict_loads(sw.strict_json(obj)) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2, "e": "nan",
+                                                 "f": [True, None], "1": "x"}
     with pytest.raises(ValueError):
         strict_loads(json.dumps(obj))  # the plain json module writes NaN: the bug this guards against
 
@@ -1870,6 +2958,8 @@ def test_divergence_with_a_huge_lr_is_one_line_and_strict_json(tmp_path, data_di
         strict_loads(line)
 
 
+# Every kind of file a run writes, and when it is written: a failed write gives one line and exit 74,
+# removes its .tmp, keeps the previous version, and the run continues identically once there is space.
 # Every kind of file a run writes, and when it is written: a failed write gives one line and exit 74,
 # removes its .tmp, keeps the previous version, and the run continues identically once there is space.
 WRITES = ["config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png"]
@@ -2014,204 +3104,12 @@ def test_sigterm_from_outside_stops_the_cli_with_143(tmp_path, data_dir):
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-# ----------------------------------------------------------------------------- 2c. the fast path on the CPU
-
-def check_fast_run(d: Path, channels_last: bool):
-    """Masks exact, masked weights and their momentum zero, losses finite, layout as asked."""
-    recs, summary = read_run(d)
-    assert all(math.isfinite(r["train_loss"]) for r in recs)
-    ck = load_ck(d / "last.pt")
-    momentum_of = dict(zip(ck["model"], [None] * len(ck["model"])))
-    names = [n for n, _ in smoke_model().named_parameters()]
-    for i, n in enumerate(names):
-        momentum_of[n] = ck["optimizer"]["state"].get(i, {}).get("momentum_buffer")
-    masks = ck["mask"]["masks"]
-    assert sum(int(m.sum()) for m in masks.values()) == round(summary["final_density"] * sum(m.numel() for m in
-                                                                                              masks.values()))
-    for n, m in masks.items():
-        w = ck["model"][n]
-        assert not w[~m].any() and not momentum_of[n][~m].any(), n
-        if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1:
-            assert w.is_contiguous(memory_format=torch.channels_last) == channels_last, n
-
-
-@pytest.mark.parametrize("amp, channels_last", [(True, False), (False, True), (True, True)])
-def test_fast_path_on_cpu(tmp_path, data_dir, amp, channels_last):
-    flags = ["--amp" if amp else "--no-amp", "--channels-last" if channels_last else "--no-channels-last"]
-    args = smoke(tmp_path / "run", data_dir, "--mode", "dynamic", *flags)
-    d = run_ok(args)
-    check_fast_run(d, channels_last)
-    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--stop-after-epoch", 1))
-    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--resume"))
-    assert_same_run(d, tmp_path / "half")
-
-
-def test_cpu_default_is_fp32_contiguous_eager(tmp_path, data_dir, dynamic_run):
-    """Asking for the CPU defaults explicitly changes nothing: the fast path is off on CPU unless asked."""
-    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--no-amp", "--no-channels-last",
-                     "--no-compile"))
-    assert_same_run(dynamic_run, d)
-    check_fast_run(d, channels_last=False)
-
-
-@pytest.mark.slow
-def test_compile_on_cpu(tmp_path, data_dir):
-    """torch.compile on the CPU (minutes here: inductor builds C++ kernels)."""
-    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--compile", "--amp", "--channels-last",
-                     "--epochs", 1))
-    check_fast_run(d, channels_last=True)
-
-
-@settings(max_examples=10, deadline=None)
-@given(seed=SEEDS, density=st.floats(0.05, 0.9), growth=st.sampled_from(["random", "gradient"]))
-def test_topology_updates_do_not_depend_on_memory_layout(seed, density, growth):
-    """Same weights, same seed: channels_last and contiguous models get the same masks, update after update."""
-    gen = torch.Generator().manual_seed(seed)
-    a = tiny_cnn(gen, c=3, classes=4)
-    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
-    assert any(not p.is_contiguous() for p in b.parameters())
-    ma, mb = (sw.SparseMask(m, density=density, seed=seed) for m in (a, b))
-    for step in range(10):
-        with torch.no_grad():
-            for pa, pb in zip(a.parameters(), b.parameters()):
-                new = torch.randn(pa.shape, generator=gen).round(decimals=1)  # rounding: many ties
-                pa.copy_(new)
-                pb.copy_(new)
-                pa.grad = torch.randn(pa.shape, generator=gen).round(decimals=1)
-                pb.grad = torch.empty_like(pb).copy_(pa.grad)
-        ma.update(0.3, growth=growth)
-        mb.update(0.3, growth=growth)
-        for n in ma.names:
-            assert torch.equal(ma.masks[n], mb.masks[n]), (step, n)
-            assert torch.equal(ma.ever_active[n], mb.ever_active[n])
-        assert ma.counts == mb.counts
-
-
-# ----------------------------------------------------------------------------- 3. CLI errors
-
-def assert_cli_error(capsys, args, *words) -> str:
-    capsys.readouterr()
-    assert sw.main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparse_win.py: error:"), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--sparsity", "1.0"], ["--sparsity", "[0, 1)"]),
-    (["--sparsity", "-0.1"], ["--sparsity"]),
-    (["--sparsity", "abc"], ["--sparsity"]),
-    (["--dataset", "imagenet"], ["imagenet", "cifar10"]),
-    (["--mode", "sparse"], ["sparse", "dynamic+"]),
-    (["--preset", "nope"], ["nope", "smoke"]),
-    (["--bogus-flag"], ["--bogus-flag"]),
-    (["--epochs", "0"], ["--epochs"]),
-    (["--fbplus-window", "0"], ["--fbplus-window"]),
-    (["--gap-subset", "-1"], ["subset"]),
-])
-def test_cli_bad_options(capsys, tmp_path, args, words):
-    assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "run", *args], *words)
-    assert not (tmp_path / "run").exists()  # rejected before anything is written
-
-
-def test_cli_missing_cifar(capsys, tmp_path):
-    (tmp_path / "empty").mkdir()
-    line = assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "cifar10", "--no-download", "--data-dir",
-                                     tmp_path / "empty", "--out", tmp_path / "run"], "cifar10", "data_batch_1")
-    assert "cifar-10-batches-py" in line
-
-
-def test_cli_missing_tiny_imagenet(capsys, tmp_path):
-    (tmp_path / "empty").mkdir()
-    assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "tiny-imagenet", "--data-dir",
-                              tmp_path / "empty", "--out", tmp_path / "run"], "tiny-imagenet", "val_annotations.txt")
-
-
-def test_cli_missing_fashion_mnist(capsys, tmp_path, monkeypatch):
-    (tmp_path / "empty").mkdir()
-    # no Debian fallback either (the constant is bound as load_fashion_mnist's default argument)
-    monkeypatch.setattr(sw, "DEBIAN_FASHION_MNIST", str(tmp_path / "empty"))
-    monkeypatch.setattr(sw.load_fashion_mnist, "__defaults__", (False, str(tmp_path / "empty")))
-    assert_cli_error(capsys, ["--preset", "smoke", "--no-download", "--data-dir", tmp_path / "empty",
-                              "--out", tmp_path / "run"], "fashion-mnist")
-
+# ----------------------------------------------------------------------------- 7. run directories and checkpoints
 
 def test_cli_unwritable_out(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "file" / "sub"], "cannot write", "sub")
     assert (tmp_path / "file").read_text() == "x"
-
-
-def test_cli_resume_without_checkpoint(capsys, tmp_path):
-    assert_cli_error(capsys, ["--preset", "smoke", "--resume", "--out", tmp_path / "run"], "--resume", "last.pt")
-
-
-def test_cli_resume_unreadable_checkpoint(capsys, tmp_path, data_dir):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "last.pt").write_bytes(b"not a checkpoint")
-    assert_cli_error(capsys, smoke(run, data_dir, "--resume"), "last.pt", "not a sparse_win checkpoint")
-    assert (run / "last.pt").read_bytes() == b"not a checkpoint"
-
-
-def test_run_killed_before_first_checkpoint_can_start_again(tmp_path, data_dir):
-    """metrics.jsonl without last.pt (killed in epoch 1): nothing to resume, so a new run may start."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text("")
-    run_ok(smoke(run, data_dir, "--epochs", 1, "--train-subset", 64))
-    assert len(read_run(run)[0]) == 1
-
-
-def snapshot(d: Path) -> dict:
-    """Every file of a run directory but its lock (which holds the pid of the last process that took it)."""
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != ".lock"}
-
-
-def test_cli_resume_other_config(capsys, tmp_path, data_dir, dense_run):
-    # dense_run was written with --sparsity 0.8 (the default); resuming it with 0.5 must refuse
-    d = tmp_path / "run"
-    shutil.copytree(dense_run, d)
-    before = snapshot(d)
-    args = smoke(d, data_dir, "--mode", "dense", "--train-steps", 10, "--train-subset", 64)
-    assert_cli_error(capsys, args + ["--resume", "--sparsity", "0.5"], "sparsity", "0.8", "0.5")
-    assert snapshot(d) == before
-
-
-def test_cli_existing_run_without_resume(capsys, tmp_path, data_dir, dense_run):
-    d = tmp_path / "run"
-    shutil.copytree(dense_run, d)
-    before = snapshot(d)
-    args = smoke(d, data_dir, "--mode", "dense", "--train-steps", 10, "--train-subset", 64)
-    assert_cli_error(capsys, args, "already holds a run", "--resume")
-    assert snapshot(d) == before
-    # a run stopped early (no summary yet) is protected the same way
-    (d / "summary.json").unlink()
-    before = snapshot(d)
-    assert_cli_error(capsys, args, "already holds a run")
-    assert snapshot(d) == before
-
-
-def test_cli_subprocess_one_line():
-    p = subprocess.run([sys.executable, "sparse_win.py", "--sparsity", "2"], cwd=HERE, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 2
-    assert p.stderr.splitlines() == ["sparse_win.py: error: --sparsity must be in [0, 1), got 2.0"]
-    assert p.stdout == ""
-
-
-# ----------------------------------------------------------------------------- 3b. run directories and the released protocol
-
-def wait_for(path: Path, proc, timeout=300):
-    t = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t < timeout, f"no {path} after {timeout} s"  # a hang guard, not a speed target
-        time.sleep(0.2)
 
 
 def test_second_training_process_on_a_run_directory_is_refused(tmp_path, data_dir):
@@ -2270,415 +3168,79 @@ def test_checkpoints_load_weights_only(dense_run, static_run, fbplus_run):
             torch.load(d / name, map_location="cpu", weights_only=True)  # raises on anything but data
 
 
-def test_robust_bird_default_milestones_are_the_released_50_150(tmp_path, data_dir):
-    """RB's AT stage reuses stage 1's schedule in the released code (x0.1 at 50 and 150): its default;
-    the others keep the paper's 100 and 150; an explicit --milestones wins; config and summary record them."""
-    assert sw.parse_args([]).milestones == ()  # "the method's default"
-    assert (sw.Dense.milestones, sw.FlyingBird.milestones, sw.FlyingBirdPlus.milestones) == ((100, 150),) * 3
-    assert sw.RobustBird.milestones == (50, 150)
-    cfg = dataclasses.replace(sw.parse_args(smoke(tmp_path / "rb", data_dir, "--mode", "static", "--epochs", 1,
-                                                  "--eb-max-epochs", 1, "--train-subset", 64)), milestones=())
-    s = sw.train(cfg, log=lambda *a: None)
-    assert s["milestones"] == [50, 150] == json.loads((tmp_path / "rb" / "config.json").read_text())["milestones"]
-    assert list(load_ck(tmp_path / "rb" / "last.pt")["scheduler"]["milestones"]) == [50, 150]
-    s = sw.train(dataclasses.replace(cfg, out=str(tmp_path / "rb2"), milestones=(7,)), log=lambda *a: None)
-    assert s["milestones"] == [7]
+def test_checkpoints_of_format_1_still_load_and_newer_ones_are_refused(capsys, tmp_path, data_dir, fbplus_run):
+    """Format 2 stores the mask once (under 'mask') with a 'format' key; checkpoints written before it
+    (format 1: no key, last.pt's mask also under 'method') load in --eval, load_model and --resume."""
+    d = copy_run(fbplus_run, tmp_path / "run")
+    for name in ("best.pt", "last.pt"):
+        ck = load_ck(d / name)
+        assert ck["format"] == sw.CHECKPOINT_FORMAT == 2 and "mask" not in ck.get("method", {})
+        old = {k: v for k, v in ck.items() if k != "format"}
+        if "method" in old:
+            old["method"] = dict(old["method"], mask=old["mask"])
+        torch.save(old, d / name)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sw.load_model(d)(x), sw.load_model(fbplus_run)(x))
+    assert sw.main(["--eval", str(d / "last.pt"), "--attack", "pgd", *map(str, QUICK)]) == 0
+    assert eval_json(d)["epoch"] == 3
+    (d / "summary.json").unlink()
+    assert sw.main(smoke(d, data_dir, *FBPLUS, "--resume")) == 0  # finished: only the final evaluation runs again
+    assert strip(read_run(d)) == strip(read_run(fbplus_run))  # FB+'s history and events restored
+    ck = load_ck(d / "best.pt")
+    torch.save(dict(ck, format=3), d / "best.pt")
+    assert_cli_error(capsys, ["--eval", d, "--attack", "pgd"], "best.pt was written by a newer sparse_win",
+                     "checkpoint format 3")
 
 
-def test_evaluation_attacks_run_in_fp32_under_amp(tmp_path, data_dir, monkeypatch):
-    """--amp trains under bf16 autocast; every evaluation attack (val, test, the gap) runs in fp32."""
-    seen, real = [], sw.pgd
+# ----------------------------------------------------------------------------- 8. the fast path on the CPU
 
-    def spy(model, x, y, **kw):
-        seen.append((model.training, torch.is_autocast_enabled("cpu")))
-        return real(model, x, y, **kw)
-    monkeypatch.setattr(sw, "pgd", spy)
-    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64, "--amp"))
-    train_calls = [amp for training, amp in seen if training]
-    eval_calls = [amp for training, amp in seen if not training]
-    assert train_calls and all(train_calls)  # the training attack did run under bf16
-    assert len(eval_calls) == 3 and not any(eval_calls)  # val, test, gap: fp32
-    # and the recorded evaluation equals an fp32 one of the same weights (clean accuracy: no random start)
-    recs, s = read_run(d)
-    net = sw.load_model(d / "last.pt")
-    x, y = sw.subsets(sw.parse_args(smoke(d, data_dir)), sw.load_data(sw.parse_args(smoke(d, data_dir))))["test"]
-    ev = sw.evaluate(net, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=0)
-    assert ev["sa"] == recs[-1]["test_sa"]
-
-
-def test_evaluate_is_fp32_inside_an_autocast_region():
-    """evaluate() turns autocast off: inside a caller's bf16 region it gives the fp32 numbers exactly."""
-    gen = torch.Generator().manual_seed(0)
-    model = tiny_cnn(gen, c=1, classes=4, bn=True)
-    x = torch.randint(256, (24, 1, 8, 8), generator=gen, dtype=torch.uint8)  # Batches holds uint8 images
-    y = torch.randint(4, (24,), generator=gen)
-    ev = lambda: sw.evaluate(model, sw.Batches(x, y, batch_size=8), eps=0.1, alpha=0.025, steps=3,  # noqa: E731
-                             generator=torch.Generator().manual_seed(1))
-    ref = ev()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ev() == ref
-
-def test_fbplus_with_erk_keeps_its_dense_layers_dense(tmp_path, data_dir):
-    """ERK makes small layers dense; FB+'s extra pruning (fired here at every late update) leaves them full."""
-    d = run_ok(smoke(tmp_path / "run", data_dir, *FBPLUS, "--allocation", "erk"))
-    net = smoke_model()
-    shapes = [tuple(p.shape) for p in sw.prunable(net).values()]
-    counts = sw.allocate_counts(shapes, 0.2, "erk")
-    full = [n for n, k, s in zip(sw.prunable(net), counts, shapes) if k == math.prod(s)]
-    assert len(full) >= 2  # the stem conv and the linear among them
-    masks = load_ck(d / "last.pt")["method"]["mask"]["masks"]
-    assert all(bool(masks[n].all()) for n in full)
-    _, s = read_run(d)
-    assert s["fbplus_events"] and s["final_density"] < 0.2  # extra pruning did fire, elsewhere
-
-# ----------------------------------------------------------------------------- 3c. --no-augment, --eval-every, --split train
-
-def test_no_augment_trains_on_the_images_as_they_are(tmp_path, data_dir, monkeypatch):
-    calls = []
-    monkeypatch.setattr(sw, "augment", lambda x, **kw: calls.append(len(x)) or x)
-    run_ok(smoke(tmp_path / "a", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64))
-    assert sum(calls) == 64  # the default augments every training image
-    calls.clear()
-    seen, real = [], sw.pgd
-    monkeypatch.setattr(sw, "pgd", lambda model, x, y, **kw: (seen.append(x.clone()) if model.training else None)
-                        or real(model, x, y, **kw))
-    run_ok(smoke(tmp_path / "b", data_dir, "--mode", "dense", "--epochs", 1, "--train-subset", 64, "--no-augment"))
-    assert calls == [] and json.loads((tmp_path / "b" / "config.json").read_text())["augment"] is False
-    cfg = sw.parse_args(smoke(tmp_path / "b", data_dir, "--train-subset", 64))
-    x = sw.subsets(cfg, sw.load_data(cfg))["train"][0].float() / 255
-    rows = {tuple(r.flatten().tolist()) for r in x}
-    assert all(tuple(r.flatten().tolist()) in rows for b in seen for r in b)  # every attacked batch: raw images
+def check_fast_run(d: Path, channels_last: bool):
+    """Masks exact, masked weights and their momentum zero, losses finite, layout as asked."""
+    recs, summary = read_run(d)
+    assert all(math.isfinite(r["train_loss"]) for r in recs)
+    ck = load_ck(d / "last.pt")
+    momentum_of = dict(zip(ck["model"], [None] * len(ck["model"])))
+    names = [n for n, _ in smoke_model().named_parameters()]
+    for i, n in enumerate(names):
+        momentum_of[n] = ck["optimizer"]["state"].get(i, {}).get("momentum_buffer")
+    masks = ck["mask"]["masks"]
+    assert sum(int(m.sum()) for m in masks.values()) == round(summary["final_density"] * sum(m.numel() for m in
+                                                                                              masks.values()))
+    for n, m in masks.items():
+        w = ck["model"][n]
+        assert not w[~m].any() and not momentum_of[n][~m].any(), n
+        if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1:
+            assert w.is_contiguous(memory_format=torch.channels_last) == channels_last, n
 
 
-def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path, data_dir, monkeypatch):
-    ends = []
-    real = sw.FlyingBirdPlus.end_epoch
-    monkeypatch.setattr(sw.FlyingBirdPlus, "end_epoch", lambda self, ra, val: ends.append(val["ra"]) or real(self, ra, val))
-    d = run_ok(smoke(tmp_path / "run", data_dir, *FBPLUS[:4], "--epochs", 5, "--eval-every", 2, "--train-subset", 64))
-    recs, s = read_run(d)
-    evaluated = [r["epoch"] for r in recs if r["val_ra"] is not None]
-    assert evaluated == [2, 4, 5]  # every 2nd epoch and the last
-    assert all(r["test_ra"] is None and r["val_sa"] is None for r in recs if r["epoch"] not in evaluated)
-    assert s["best_epoch"] in evaluated and ends == [recs[e - 1]["val_ra"] for e in evaluated]
-    best = max(evaluated, key=lambda e: (recs[e - 1]["val_ra"], -e))
-    assert s["best_epoch"] == best and load_ck(d / "best.pt")["epoch"] == best
-    assert "not evaluated" in sw.epoch_line(recs[0], 5)
+@pytest.mark.parametrize("amp, channels_last", [(True, False), (False, True), (True, True)])
+def test_fast_path_on_cpu(tmp_path, data_dir, amp, channels_last):
+    flags = ["--amp" if amp else "--no-amp", "--channels-last" if channels_last else "--no-channels-last"]
+    args = smoke(tmp_path / "run", data_dir, "--mode", "dynamic", *flags)
+    d = run_ok(args)
+    check_fast_run(d, channels_last)
+    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--stop-after-epoch", 1))
+    run_ok(smoke(tmp_path / "half", data_dir, "--mode", "dynamic", *flags, "--resume"))
+    assert_same_run(d, tmp_path / "half")
 
 
-def test_eval_split_train_is_the_runs_training_images(tmp_path, dense_run):
-    d = copy_run(dense_run, tmp_path / "run")
-    r = sw.evaluate_checkpoint(d / "best.pt", split="train", steps=2, restarts=1, attack="pgd", check_subset=8,
-                               device="cpu", log=lambda *a: None)
-    cfg = sw.config_of(load_ck(d / "best.pt"), device="cpu")
-    x, y = sw.subsets(cfg, sw.load_data(cfg))["train"]
-    assert r["split"] == "train" and r["examples"] == cfg.train_subset == len(y) == 64
-    net = sw.load_model(d / "best.pt")
-    clean = sw.evaluate(net, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=0)
-    assert r["sa"] == clean["sa"]  # eval mode, no augmentation: the same clean accuracy, exactly
-    assert (d / "eval-best-train-all-pgd2x1.json").exists()
+def test_cpu_default_is_fp32_contiguous_eager(tmp_path, data_dir, dynamic_run):
+    """Asking for the CPU defaults explicitly changes nothing: the fast path is off on CPU unless asked."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--no-amp", "--no-channels-last",
+                     "--no-compile"))
+    assert_same_run(dynamic_run, d)
+    check_fast_run(d, channels_last=False)
 
 
-def test_resume_a_checkpoint_older_than_an_option(tmp_path, data_dir):
-    """A key missing from an old checkpoint's config means that option's default: the run resumes."""
-    args = smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-subset", 64)
-    run_ok(args + ["--stop-after-epoch", 1])
-    ck = load_ck(tmp_path / "run" / "last.pt")
-    for k in ("augment", "eval_every"):
-        del ck["config"][k]
-    torch.save(ck, tmp_path / "run" / "last.pt")
-    run_ok(args + ["--resume"])
-    assert len(read_run(tmp_path / "run")[0]) == 2
-
-# ----------------------------------------------------------------------------- 4. data loaders
-
-def py2_pickle(d: dict) -> bytes:
-    """A pickle as Python 2 wrote CIFAR's files: keys are Python 2 str (SHORT_BINSTRING), so that
-    pickle.load(encoding='bytes') gives b'data' and encoding='latin1' (torchvision) gives 'data'."""
-    out = bytearray(b"\x80\x02}(")  # PROTO 2, EMPTY_DICT, MARK
-    for k, v in d.items():
-        kb = k.encode("latin1")
-        out += b"U" + bytes([len(kb)]) + kb
-        out += pickle.dumps(v, protocol=2)[2:-1]  # the value, without its PROTO and STOP
-    return bytes(out + b"u.")  # SETITEMS, STOP
+@pytest.mark.slow
+def test_compile_on_cpu(tmp_path, data_dir):
+    """torch.compile on the CPU (minutes here: inductor builds C++ kernels)."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--compile", "--amp", "--channels-last",
+                     "--epochs", 1))
+    check_fast_run(d, channels_last=True)
 
 
-@pytest.fixture
-def no_md5(monkeypatch):
-    # our small files cannot match the real MD5 sums: check that they exist, nothing more
-    import torchvision.datasets.cifar as tv_cifar
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-
-
-def write_cifar(root: Path, name: str, rng: np.random.Generator, n_per_batch=4, n_test=5):
-    """Official python-version layout with random images; returns (train rows, labels, test rows, labels)."""
-    classes = 10 if name == "cifar10" else 100
-    key = "labels" if name == "cifar10" else "fine_labels"
-    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    folder.mkdir(parents=True)
-    batches = ["data_batch_%d" % i for i in range(1, 6)] if name == "cifar10" else ["train"]
-    n_train = n_per_batch * 5
-    x = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-    y = rng.integers(0, classes, n_train).tolist()
-    xt = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    yt = rng.integers(0, classes, n_test).tolist()
-    per = n_train // len(batches)
-    for i, b in enumerate(batches):
-        rec = {"batch_label": b, key: y[i * per:(i + 1) * per], "data": x[i * per:(i + 1) * per],
-               "filenames": ["img_%d.png" % j for j in range(per)]}
-        if name == "cifar100":
-            rec["coarse_labels"] = [c // 5 for c in rec[key]]
-        (folder / b).write_bytes(py2_pickle(rec))
-    test = {"batch_label": "test", key: yt, "data": xt, "filenames": ["t_%d.png" % j for j in range(n_test)]}
-    if name == "cifar100":
-        test["coarse_labels"] = [c // 5 for c in yt]
-    (folder / ("test_batch" if name == "cifar10" else "test")).write_bytes(py2_pickle(test))
-    if name == "cifar10":
-        meta = {"num_cases_per_batch": per, "label_names": ["c%d" % i for i in range(10)], "num_vis": 3072}
-        (folder / "batches.meta").write_bytes(py2_pickle(meta))
-    else:
-        meta = {"fine_label_names": ["f%d" % i for i in range(100)],
-                "coarse_label_names": ["c%d" % i for i in range(20)]}
-        (folder / "meta").write_bytes(py2_pickle(meta))
-    with open(folder / batches[0], "rb") as f:  # the fixture has the real format's bytes keys
-        assert b"data" in pickle.load(f, encoding="bytes")
-    return x, y, xt, yt
-
-
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_load_cifar(tmp_path, no_md5, name):
-    x, y, xt, yt = write_cifar(tmp_path, name, np.random.default_rng(1))
-    data = sw.load_cifar(name, str(tmp_path), download=False)
-    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
-    for t in (xtr, xv, xte):
-        assert t.dtype == torch.uint8 and t.shape[1:] == (3, 32, 32) and t.is_contiguous()
-    for t in (ytr, yv, yte):
-        assert t.dtype == torch.int64
-    assert len(xtr) == 18 and len(xv) == 2 and len(xte) == 5  # last N // 10 of train are val, in order
-    assert torch.cat([ytr, yv]).tolist() == y and yte.tolist() == yt
-    allx = torch.cat([xtr, xv])
-    for i in range(len(x)):  # pickle row: 1024 R, then 1024 G, then 1024 B, each row-major 32 x 32
-        for c in range(3):
-            for r in (0, 5, 31):
-                assert allx[i, c, r].tolist() == x[i, c * 1024 + r * 32: c * 1024 + r * 32 + 32].tolist()
-    assert torch.equal(allx, torch.from_numpy(x).view(-1, 3, 32, 32))
-    assert torch.equal(xte, torch.from_numpy(xt).view(-1, 3, 32, 32))
-    cfg = sw.parse_args(["--dataset", name, "--data-dir", str(tmp_path), "--no-download"])
-    assert torch.equal(sw.load_data(cfg)["val"][0], xv)
-
-
-def test_load_cifar_bad_files_is_error(tmp_path, no_md5):
-    write_cifar(tmp_path, "cifar10", np.random.default_rng(2))
-    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(sw.SparseWinError, match="cifar10 not found"):
-        sw.load_cifar("cifar10", str(tmp_path), download=False)
-
-
-def colour(cls: int, i: int) -> tuple:
-    return (30 + 40 * cls, 20 + 35 * i, 220 - 25 * cls)
-
-
-def write_tiny_imagenet(base: Path, wnids=("n02", "n01", "n03"), per_class=4, n_val=4):
-    from PIL import Image
-    order = sorted(wnids)
-    (base / "train").mkdir(parents=True)
-    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")  # unsorted, as in the real file
-    expected = []  # (wnid label, colour) in the loader's order: sorted wnid, sorted file name
-    for w in wnids:
-        (base / "train" / w / "images").mkdir(parents=True)
-        (base / "train" / w / f"{w}_boxes.txt").write_text("".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n"
-                                                                   for i in range(per_class)))
-        for i in range(per_class):
-            Image.new("RGB", (64, 64), colour(order.index(w), i)).save(
-                base / "train" / w / "images" / f"{w}_{i}.JPEG", quality=100, subsampling=0)
-    for w in order:
-        expected += [(order.index(w), colour(order.index(w), i)) for i in range(per_class)]
-    (base / "val" / "images").mkdir(parents=True)
-    ann, test = [], []
-    for j in range(n_val):
-        w = wnids[j % len(wnids)]
-        if j == 0:  # a greyscale JPEG (Tiny-ImageNet has some): the loader makes it RGB
-            Image.new("L", (64, 64), 77).save(base / "val" / "images" / f"val_{j}.JPEG", quality=100)
-            test.append((order.index(w), (77, 77, 77)))
-        else:
-            Image.new("RGB", (64, 64), colour(order.index(w), j)).save(
-                base / "val" / "images" / f"val_{j}.JPEG", quality=100, subsampling=0)
-            test.append((order.index(w), colour(order.index(w), j)))
-        ann.append(f"val_{j}.JPEG\t{w}\t0\t10\t62\t56")
-    (base / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
-    return expected, test
-
-
-def test_load_tiny_imagenet(tmp_path):
-    expected, test = write_tiny_imagenet(tmp_path / "a" / "tiny-imagenet-200")
-    write_tiny_imagenet(tmp_path / "b")  # the same files directly under root
-    data = sw.load_tiny_imagenet(str(tmp_path / "a"))
-    again = sw.load_tiny_imagenet(str(tmp_path / "b"))
-    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
-    assert xtr.dtype == torch.uint8 and xtr.shape == (11, 3, 64, 64) and xv.shape == (1, 3, 64, 64)
-    assert xte.shape == (4, 3, 64, 64) and ytr.dtype == yte.dtype == torch.int64
-    for s in ("train", "val", "test"):  # the 90/10 split is a fixed permutation: same on every call
-        assert torch.equal(data[s][0], again[s][0]) and torch.equal(data[s][1], again[s][1])
-    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
-    want = [expected[i] for i in perm]
-    got_x, got_y = torch.cat([xtr, xv]), torch.cat([ytr, yv])
-    assert got_y.tolist() == [c for c, _ in want]  # labels by sorted wnid
-    assert sorted(got_y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
-    means = got_x.float().mean((2, 3))
-    # JPEG at quality 100 without chroma subsampling: solid colours come back within a few levels
-    torch.testing.assert_close(means, torch.tensor([c for _, c in want], dtype=torch.float), atol=3, rtol=0)
-    assert yte.tolist() == [c for c, _ in test]
-    torch.testing.assert_close(xte.float().mean((2, 3)), torch.tensor([c for _, c in test], dtype=torch.float),
-                               atol=3, rtol=0)
-    assert torch.equal(xte[0, 0], xte[0, 1]) and torch.equal(xte[0, 0], xte[0, 2])  # greyscale -> RGB
-
-
-def write_idx(path: Path, t: torch.Tensor):
-    magic = struct.pack(">I", 0x800 + t.dim()) + b"".join(struct.pack(">I", n) for n in t.shape)
-    body = magic + t.numpy().tobytes()
-    path.write_bytes(gzip.compress(body) if path.suffix == ".gz" else body)
-
-
-def test_read_idx_round_trip(tmp_path):
-    g = torch.Generator().manual_seed(3)
-    for shape in [(5,), (3, 4, 7), (2, 28, 28)]:
-        t = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-        for name in ("a.idx", "a.idx.gz"):
-            write_idx(tmp_path / name, t)
-            r = sw._read_idx(tmp_path / name)
-            assert r.dtype == torch.uint8 and torch.equal(r, t)
-    assert (tmp_path / "a.idx").read_bytes()[:4] == b"\x00\x00\x08\x03"
-
-
-def test_load_fashion_mnist_from_idx(tmp_path):
-    g = torch.Generator().manual_seed(4)
-    deb = tmp_path / "debian"
-    deb.mkdir()
-    x = torch.randint(0, 256, (20, 28, 28), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, 10, (20,), generator=g, dtype=torch.uint8)
-    xt = torch.randint(0, 256, (7, 28, 28), generator=g, dtype=torch.uint8)
-    yt = torch.randint(0, 10, (7,), generator=g, dtype=torch.uint8)
-    for stem, t in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
-                    ("t10k-images-idx3-ubyte", xt), ("t10k-labels-idx1-ubyte", yt)):
-        write_idx(deb / f"{stem}.gz", t)
-    assert (deb / "train-labels-idx1-ubyte.gz").read_bytes()[:2] == b"\x1f\x8b"
-    assert gzip.decompress((deb / "train-labels-idx1-ubyte.gz").read_bytes())[:4] == b"\x00\x00\x08\x01"
-    data = sw.load_fashion_mnist(str(tmp_path / "root"), debian_dir=str(deb))
-    (xtr, ytr), (xv, yv), (xte, yte) = data["train"], data["val"], data["test"]
-    assert xtr.shape == (18, 1, 28, 28) and xv.shape == (2, 1, 28, 28) and xte.shape == (7, 1, 28, 28)
-    assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64
-    assert torch.equal(torch.cat([xtr, xv])[:, 0], x) and torch.equal(xte[:, 0], xt)
-    assert torch.cat([ytr, yv]).tolist() == y.tolist() and yte.tolist() == yt.tolist()
-    # the torchvision layout under root (unpacked files) comes first
-    raw = tmp_path / "root" / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for stem, t in (("train-images-idx3-ubyte", x[:10]), ("train-labels-idx1-ubyte", y[:10]),
-                    ("t10k-images-idx3-ubyte", xt[:3]), ("t10k-labels-idx1-ubyte", yt[:3])):
-        write_idx(raw / stem, t)
-    data = sw.load_fashion_mnist(str(tmp_path / "root"), debian_dir=str(deb))
-    assert len(data["train"][0]) == 9 and len(data["val"][0]) == 1 and torch.equal(data["test"][0][:, 0], xt[:3])
-
-
-# ----------------------------------------------------------------------------- 5. augment
-
-def crop_candidates(x: torch.Tensor, pad: int, flip: bool):
-    """Slow reference: every crop of the zero-padded sample, unflipped and flipped."""
-    C, H, W = x.shape
-    p = torch.zeros(C, H + 2 * pad, W + 2 * pad)
-    p[:, pad:pad + H, pad:pad + W] = x
-    out = []
-    for src in ([p, p.flip(2)] if flip else [p]):
-        for oy in range(2 * pad + 1):
-            for ox in range(2 * pad + 1):
-                out.append(src[:, oy:oy + H, ox:ox + W])
-    return out
-
-
-@pytest.mark.parametrize("pad, flip, shape", [(4, True, (32, 2, 8, 8)), (2, False, (16, 1, 5, 7)),
-                                              (1, True, (16, 3, 6, 4))])
-def test_augment_is_crop_and_flip(pad, flip, shape):
-    g = torch.Generator().manual_seed(5)
-    x = torch.rand(shape, generator=g) * 0.9 + 0.1  # no zeros inside: crops are unambiguous
-    out = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(7))
-    assert out.shape == x.shape and out.dtype == x.dtype
-    seen = set()
-    for i in range(len(x)):
-        hits = [j for j, c in enumerate(crop_candidates(x[i], pad, flip)) if torch.equal(c, out[i])]
-        assert len(hits) >= 1, i
-        seen.add(hits[0])
-    assert len(seen) > 3  # offsets (and flips) really vary over the batch
-    if flip:
-        n = (2 * pad + 1) ** 2
-        assert any(h < n for h in seen) and any(h >= n for h in seen)
-    again = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(out, again)
-    other = sw.augment(x, pad=pad, flip=flip, rotate=0, generator=torch.Generator().manual_seed(8))
-    assert not torch.equal(out, other)
-
-
-def test_augment_no_pad_no_flip_is_identity():
-    x = torch.rand(4, 3, 8, 8)
-    assert torch.equal(sw.augment(x, pad=0, flip=False, rotate=0), x)
-
-
-def test_augment_rotation():
-    g = torch.Generator().manual_seed(9)
-    x = torch.rand(8, 3, 16, 16, generator=g)
-    out = sw.augment(x, pad=4, flip=True, rotate=15, generator=torch.Generator().manual_seed(1))
-    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    plain = sw.augment(x, pad=4, flip=True, rotate=0, generator=torch.Generator().manual_seed(1))
-    assert not torch.equal(out, plain)
-    again = sw.augment(x, pad=4, flip=True, rotate=15, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)
-    # rotation alone of a constant image keeps the centre pixel's value (small angle, no padding)
-    ones = torch.ones(2, 1, 15, 15)
-    rot = sw.augment(ones, pad=0, flip=False, rotate=15, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(rot[:, :, 7, 7], torch.ones(2, 1))
-
-
-# ----------------------------------------------------------------------------- 6. parse_args
-
-def test_presets_apply_and_flags_override():
-    for name, values in sw.PRESETS.items():
-        cfg = sw.parse_args(["--preset", name])
-        for k, v in values.items():
-            assert getattr(cfg, k) == (tuple(v) if isinstance(v, (list, tuple)) else v), (name, k)
-    cfg = sw.parse_args(["--preset", "smoke", "--epochs", "5", "--milestones", "3", "4", "--no-download"])
-    assert cfg.epochs == 5 and cfg.milestones == (3, 4) and cfg.download is False
-    assert cfg.width == sw.PRESETS["smoke"]["width"] and cfg.dataset == "fashion-mnist"
-    assert sw.parse_args(["--epochs", "7", "--preset", "cpu-demo"]).epochs == 7  # order does not matter
-    assert sw.parse_args(["--preset", "smoke", "--progress"]).progress is True
-
-
-def test_help_lists_every_field(capsys):
-    with pytest.raises(SystemExit) as e:
-        sw.parse_args(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for f in dataclasses.fields(sw.Config):
-        flag = "--" + f.name.replace("_", "-")
-        assert flag in text, flag
-        if isinstance(f.default, bool):
-            assert "--no-" + f.name.replace("_", "-") in text
-    assert "--train_steps" not in text
-
-
-def test_paper_defaults():
-    cfg = sw.parse_args(["--dataset", "cifar100", "--mode", "dynamic", "--sparsity", "0.9"])
-    assert (cfg.dataset, cfg.mode, cfg.sparsity) == ("cifar100", "dynamic", 0.9)
-    assert cfg.density == pytest.approx(0.1)
-    assert cfg.epochs == 200 and cfg.lr == 0.1 and cfg.milestones == () and cfg.batch_size == 128
-    assert cfg.momentum == 0.9 and cfg.weight_decay == 5e-4 and cfg.arch == "resnet18"
-    assert cfg.train_steps == 10 and cfg.test_steps == 20 and cfg.norm == "linf"
-    assert cfg.eps(train=True) == (8 / 255, 2 / 255) and cfg.eps(train=False) == (8 / 255, 2 / 255)
-    assert cfg.update_interval == 900 and cfg.update_interval_late == 1200 and cfg.allocation == "igq"
-    assert cfg.growth == "random" and cfg.death_rate == 0.5 and cfg.death_rate_final == 0.005
-    assert (cfg.fbplus_window, cfg.fbplus_prune, cfg.fbplus_grow, cfg.fbplus_threshold) == (4, 0.4, 0.05, 0.5)
-    assert cfg.fbplus_start_epoch == 100 and (cfg.eb_threshold, cfg.eb_queue) == (0.08, 5)
-    assert sw.DATASETS["cifar100"]["rotate"] == 15
-    assert sw.parse_args(["--dataset", "fashion-mnist"]).eps(train=True) == pytest.approx((0.1, 0.025))
-
-
-# ----------------------------------------------------------------------------- 7. summary / table
+# ----------------------------------------------------------------------------- 9. report: summary and table
 
 @pytest.mark.parametrize("which", ["dense_run", "dynamic_run", "fbplus_run"])
 def test_summary_identities(request, which):
@@ -2712,154 +3274,19 @@ def test_format_table_rows():
     assert lines[3].startswith("| dense AT | 51.70 |")
 
 
-# ----------------------------------------------------------------------------- 8. benchmark
-
-def test_benchmark_cpu(monkeypatch, capsys):
-    rows = []
-    real = sw.benchmark
-    monkeypatch.setattr(sw, "benchmark", lambda cfg, log=print: rows.extend(real(cfg, log)) or rows)
-    assert sw.main(["--benchmark", "--preset", "smoke", "--batch-size", "8", "--device", "cpu"]) == 0
-    assert [(r["variant"], r["model"]) for r in rows] == [("fp32 eager", "dense"), ("fp32 eager", "sparse")]
-    for r in rows:
-        assert r["images_per_s"] > 0 and r["epoch_s"] == pytest.approx(45000 / r["images_per_s"])
-        assert r["tflops"] > 0 and r["peak_fraction"] is None
-    out = capsys.readouterr().out
-    assert out.count("img/s") == 2
-
-
-# ----------------------------------------------------------------------------- 9. Fast AT (FGSM-RS)
-
-@settings(max_examples=12, deadline=None)
-@given(seed=SEEDS, eps=st.sampled_from([2 / 255, 8 / 255, 0.1, 0.3]), training=st.booleans())
-def test_fgsm_rs_stays_in_ball_and_box(seed, eps, training):
-    gen = torch.Generator().manual_seed(seed)
-    model = tiny_cnn(gen, bn=True).train(training)
-    x = torch.rand(6, 3, 8, 8, generator=gen)
-    x[0] = 0  # pixels at the edges of [0, 1], where the clamp to the box bites
-    x[1] = 1
-    y = torch.randint(0, 3, (6,), generator=gen)
-    adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
-    assert adv.min() >= 0 and adv.max() <= 1 and not adv.requires_grad
-    assert (adv - x).abs().max() <= eps + 1e-6
-    assert not torch.equal(adv, x) and model.training == training
-
-
-@settings(max_examples=20, deadline=None)
-@given(d=st.integers(1, 12), k=st.integers(2, 6), b=st.integers(1, 5), seed=SEEDS, eps=st.floats(0.01, 0.3))
-def test_fgsm_rs_one_step_closed_form_linear(d, k, b, seed, eps):
-    """Wong et al. 2020: delta ~ U(-eps, eps), start clamped to [0, 1], one step of 1.25 eps sign(grad)."""
-    model, x, y = linear_problem(d, k, b, seed)
-    adv = sw.fgsm_rs(model, x, y, eps=eps, generator=torch.Generator().manual_seed(seed))
-    u = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
-    start = torch.clamp(x + u, 0, 1)
-    W, bias = model.weight.detach(), model.bias.detach()
-    g = (torch.softmax(start @ W.T + bias, dim=1) - F.one_hot(y, k).double()) @ W  # dCE/dx at the start
-    want = torch.clamp(x + torch.clamp(start + 1.25 * eps * g.sign() - x, -eps, eps), 0, 1)
-    sure = g.abs() > 1e-12  # sign of a numerically zero gradient is not determined
-    assert torch.equal(adv[sure], want[sure])
-
-
-def test_attack_cost_and_perturb():
-    gen = torch.Generator().manual_seed(0)
-    model = tiny_cnn(gen).eval()
-    x, y = torch.rand(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0])
-    assert [sw.attack_cost(k, 10) for k in ("none", "fgsm-rs", "pgd")] == [0, 1, 10]
-    kw = dict(eps=0.1, alpha=0.02, steps=3)
-    assert sw.perturb(model, x, y, kind="none", **kw) is x
-    for kind, ref in (("pgd", lambda g: sw.pgd(model, x, y, generator=g, **kw)),
-                      ("fgsm-rs", lambda g: sw.fgsm_rs(model, x, y, eps=0.1, generator=g))):
-        got = sw.perturb(model, x, y, kind=kind, generator=torch.Generator().manual_seed(1), **kw)
-        assert torch.equal(got, ref(torch.Generator().manual_seed(1)))
-
-
-def test_fgsm_rs_training_charges_one_attack_step(tmp_path, data_dir):
-    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-attack", "fgsm-rs", "--epochs", 1))
-    recs, s = read_run(d)
-    fwd = s["inference_flops_dense"]
-    assert s["train_flops"] == 5 * fwd * N_TRAIN  # one attack step (2x) + update (3x)
-    assert s["train_flops_paper"] == 6 * fwd * N_TRAIN and s["train_flops_dense_ratio"] == 1.0
-    assert json.loads((d / "config.json").read_text())["train_attack"] == "fgsm-rs"
-
-
-@pytest.mark.parametrize("ticket_attack, per_image", [("fgsm-rs", 5), ("pgd", 2 * K + 3)])
-def test_ticket_attack_of_robust_bird_stage_one(tmp_path, data_dir, static_run, ticket_attack, per_image):
-    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "static", "--epochs", 1, "--ticket-attack", ticket_attack))
-    s = read_run(d)[1]
-    assert s["ticket_epochs"] == 2  # --eb-max-epochs 2 of the smoke preset
-    assert s["ticket_flops"] == per_image * s["inference_flops_dense"] * N_TRAIN * 2
-    assert read_run(static_run)[1]["ticket_flops"] == 3 * s["inference_flops_dense"] * N_TRAIN * 2  # default: none
-
-
 # ----------------------------------------------------------------------------- 10. evaluate a checkpoint
-# --eval, load_model, PGD restarts, AutoAttack (pyautoattack, small iteration counts here) and the
-# gradient-masking checks, on the smoke runs and on a tiny CNN adversarially trained on Fashion-MNIST.
+# --eval and load_model on the smoke runs: files, options, warnings, resumption, bad input.
 
 EVAL_KEYS = {"file", "checkpoint", "epoch", "key", "method", "mode", "dataset", "arch", "width", "sparsity", "density",
              "nonzero_density", "masked_weights_zero", "split", "examples", "device", "eps", "alpha", "norm", "seed",
              "sa", "loss", "pgd", "autoattack", "checks", "warnings", "wall_seconds"}
+
+
 CHECKS = {"eps0_equals_clean", "ra_falls_with_steps", "ra_falls_with_eps", "unbounded_ra_zero", "aa_not_above_pgd",
           "autoattack_flags"}
+
+
 QUICK = ["--eval-subset", 64, "--eval-steps", 2, "--restarts", 2, "--aa-iters", 1, "--check-subset", 32]
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist():
-    """A 2-conv CNN trained for 3 epochs with FGSM-RS (eps 0.1) on 4,000 real Fashion-MNIST images (~3 s),
-    and 200 test images: SA ~75%, PGD-20 RA ~50%."""
-    data = sw.load_fashion_mnist("/nonexistent")
-    x, y = data["train"][0][:4000].float() / 255, data["train"][1][:4000]
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), nn.ReLU(), nn.Conv2d(8, 16, 5, 2, 2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(16 * 49, 10))
-    fill_(model, gen)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 / math.sqrt(p[0].numel()))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 64):
-            xb, yb = x[order[i:i + 64]], y[order[i:i + 64]]
-            loss = F.cross_entropy(model(sw.fgsm_rs(model, xb, yb, eps=0.1, generator=gen)), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    xt, yt = data["test"][0][:200].float() / 255, data["test"][1][:200]
-    return model.eval(), xt, yt
-
-
-def halves(x, y):
-    return [(x[:100], y[:100]), (x[100:], y[100:])]
-
-
-def pgd_ra(model, x, y, steps=20, eps=0.1):
-    """PGD-20 RA in %, an example robust when clean and attacked are both right (as AutoAttack counts)."""
-    ex = sw.evaluate_examples(model, halves(x, y), eps=eps, alpha=eps / 4, steps=steps,
-                              generator=torch.Generator().manual_seed(0))
-    return 100 * (ex["clean"] & ex["robust"]).double().mean().item()
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def eval_reference(model, data_dir, *, n=64, steps=2, restarts=2, seed=0) -> dict:
-    """--eval's per-example results recomputed (QUICK's options): the first n test images in batches of
-    256, PGD (eps 0.1, step 0.025) with restarts from a generator seeded with --seed."""
-    x, y = (t[:n] for t in sw.load_fashion_mnist(str(data_dir))["test"])
-    return sw.evaluate_examples(model, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=steps,
-                                restarts=restarts, generator=torch.Generator().manual_seed(seed))
-
-
-def pct(bits: torch.Tensor) -> float:
-    return 100 * int(bits.sum()) / len(bits)
-
-
-def eval_json(d: Path, pattern="eval-*.json") -> dict:
-    files = [f for f in d.glob(pattern) if not f.name.endswith(".partial.json")]
-    assert len(files) == 1, files
-    return json.loads(files[0].read_text())
 
 
 @pytest.mark.parametrize("which, mode", [("dense_run", "dense"), ("static_run", "static"), ("dynamic_run", "dynamic"),
@@ -2903,6 +3330,19 @@ def test_eval_last_checkpoint_val_split(tmp_path, fbplus_run):
     assert r["checks"]["aa_not_above_pgd"]["ok"] is None and r["checks"]["autoattack_flags"]["ok"] is None
 
 
+def test_eval_split_train_is_the_runs_training_images(tmp_path, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    r = sw.evaluate_checkpoint(d / "best.pt", split="train", steps=2, restarts=1, attack="pgd", check_subset=8,
+                               device="cpu", log=lambda *a: None)
+    cfg = sw.config_of(load_ck(d / "best.pt"), device="cpu")
+    x, y = sw.subsets(cfg, sw.load_data(cfg))["train"]
+    assert r["split"] == "train" and r["examples"] == cfg.train_subset == len(y) == 64
+    net = sw.load_model(d / "best.pt")
+    clean = sw.evaluate(net, sw.Batches(x, y, batch_size=256), eps=0.1, alpha=0.025, steps=0)
+    assert r["sa"] == clean["sa"]  # eval mode, no augmentation: the same clean accuracy, exactly
+    assert (d / "eval-best-train-all-pgd2x1.json").exists()
+
+
 def test_eval_options_name_the_file_and_force_overwrites(tmp_path, capsys, dense_run):
     d = copy_run(dense_run, tmp_path / "run")
     args = ["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]
@@ -2919,120 +3359,12 @@ def test_eval_options_name_the_file_and_force_overwrites(tmp_path, capsys, dense
     assert json.loads((d / files[1]).read_text())["seed"] == 1
 
 
-def test_pgd_restarts_worst_case_per_example(tiny_fmnist):
-    model, x, y = tiny_fmnist
-    kw = dict(eps=0.1, alpha=0.05, steps=1)  # a weak attack, so that other random starts matter
-    # one batch: the first restart draws what the single run draws, so the comparison is per example
-    one = sw.evaluate_examples(model, [(x, y)], generator=torch.Generator().manual_seed(0), **kw)
-    four = sw.evaluate_examples(model, [(x, y)], restarts=4, generator=torch.Generator().manual_seed(0), **kw)
-    assert not (four["robust"] & ~one["robust"]).any()  # restarts never make an example robust
-    assert four["robust"].sum() < one["robust"].sum()  # and here they break some more
-    assert (four["adv_loss"] >= one["adv_loss"]).all() and torch.equal(four["clean"], one["clean"])
-    four = sw.evaluate_examples(model, halves(x, y), restarts=4, generator=torch.Generator().manual_seed(0), **kw)
-    gen, robust, worst = torch.Generator().manual_seed(0), [], []  # reference: 4 runs per batch, and-ed
-    for xb, yb in halves(x, y):
-        runs = [model(sw.pgd(model, xb, yb, generator=gen, **kw)).detach() for _ in range(4)]
-        robust.append(torch.stack([r.argmax(1) == yb for r in runs]).all(0))
-        worst.append(torch.stack([F.cross_entropy(r, yb, reduction="none") for r in runs]).amax(0))
-    assert torch.equal(four["robust"], torch.cat(robust))
-    torch.testing.assert_close(four["adv_loss"], torch.cat(worst))
-
-
-def test_autoattack_not_above_pgd20(tiny_fmnist):
-    model, x, y = tiny_fmnist
-    aa = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["apgd-ce", "apgd-t"], iters=20,
-                            batch_size=100)
-    ra_aa, ra_pgd = 100 * sum(aa["robust"]) / len(y), pgd_ra(model, x, y)
-    assert ra_pgd > 30  # the model is robust enough for the comparison to mean something
-    assert ra_aa <= ra_pgd and aa["flags"] == []
-    clean = model(x).argmax(1) == y
-    assert not (torch.tensor(aa["robust"]) & ~clean).any()  # robust implies clean-correct
-    assert sw.aa_checks(ra_pgd, ra_aa, aa["flags"])["aa_not_above_pgd"]["ok"] is True
-
-
-@pytest.mark.slow
-def test_autoattack_standard_100_images(tiny_fmnist):
-    model, x, y = tiny_fmnist
-    aa = sw.autoattack_eval(model, x[:100], y[:100], eps=0.1, batch_size=100)
-    ra_aa = sum(aa["robust"])
-    ex = sw.evaluate_examples(model, [(x[:100], y[:100])], eps=0.1, alpha=0.025, steps=20,
-                              generator=torch.Generator().manual_seed(0))
-    assert ra_aa <= int((ex["clean"] & ex["robust"]).sum()) and aa["flags"] == []
-
-
-def test_autoattack_resumes_after_its_last_batch(tiny_fmnist):
-    model, x, y = tiny_fmnist
-    kw = dict(eps=0.1, version="custom", attacks=["apgd-ce"], iters=5, batch_size=50)
-    full = sw.autoattack_eval(model, x, y, **kw)
-    saved = []
-    half = sw.autoattack_eval(model, x[:100], y[:100], on_batch=lambda r: saved.append(copy.deepcopy(r)), **kw)
-    assert [len(r["robust"]) for r in saved] == [50, 100] and saved[-1] == half
-    assert sw.autoattack_eval(model, x, y, done=half, **kw) == full
-
-
-class Reverse(torch.autograd.Function):
-    """Identity forward, negated gradient: an obfuscated gradient that leads PGD towards the right class."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-
-class Masked(nn.Module):
-    """A model built to mask gradients: `model(f(x))` with f noisy, gradient-reversing or rounding."""
-
-    def __init__(self, model, kind):
-        super().__init__()
-        self.model, self.kind = model, kind
-
-    def forward(self, x):
-        f = {"random": lambda x: x + 0.2 * torch.randn_like(x), "reversed": Reverse.apply,
-             "rounded": lambda x: torch.round(x * 4) / 4}[self.kind]  # round: zero gradient everywhere
-        return self.model(f(x))
-
-
-def failed(checks):
-    return {k for k, c in checks.items() if c["ok"] is False}
-
-
-@pytest.mark.parametrize("kind, fires", [(None, set()), ("random", {"eps0_equals_clean"}),
-                                         ("reversed", {"ra_falls_with_steps", "ra_falls_with_eps",
-                                                       "unbounded_ra_zero"}),
-                                         ("rounded", {"unbounded_ra_zero"})])
-def test_masking_checks_fire_on_masked_models_only(tiny_fmnist, kind, fires):
-    model, x, y = tiny_fmnist
-    torch.manual_seed(0)  # the noise of the random model
-    checks = sw.masking_checks(model if kind is None else Masked(model, kind), halves(x, y), eps=0.1, alpha=0.025,
-                               steps=20)
-    assert set(checks) == CHECKS - {"aa_not_above_pgd", "autoattack_flags"}
-    detail = {k: c["detail"] for k, c in checks.items()}
-    assert failed(checks) >= fires if kind else failed(checks) == set(), detail  # a masked model may fail more
-
-
-def test_autoattack_checks_fire(tiny_fmnist):
-    model, x, y = tiny_fmnist
-    ra_pgd = pgd_ra(model, x, y)
-    # a randomized model: AutoAttack's own check says so
-    torch.manual_seed(0)
-    noisy = sw.autoattack_eval(Masked(model, "random"), x[:100], y[:100], eps=0.1, version="custom",
-                               attacks=["apgd-ce"], iters=2, batch_size=100)
-    assert any("randomized" in f for f in noisy["flags"])
-    assert failed(sw.aa_checks(ra_pgd, 0.0, noisy["flags"])) == {"autoattack_flags"}
-    # an AutoAttack far weaker than PGD-20 (Square, one query) reports more robustness than PGD: flagged
-    weak = sw.autoattack_eval(model, x, y, eps=0.1, version="custom", attacks=["square"], iters=1, batch_size=100)
-    ra_weak = 100 * sum(weak["robust"]) / len(y)
-    assert ra_weak > ra_pgd + 1 and weak["flags"] == []
-    assert failed(sw.aa_checks(ra_pgd, ra_weak, weak["flags"])) == {"aa_not_above_pgd"}
-
-
 def test_eval_warns_in_one_line_per_failed_check(tmp_path, monkeypatch, capsys, dense_run):
     d = copy_run(dense_run, tmp_path / "run")
-    real = sw.model_of
-    monkeypatch.setattr(sw, "model_of", lambda ck, cfg, path: (Masked(real(ck, cfg, path)[0], "reversed").eval(),
-                                                               real(ck, cfg, path)[1]))
+    real = sw.model_from_checkpoint
+    reversed_model = lambda ck, cfg, path: (Masked(real(ck, cfg, path)[0], "reversed").eval(),  # noqa: E731
+                                            real(ck, cfg, path)[1])
+    monkeypatch.setattr(sw, "model_from_checkpoint", reversed_model)
     assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
     out = capsys.readouterr().out.splitlines()
     r = eval_json(d)
@@ -3049,7 +3381,7 @@ def test_eval_counts_robust_only_when_clean_is_right(tmp_path, monkeypatch, data
     so some examples wrong on the clean input come out right after the attack: they must not count."""
     d = copy_run(dense_run, tmp_path / "run")
     model = Masked(tiny_fmnist[0], "reversed").eval()
-    monkeypatch.setattr(sw, "model_of", lambda ck, cfg, path: (model, None))
+    monkeypatch.setattr(sw, "model_from_checkpoint", lambda ck, cfg, path: (model, None))
     assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
     r = eval_json(d)
     ex = eval_reference(model, data_dir)
@@ -3183,260 +3515,30 @@ def test_eval_refuses_a_corrupt_mask(capsys, tmp_path, dynamic_run):
         sw.load_model(tmp_path)
 
 
-def test_strict_json():
-    text = sw.strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": (True, None), 1: "x"})
-    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": [True, None], "1": "x"}
+# ----------------------------------------------------------------------------- 11. benchmark
+
+def test_benchmark_cpu(monkeypatch, capsys):
+    """--benchmark times Trainer.step, the step train() runs, for a dense and a Flying Bird model."""
+    rows, steps = [], []
+    real, real_step = sw.benchmark, sw.Trainer.step
+    monkeypatch.setattr(sw, "benchmark", lambda cfg, log=print: rows.extend(real(cfg, log)) or rows)
+    monkeypatch.setattr(sw.Trainer, "step", lambda self, x, y, i, kind: steps.append(
+        (type(self.method).__name__, kind, len(y), self.ledger.steps)) or real_step(self, x, y, i, kind))
+    assert sw.main(["--benchmark", "--preset", "smoke", "--batch-size", "8", "--device", "cpu"]) == 0
+    assert [(r["variant"], r["model"]) for r in rows] == [("fp32 eager", "dense"), ("fp32 eager", "sparse")]
+    for name in ("Dense", "FlyingBird"):  # 3 warm-up steps, then at least 5 timed ones; each one charged
+        charged = [n for m, kind, b, n in steps if m == name and kind == "pgd" and b == 8]
+        assert len(charged) >= 8 and charged == list(range(len(charged)))
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["epoch_s"] == pytest.approx(45000 / r["images_per_s"])
+        assert r["tflops"] > 0 and r["peak_fraction"] is None
+    out = capsys.readouterr().out
+    assert out.count("img/s") == 2
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_eval_on_cuda_matches_cpu(tmp_path, dense_run):
-    d = copy_run(dense_run, tmp_path / "run")
-    for device in ("cpu", "cuda"):
-        assert sw.main(["--eval", str(d), "--device", device, *map(str, QUICK), "--force"]) == 0
-        r = eval_json(d)
-        assert r["device"].startswith(device)
-        if device == "cpu":
-            cpu = r
-    assert abs(r["sa"] - cpu["sa"]) <= 100 / 64 and r["density"] == cpu["density"]  # TF32 convs: 1 image may flip
-    assert r["checks"]["eps0_equals_clean"]["ok"] is True
-    assert abs(r["pgd"]["ra"] - cpu["pgd"]["ra"]) <= 100 * 3 / 64  # other random starts on CUDA
-
-
-# ----------------------------------------------------------------------------- benchmarks
-# `python -m pytest -p test_sparse_win test_sparse_win.py --benchmark-only`: pytest-benchmark groups
-# put our code next to its baseline, measured in the same run; the table's "(x.xx)" columns
-# are the ratios. The default suite skips these (--benchmark-skip) but runs the equality checks.
-
-def sort_update(mask: sw.SparseMask, death_rate: float, growth: str, generator=None):
-    """The straightforward topology update: sort every layer's full |w| and growth scores.
-
-    The reference that SparseMask.update must match (on tie-free data); the benchmarks below time both
-    and report the ratio (README), without asserting it: a timing on a shared machine is no test. Returns
-    {name: (mask after, the active weights kept by pruning)}.
-    """
-    out = {}
-    for i, name in enumerate(mask.names):
-        p, m = mask.params[name], mask.masks[name].reshape(-1).clone()
-        nnz, size = mask.counts[i], mask.sizes[i]
-        k = math.ceil(death_rate * nnz)
-        if nnz < size and k > 0:  # a full layer is left alone
-            m[p.detach().abs().reshape(-1).masked_fill(~m, math.inf).sort().indices[:k]] = False
-            kept = m.clone()
-            score = p.grad.abs().reshape(-1) if growth == "gradient" else torch.rand(size, generator=generator)
-            m[score.masked_fill(m, -math.inf).sort(descending=True).indices[:k]] = True  # the just-pruned too
-        else:
-            kept = m.clone()
-        out[name] = m.view(p.shape), kept.view(p.shape)
-    return out
-
-
-def _tie_free_model(width, seed, density=0.2):
-    g = torch.Generator().manual_seed(seed)
-    model = sw.build_model("resnet18", width=width)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))  # continuous draws: no ties
-            p.grad = torch.randn(p.shape, generator=g)
-    mask = sw.SparseMask(model, density=density, seed=seed)
-    with torch.no_grad():  # masked weights are zero after apply(); make active values tie-free again
-        for n, p in mask.params.items():
-            p.add_(torch.rand(p.shape, generator=g) * 1e-3 * mask.masks[n])
-    return model, mask
-
-
-@pytest.mark.parametrize("growth", ["gradient", "random"])
-def test_update_matches_sort_reference(growth):
-    _, mask = _tie_free_model(0.125, seed=3)
-    ref = sort_update(mask, 0.3, growth)
-    before = {n: m.clone() for n, m in mask.masks.items()}
-    mask.update(0.3, growth=growth)
-    for n in mask.names:
-        after, kept = ref[n]
-        if growth == "gradient":  # deterministic: identical masks
-            assert torch.equal(mask.masks[n], after), n
-        else:  # random growth: the same weights kept, and the same counts
-            assert torch.equal(mask.masks[n] & kept, kept) and torch.equal(before[n] & kept, kept), n
-            assert not torch.equal(kept, before[n]) and int(mask.masks[n].sum()) == int(after.sum())
-
-
-@pytest.fixture(scope="module")
-def full_resnet():
-    return _tie_free_model(1.0, seed=0)
-
-
-@pytest.mark.parametrize("growth", ["random", "gradient"])
-def test_bench_topology_update_ours(benchmark, full_resnet, growth):
-    _, mask = full_resnet
-    benchmark.group = f"topology update, ResNet-18 11.2M weights, d=0.2, {growth}"
-    benchmark.pedantic(lambda: mask.update(0.3, growth=growth), rounds=3, iterations=1)
-
-
-@pytest.mark.parametrize("growth", ["random", "gradient"])
-def test_bench_topology_update_sort_baseline(benchmark, full_resnet, growth):
-    _, mask = full_resnet
-    benchmark.group = f"topology update, ResNet-18 11.2M weights, d=0.2, {growth}"
-    benchmark.pedantic(lambda: sort_update(mask, 0.3, growth), rounds=3, iterations=1)
-
-
-@pytest.fixture(scope="module")
-def step_setup():
-    """ResNet-18 at width 16, batch 128, 32x32: the CPU reference point of issue targets."""
-    torch.manual_seed(0)
-    model = sw.build_model("resnet18", width=0.25)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    mask = sw.SparseMask(model, density=0.2)
-
-    def sgd_step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sgd_step()  # momentum buffers exist
-    return model, opt, mask, x, y, sgd_step
-
-
-def test_bench_sgd_step_baseline(benchmark, step_setup):
-    benchmark.group = "mask upkeep vs standard SGD step (ResNet-18 w16, batch 128)"
-    benchmark.pedantic(step_setup[-1], rounds=5, iterations=1, warmup_rounds=1)
-
-
-def test_bench_mask_apply(benchmark, step_setup):
-    _, opt, mask, *_ = step_setup
-    benchmark.group = "mask upkeep vs standard SGD step (ResNet-18 w16, batch 128)"
-    benchmark.pedantic(lambda: mask.apply(opt), rounds=50, iterations=1, warmup_rounds=2)
-
-
-def test_bench_pgd_ours(benchmark, step_setup):
-    model, _, _, x, y, _ = step_setup
-    model.eval()
-    benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
-    benchmark.pedantic(lambda: sw.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10), rounds=5, iterations=1,
-                       warmup_rounds=1)
-
-
-def test_bench_pgd_torchattacks(benchmark, step_setup):
-    torchattacks = pytest.importorskip("torchattacks")
-    model, _, _, x, y, _ = step_setup
-    model.eval()
-    atk = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
-    benchmark.group = "PGD-10 L-inf, ResNet-18 w16, batch 128"
-    benchmark.pedantic(lambda: atk(x, y), rounds=5, iterations=1, warmup_rounds=1)
-
-
-PEAK_RSS = r"""
-import sys, torch, torch.nn.functional as F, sparse_win as sw
-def status(key):
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
-torch.manual_seed(0)
-base = status("VmRSS:")
-model = sw.build_model("resnet18", width=0.25)
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-mask = sw.SparseMask(model, density=0.2) if sys.argv[1] == "sparse" else None
-x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
-def step():
-    loss = F.cross_entropy(model(sw.pgd(model, x, y, eps=8/255, alpha=2/255, steps=2)), y)
-    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    if mask is not None: mask.step(opt)
-step()
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-step()
-print(status("VmHWM:") - base)
-"""
-
-
-def test_bench_peak_memory(benchmark):
-    """Peak resident memory of a PGD AT step with masks is within 5% of dense (measured: +0.7%). Memory,
-    unlike time, does not depend on the load of the machine, so the ratio is asserted."""
-    try:
-        open("/proc/self/clear_refs", "w").write("5")
-    except OSError:
-        pytest.skip("needs Linux /proc/self/clear_refs")
-    # glibc: one arena, big blocks mmapped and returned at once, so RSS follows live memory (without
-    # these the dense/sparse peaks scatter by +-15% from run to run; with them by < 0.1%)
-    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               OMP_NUM_THREADS="1")
-    peak = {kind: int(subprocess.run([sys.executable, "-c", PEAK_RSS, kind], capture_output=True, text=True,
-                                     env=env, check=True).stdout) for kind in ("dense", "sparse")}
-    benchmark.extra_info.update(peak_dense_bytes=peak["dense"], peak_sparse_bytes=peak["sparse"],
-                                ratio=peak["sparse"] / peak["dense"])
-    print(f"\npeak step memory: dense {peak['dense'] / 2**20:.1f} MiB, with masks {peak['sparse'] / 2**20:.1f} MiB "
-          f"(ratio {peak['sparse'] / peak['dense']:.3f})")
-    benchmark.pedantic(lambda: None, rounds=1)
-    assert peak["sparse"] <= 1.05 * peak["dense"], peak
-
-
-# ----------------------------------------------------------------------------- README and demo
-
-def test_readme_snippet_runs(tmp_path, monkeypatch):
-    """The README's "own training loop" example runs as printed and keeps its density."""
-    import re
-    code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
-    assert len(code) == 1
-    monkeypatch.chdir(tmp_path)  # it saves tiny.pt
-    scope = {}
-    exec(compile(code[0], "README.md", "exec"), scope)
-    mask, ledger = scope["mask"], scope["ledger"]
-    model, net, x = scope["model"].eval(), scope["net"], torch.rand(2, 3, 32, 32)
-    assert not net.training and torch.equal(net(x), model(x))  # load_model: the same logits
-    assert mask.density == pytest.approx(0.2, abs=1e-4) and mask.counts == [int(m.sum()) for m in mask.masks.values()]
-    assert ledger.steps == 4 and ledger.actual > 0 and ledger.paper == ledger.actual * 12 // 9  # K=3: 12x vs 9x
-    assert mask.steps == 4 and scope["update"]["step"] == 4 and scope["update"]["pruned"] > 0  # updates at 2, 4
-
-
-@pytest.mark.slow
-def test_cpu_demo_learns(tmp_path):
-    """The README's first command (FB+ with the paper's window 4, threshold 0.5, ratios 0.4 / 0.05, start
-    at half of training, on Fashion-MNIST): robust accuracy far above chance, and every topology update
-    from the start epoch on decided by the rule on the recorded history."""
-    assert sw.main(["--preset", "cpu-demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
-    recs, summary = read_run(tmp_path / "demo")
-    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
-    assert summary["ra_best"] > 40 and summary["sa_best"] > 60  # chance is 10%
-    assert summary["topology_updates"] > 0 and summary["itop_rate"] > summary["final_density"]
-    cfg = sw.parse_args(["--preset", "cpu-demo"])
-    updates = load_ck(tmp_path / "demo" / "last.pt")["run"]["updates"]
-    assert any(u["epoch"] > cfg.fbplus_window for u in updates)  # a decision with a full window
-    check_fbplus_decisions(recs, updates, summary["fbplus_events"], start=cfg.fbplus_start_epoch,
-                           window=cfg.fbplus_window, threshold=cfg.fbplus_threshold)
-
-
-def test_dynamic_sparse_standard_training_updates_topology(tmp_path, data_dir):
-    """Flying Bird without an attack (--train-steps 0) still prunes and regrows on schedule."""
-    run = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--train-steps", 0, "--epochs", 1))
-    _, summary = read_run(run)
-    steps = update_steps(1, N_TRAIN // 64, 2, 3)  # one epoch: all of it is the "late" half, T = 3
-    assert summary["topology_updates"] == len(steps) == 1 and summary["itop_rate"] > summary["final_density"]
-
-
-@pytest.mark.slow
-def test_run_experiments_smoke():
-    """run_experiments.sh --smoke: the 12 Table-1 commands for a few steps, then one table row each."""
-    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--smoke"], capture_output=True, text=True,
-                         cwd=HERE, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "seed0" in line]
-    assert len(rows) == 12
-    for data in ("cifar10", "cifar100", "tiny-imagenet"):
-        for method in ("dense AT", "Robust Bird", "Flying Bird,", "Flying Bird+"):
-            assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
-
-
-def test_plain_pytest_is_the_default_suite():
-    """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
-                        "test_cpu_demo_learns or test_bench_mask_apply or test_normalize_module"],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:]
-    assert "1 passed, 1 skipped, " in p.stdout and "deselected" in p.stdout, p.stdout[-2000:]
-    assert "benchmark-skip" in p.stdout  # the skip reason names pytest-benchmark's option
-
-
-# ----------------------------------------------------------------------------- CUDA (python -m pytest -m cuda)
+# ----------------------------------------------------------------------------- 12. CUDA (python -m pytest -m cuda)
 # The GPU code path: bf16 autocast, channels_last, torch.compile, the fused mask multiply.
 # Skipped without a GPU; run on a lent device by the GPU check (shared/gpu-check.sh).
-
 
 @pytest.fixture
 def gpu_data_dir(data_dir):
@@ -3496,51 +3598,23 @@ def test_cuda_channels_last_masks_equal_cpu_masks(growth):
         assert not p[~mg.masks[n]].any()
 
 
-# ----------------------------------------------------------------------------- torchrun (DDP) on the CPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_on_cuda_matches_cpu(tmp_path, dense_run):
+    d = copy_run(dense_run, tmp_path / "run")
+    for device in ("cpu", "cuda"):
+        assert sw.main(["--eval", str(d), "--device", device, *map(str, QUICK), "--force"]) == 0
+        r = eval_json(d)
+        assert r["device"].startswith(device)
+        if device == "cpu":
+            cpu = r
+    assert abs(r["sa"] - cpu["sa"]) <= 100 / 64 and r["density"] == cpu["density"]  # TF32 convs: 1 image may flip
+    assert r["checks"]["eps0_equals_clean"]["ok"] is True
+    assert abs(r["pgd"]["ra"] - cpu["pgd"]["ra"]) <= 100 * 3 / 64  # other random starts on CUDA
+
+
+# ----------------------------------------------------------------------------- 13. torchrun (DDP) on the CPU
 # Two gloo processes on this machine stand in for two GPUs: the same code path as NCCL on CUDA.
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 40), batch=st.integers(1, 12), world=st.integers(2, 4), seed=SEEDS, shuffle=st.booleans())
-def test_batches_shards_are_the_rows_of_one_process(n, batch, world, seed, shuffle):
-    """Under torchrun each rank keeps rows lo:hi of the global batch: the ranks' shards, in rank order, are
-    one process's batch exactly (no row twice, none left out, sizes within one), whatever the remainder."""
-    x = torch.zeros(n, 1, 1, 1, dtype=torch.uint8)
-    y = torch.arange(n)  # the labels name the rows
-
-    def epoch(rank, w):
-        b = sw.Batches(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
-                       rank=rank, world=w)
-        return [(yb.clone(), b.rows) for _, yb in b]
-    one, shards = epoch(0, 1), [epoch(r, world) for r in range(world)]
-    assert all(len(s) == len(one) for s in shards)
-    for i, (rows, full) in enumerate(one):
-        assert full == (0, len(rows), len(rows))
-        assert torch.equal(torch.cat([s[i][0] for s in shards]), rows)
-        bounds = [s[i][1] for s in shards]
-        assert [lo for lo, _, _ in bounds] == [0] + [hi for _, hi, _ in bounds[:-1]] and bounds[-1][1] == len(rows)
-        sizes = [hi - lo for lo, hi, _ in bounds]
-        assert max(sizes) - min(sizes) <= 1 and all(m == len(rows) for *_, m in bounds)
-
-
-@settings(max_examples=10, deadline=None)
-@given(b=st.integers(3, 7), world=st.integers(2, 3), seed=SEEDS, norm=st.sampled_from(["linf", "l2"]))
-def test_pgd_on_a_shard_equals_the_slice_of_the_full_batch(b, world, seed, norm):
-    """rows = (lo, hi, n): a rank's PGD on its shard draws the random start of the whole batch and keeps its
-    rows, so it gives what one process gives for those rows (a linear model: per-example gradients)."""
-    model, x, y = linear_problem(6, 3, b, seed)
-    eps = 0.1 if norm == "linf" else 0.5
-    kw = dict(eps=eps, alpha=eps / 4, steps=2, norm=norm)
-    full = sw.pgd(model, x, y, generator=torch.Generator().manual_seed(seed), **kw)
-    q, r = divmod(b, world)
-    for rank in range(world):
-        lo = rank * q + min(rank, r)
-        hi = lo + q + (rank < r)
-        part = sw.pgd(model, x[lo:hi], y[lo:hi], rows=(lo, hi, b), generator=torch.Generator().manual_seed(seed),
-                      **kw)
-        # loosened for L2 only: the mean loss scales gradients by 1/len(batch); sign() drops it exactly,
-        # the L2 normalization up to rounding
-        torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0 if norm == "linf" else 1e-12)
-
 
 def eval_shards(world: int, rank: int, all_reduce=None) -> dict:
     """Sharded evaluation of a fixed model on 100 real test images (batches of 33: the last shard is empty)."""
@@ -3672,6 +3746,54 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
     assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
 
 
+# ----------------------------------------------------------------------------- 14. README, the demo and the scripts
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    """The README's "own training loop" example runs as printed and keeps its density."""
+    import re
+    code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    assert len(code) == 1
+    monkeypatch.chdir(tmp_path)  # it saves tiny.pt
+    scope = {}
+    exec(compile(code[0], "README.md", "exec"), scope)
+    mask, ledger = scope["mask"], scope["ledger"]
+    model, net, x = scope["model"].eval(), scope["net"], torch.rand(2, 3, 32, 32)
+    assert not net.training and torch.equal(net(x), model(x))  # load_model: the same logits
+    assert mask.density == pytest.approx(0.2, abs=1e-4) and mask.counts == [int(m.sum()) for m in mask.masks.values()]
+    assert ledger.steps == 4 and ledger.actual > 0 and ledger.paper == ledger.actual * 12 // 9  # K=3: 12x vs 9x
+    assert mask.steps == 4 and scope["update"]["step"] == 4 and scope["update"]["pruned"] > 0  # updates at 2, 4
+
+
+@pytest.mark.slow
+def test_cpu_demo_learns(tmp_path):
+    """The README's first command (FB+ with the paper's window 4, threshold 0.5, ratios 0.4 / 0.05, start
+    at half of training, on Fashion-MNIST): robust accuracy far above chance, and every topology update
+    from the start epoch on decided by the rule on the recorded history."""
+    assert sw.main(["--preset", "cpu-demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    recs, summary = read_run(tmp_path / "demo")
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    assert summary["ra_best"] > 40 and summary["sa_best"] > 60  # chance is 10%
+    assert summary["topology_updates"] > 0 and summary["itop_rate"] > summary["final_density"]
+    cfg = sw.parse_args(["--preset", "cpu-demo"])
+    updates = load_ck(tmp_path / "demo" / "last.pt")["run"]["updates"]
+    assert any(u["epoch"] > cfg.fbplus_window for u in updates)  # a decision with a full window
+    check_fbplus_decisions(recs, updates, summary["fbplus_events"], start=cfg.fbplus_start_epoch,
+                           window=cfg.fbplus_window, threshold=cfg.fbplus_threshold)
+
+
+@pytest.mark.slow
+def test_run_experiments_smoke():
+    """run_experiments.sh --smoke: the 12 Table-1 commands for a few steps, then one table row each."""
+    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--smoke"], capture_output=True, text=True,
+                         cwd=HERE, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "seed0" in line]
+    assert len(rows) == 12
+    for data in ("cifar10", "cifar100", "tiny-imagenet"):
+        for method in ("dense AT", "Robust Bird", "Flying Bird,", "Flying Bird+"):
+            assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
+
+
 def run_script(*args, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(HERE / "run_experiments.sh"), *args], capture_output=True, text=True,
                           cwd=HERE, timeout=900, env=dict(ONE_THREAD, PYTHON=sys.executable, **env))
@@ -3698,101 +3820,25 @@ def test_run_experiments_queue_with_torchrun():
     assert sum(line.startswith("| cifar10-") for line in out.stdout.splitlines()) == 2
 
 
-# =============================================================================
-# study report: many runs -> table.md and three figures
-# =============================================================================
-
-STUDY_KEYS = [k for _, k, _ in sw.STUDY_COLUMNS] + ["train_ra_final"]
-
-
-def fake_run(d: Path, mode: str, sparsity: float, seed: int, value: float, history: list[tuple]):
-    """A finished run dir: every summary value = value (ra_best = value too), epochs (test_ra, train_ra)."""
-    d.mkdir(parents=True)
-    summary = dict({k: value for k in STUDY_KEYS}, mode=mode, sparsity=sparsity, method=sw.METHOD[mode])
-    (d / "summary.json").write_text(json.dumps(summary))
-    (d / "config.json").write_text(json.dumps(dict(mode=mode, sparsity=sparsity, seed=seed)))
-    (d / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=i + 1, test_ra=t, train_ra=r)) + "\n"
-                                             for i, (t, r) in enumerate(history)))
-
-
-def test_mean_std_is_sample_std():
-    assert sw.mean_std([5.0]) == (5.0, 0.0)
-    values = [0.3, 1.7, 2.2, 9.1]
-    mean, std = sw.mean_std(values)
-    torch.testing.assert_close((mean, std), (float(np.mean(values)), float(np.std(values, ddof=1))))
-
-
-def test_study_report_means_stds_and_figures(tmp_path):
-    root = tmp_path / "runs"
-    for seed, v in enumerate((50.0, 54.0)):  # dense AT, given --sparsity 0.8: keyed at sparsity 0
-        fake_run(root / "dense-s0.8" / f"seed{seed}", "dense", 0.8, seed, v, [(10.0, 20.0), (30.0, 40.0)])
-    for seed, v in enumerate((40.0, 42.0, 47.0)):
-        fake_run(root / "dynamic-s0.8" / f"seed{seed}", "dynamic", 0.8, seed, v, [(1.0, 2.0)])
-    fake_run(root / "dynamic-s0.5" / "seed0", "dynamic", 0.5, 0, 33.0, [(1.0, 2.0)])
-    (root / "unfinished").mkdir()  # no summary.json: not a run
-    (root / "unfinished" / "metrics.jsonl").write_text("")
-    stats = sw.study_report(root, tmp_path / "report", log=lambda *a: None)
-
-    assert list(stats) == [("dense", 0.0), ("dynamic", 0.5), ("dynamic", 0.8)]
-    dense, fb, fb5 = stats[("dense", 0.0)], stats[("dynamic", 0.8)], stats[("dynamic", 0.5)]
-    assert (dense["n"], dense["seeds"], fb["n"], fb["seeds"], fb5["n"]) == (2, [0, 1], 3, [0, 1, 2], 1)
-    for k in STUDY_KEYS:  # hand-computed: (50+54)/2, sqrt((4+4)/1); (40+42+47)/3, sqrt((9+1+16)/2)
-        assert dense[k] == (52.0, math.sqrt(8.0))
-        assert fb[k] == (43.0, math.sqrt(13.0))
-        assert fb5[k] == (33.0, 0.0)
-
-    table = (tmp_path / "report" / "table.md").read_text()
-    main, sweep = table.split("across sparsity")
-    assert "| dense AT | 2 | 52.00 ± 2.83 | 52.00 ± 2.83 |" in main
-    assert "| Flying Bird s=0.8 | 3 | 43.00 ± 3.61 |" in main and "s=0.5" not in main
-    assert "| Flying Bird s=0.5 | 1 | 33.00 ± 0.00 |" in sweep and "| Flying Bird s=0.8 | 3 |" in sweep
-    assert "dense AT" not in sweep
-    assert sweep.splitlines()[-1].endswith("| 43.000 ± 3.606 | 43.0000 ± 3.6056 | 43.00 ± 3.61 |")  # + train RA
-    for name in ("curves.png", "gap.png", "sparsity.png"):
-        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((tmp_path / "report").glob("*.tmp*"))
-
-
-def test_study_report_without_runs_says_so(tmp_path):
-    with pytest.raises(sw.SparseWinError, match="no finished runs"):
-        sw.study_report(tmp_path, tmp_path / "report")
-
-
 @pytest.mark.slow
-def test_run_experiments_study_smoke():
-    """run_experiments.sh --study-smoke: 4 methods x 3 seeds + the FB sweep, then table.md and three figures."""
-    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--study-smoke"], capture_output=True,
-                         text=True, cwd=HERE, timeout=900, env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
-    main, sweep = (report / "table.md").read_text().split("across sparsity")
-    rows = lambda text: [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:]  # noqa: E731
-    assert rows(main) == [["| dense AT", "3"], ["| Robust Bird s=0.8", "3"], ["| Flying Bird s=0.8", "3"],
-                          ["| Flying Bird+ s=0.8", "3"]]
-    assert rows(sweep) == [["| Flying Bird s=0", "1"], ["| Flying Bird s=0.5", "1"], ["| Flying Bird s=0.8", "3"],
-                           ["| Flying Bird s=0.9", "1"], ["| Flying Bird s=0.95", "1"]]
-    assert len(list((report / "runs").glob("*/seed*/log.txt"))) == 16
-    for name in ("curves.png", "gap.png", "sparsity.png"):
-        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_same_metrics_as_a_git_revision():
+    """.ci/same_metrics.py: smoke runs of every mode write the same metrics.jsonl and summary.json (time
+    aside) with this sparse_win.py as with SAME_METRICS_REV's (default HEAD: a refactor's check before
+    it is committed; on a clean tree it checks that two runs of the same command agree)."""
+    rev = os.environ.get("SAME_METRICS_REV", "HEAD")
+    if subprocess.run(["git", "cat-file", "-e", f"{rev}:sparse_win.py"], cwd=HERE, capture_output=True).returncode:
+        pytest.skip(f"no sparse_win.py at {rev} in this checkout")
+    p = subprocess.run([sys.executable, str(HERE / ".ci" / "same_metrics.py"), rev], capture_output=True, text=True,
+                       cwd=HERE, timeout=1800)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("same   ") == 5 and "identical" in p.stdout
 
 
-
-@pytest.mark.slow
-def test_run_experiments_study_overfit_smoke():
-    """run_experiments.sh --study-overfit-smoke: the 9 variants (seed 0), each evaluated, then the report."""
-    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--study-overfit-smoke"], capture_output=True,
-                         text=True, cwd=HERE, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
-    text = (report / "table.md").read_text()
-    assert "| dense AT | 0 |" in text and "| fixed random mask s=0.8 (FB, death rate 0) | 0 |" in text
-    assert "| small dense AT (width 0.056, as many weights as 80% sparse) | 0 |" in text and "± 0.00" not in text
-    runs = report / "runs"
-    for d in runs.glob("*/seed0"):
-        names = {p.name for p in d.glob("eval-*.json")}
-        assert names == {f"eval-{ck}-{s}.json" for ck in ("best", "last") for s in ("test-n64-pgd20x1",
-                                                                                    "train-all-pgd20x1")}, d
-    fixed = torch.load(runs / "fixed-mask-s0.8" / "seed0" / "last.pt", weights_only=True)["method"]["mask"]
-    assert all(torch.equal(fixed["masks"][n], fixed["ever_active"][n]) for n in fixed["masks"])  # never moved
-    for name in ("curves.png", "gap.png", "sparsity.png"):
-        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plain_pytest_is_the_default_suite():
+    """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
+                        "test_cpu_demo_learns or test_bench_mask_apply or test_normalize_module"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert "1 passed, 1 skipped, " in p.stdout and "deselected" in p.stdout, p.stdout[-2000:]
+    assert "benchmark-skip" in p.stdout  # the skip reason names pytest-benchmark's option

@@ -6,7 +6,7 @@
     python .ci/mutants.py --list          # the mutations and the tests that should catch them
 
 For each mutation (name, old fragment, new fragment, pytest -k selection) the repository's
-sparse_win.py and test_sparse_win.py (with pyproject.toml, README.md, run_experiments.sh) are
+sparse_win.py and test_sparse_win.py (with pyproject.toml, README.md, run_experiments.sh, results/) are
 copied into a temporary directory, the fragment is replaced (it must occur exactly once, else
 the mutation "did not apply") and the selected tests run there, derandomized (CI=1) as in CI.
 A failing selection caught the bug; a passing one did not. The selections are run once on the
@@ -30,19 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = ("sparse_win.py", "test_sparse_win.py", "pyproject.toml", "README.md", "run_experiments.sh")
+FILES = ("sparse_win.py", "test_sparse_win.py", "pyproject.toml", "README.md", "run_experiments.sh",
+         "results/study_report.py", "results/test_study_report.py")
 
-CHARGE = "            ledger.charge(train_batches.rows[2], fwd, attack_steps)  # global images\n"
-REFRESH = "                fwd = forward_flops(per_weight, method.mask.layer_counts(), unowned)\n"
+CHARGE = ("        fwd = self.method.forward_flops(self.per_weight, self.unowned)"
+          "  # the density in force at this step\n"
+          "        self.ledger.charge(self.batches.rows[2], fwd, attack_cost(kind, self.cfg.train_steps))"
+          "  # global images\n")
 UPDATE_BLOCK = (CHARGE
-                + "            sums[:2] += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum()"
-                  ".float()])\n"
-                + "            sums[2] += len(y)\n"
-                + "            update = method.after_step(optimizer, run[\"epoch\"])\n"
-                + "            if update is not None:\n"
-                + "                dist.check_masks(method.mask, where(i))\n"
-                + "                run[\"updates\"].append(update)\n"
-                + REFRESH)
+                + "        update = self.method.after_step(self.optimizer, self.run[\"epoch\"])\n"
+                + "        if update is not None:\n"
+                + "            self.dist.check_masks(self.method.mask, self.where(i))\n"
+                + "            self.run[\"updates\"].append(update)\n")
 
 # (name, old fragment, new fragment, pytest -k selection). Names start with the area.
 MUTATIONS = [
@@ -137,7 +136,7 @@ MUTATIONS = [
      "test_pgd_l2_one_step_closed_form_linear"),
     ("pgd: one-sided random start U(0, eps)",
      ".uniform_(-eps, eps, generator=generator)", ".uniform_(0, eps, generator=generator)",
-     "test_fgsm_rs_one_step_closed_form_linear"),
+     "test_one_step_attacks_closed_form_linear"),
     ("pgd: projection around the previous iterate instead of the clean input",
      "adv = _project(adv.detach() + alpha * step, x, eps, norm)",
      "adv = _project(adv.detach() + alpha * step, adv.detach(), eps, norm)",
@@ -150,7 +149,7 @@ MUTATIONS = [
      "lo = self.rank * q + min(self.rank, r)", "lo = self.rank * q",
      "test_batches_shards_are_the_rows_of_one_process"),
     ("ddp: the ledger counts this rank's images, not the global batch",
-     "ledger.charge(train_batches.rows[2], fwd, attack_steps)", "ledger.charge(len(y), fwd, attack_steps)",
+     "ledger.charge(self.batches.rows[2], fwd,", "ledger.charge(len(y), fwd,",
      "test_ddp_writes_once_and_counts_global_images"),
     # -- resume
     ("resume: FB+ history not restored",
@@ -160,7 +159,7 @@ MUTATIONS = [
      'self.generator.set_state(state["generator"])', 'self.generator.get_state()',
      "test_mask_state_dict_round_trip_through_bytes"),
     ("resume: mid-epoch running sums not restored",
-     "if part and dist.main:", "if part and not dist.main:",
+     "if part and self.dist.main:", "if part and not self.dist.main:",
      "test_sigterm_mid_epoch_then_resume_is_identical"),
     # -- evaluation
     ("eval: best.pt chosen on the last of equal val RAs (>=)",
@@ -170,7 +169,7 @@ MUTATIONS = [
      'if evaluated and val["ra"] > run["best_val_ra"]:', 'if evaluated and test["ra"] > run["best_val_ra"]:',
      "test_train_reads_the_right_split_for_each_use"),
     ("eval: robust generalization gap measured on val instead of training images",
-     'train_final = evaluate(core, eval_batches["gap"]', 'train_final = evaluate(core, eval_batches["val"]',
+     'train_final = t.evaluate("gap")', 'train_final = t.evaluate("val")',
      "test_train_reads_the_right_split_for_each_use"),
     ("eval: --eval counts robust examples that are misclassified clean",
      'robust=(ex["clean"] & ex["robust"]).tolist()', 'robust=ex["robust"].tolist()',
@@ -194,6 +193,7 @@ def run_tests(where: Path, selection: str, timeout: int) -> tuple[int, str]:
 def copy_repo(dst: Path, mutation: tuple[str, str] | None = None) -> bool:
     for name in FILES:
         if (ROOT / name).exists():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dst / name)
     if mutation is None:
         return True

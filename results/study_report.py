@@ -1,6 +1,11 @@
 """Tables and figures of the Fashion-MNIST studies, written again from the committed run files.
 
+    python results/study_report.py --study results/fashion-mnist/runs results/fashion-mnist
     python results/study_report.py --overfit results/fashion-mnist-overfit/runs results/fashion-mnist-overfit
+
+The first study (run_experiments.sh --study) keeps each run in <runs>/<mode>-s<sparsity>/seed<k>;
+its table and figures group the runs by (mode, sparsity) and give mean ± sample std over seeds,
+every number from the runs' summary.json and metrics.jsonl.
 
 The overfit study (run_experiments.sh --study-overfit) keeps each run in <runs>/<variant>/seed<k>
 with config.json, metrics.jsonl, summary.json and the evaluations made right after training:
@@ -18,6 +23,126 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sparse_win as sw  # noqa: E402
+
+# ----------------------------------------------------------------------------- the first study (--study)
+
+STUDY_COLUMNS = (  # (header, summary key, decimals): the paper's Table 1 layout, ratios to dense AT
+    ("RA best", "ra_best", 2), ("RA final", "ra_final", 2), ("diff", "ra_diff", 2),
+    ("SA best", "sa_best", 2), ("SA final", "sa_final", 2), ("diff", "sa_diff", 2),
+    ("robust gen. gap", "robust_gap", 2), ("train FLOPs (x dense)", "train_flops_dense_ratio", 3),
+    ("inference FLOPs (x dense)", "inference_ratio", 3), ("final density", "final_density", 4))
+
+
+def load_runs(root) -> list[dict]:
+    """Every finished run under root (a run dir holds summary.json): summary, per-epoch history, config."""
+    runs = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        d = path.parent
+        read = lambda name, parse: parse((d / name).read_text()) if (d / name).exists() else None  # noqa: E731
+        history = read("metrics.jsonl", lambda t: [json.loads(line) for line in t.splitlines() if line.strip()])
+        runs.append(dict(dir=d, summary=json.loads(path.read_text()), history=history or [],
+                         config=read("config.json", json.loads) or {}))
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """{(mode, sparsity): runs}, seeds pooled; dense AT is keyed at sparsity 0 whatever it was given."""
+    groups = {}
+    for r in runs:
+        s = r["summary"]
+        groups.setdefault((s["mode"], 0.0 if s["mode"] == "dense" else float(s["sparsity"])), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (sw.MODES.index(kv[0][0]), kv[0][1])))
+
+
+def group_stats(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every STUDY_COLUMNS value, plus train_ra_final and the seeds."""
+    keys = [k for _, k, _ in STUDY_COLUMNS] + ["train_ra_final"]
+    return dict(n=len(runs), seeds=sorted(r["config"].get("seed") for r in runs),
+                **{k: mean_std([r["summary"][k] for r in runs]) for k in keys})
+
+
+def study_table(rows: list[tuple[str, dict]], extra=()) -> str:
+    cols = [*STUDY_COLUMNS, *extra]
+    return sw.markdown_table(["method", "n", *(h for h, _, _ in cols)],
+                             [[label, st["n"], *(f"{st[k][0]:.{d}f} ± {st[k][1]:.{d}f}" for _, k, d in cols)]
+                              for label, st in rows])
+
+
+def study_report(runs_root, out_dir, *, sparsity: float = 0.8, sweep_mode: str = "dynamic", log=print) -> dict:
+    """Aggregate a study: table.md, curves.png, gap.png and sparsity.png in out_dir.
+
+    Runs are grouped by (mode, sparsity); every number is mean ± sample std over seeds.
+    Main table: dense AT and every method at `sparsity`; sweep table and sparsity.png: the
+    `sweep_mode` runs (Flying Bird) at each sparsity, the analogue of the paper's Figure 1.
+    Returns {(mode, sparsity): group_stats}.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(load_runs(runs_root))
+    if not groups:
+        raise sw.SparseWinError(f"no finished runs (summary.json) under {runs_root}")
+    stats = {k: group_stats(v) for k, v in groups.items()}
+    main = [k for k in groups if k[0] == "dense" or math.isclose(k[1], sparsity)]
+    sweep = [k for k in groups if k[0] == sweep_mode]
+    label = lambda k: sw.METHOD[k[0]] + ("" if k[0] == "dense" else f" s={k[1]:g}")  # noqa: E731
+    train_ra = (("train RA (final model)", "train_ra_final", 2),)
+    text = (f"# Study: {runs_root}\n\nMean ± sample std over n seeds. Accuracies in %, test set; best = epoch of "
+            f"best validation RA; robust gen. gap = train RA - test RA of the final model; FLOPs as a "
+            f"fraction of dense AT.\n\n## Methods at sparsity {sparsity:g}\n\n"
+            + study_table([(label(k), stats[k]) for k in main])
+            + f"\n\n## {sw.METHOD[sweep_mode]} across sparsity\n\n"
+            + study_table([(label(k), stats[k]) for k in sweep], extra=train_ra) + "\n")
+    sw.write_text_atomic(out_dir / "table.md", text)
+
+    colors = {k: f"C{i}" for i, k in enumerate(main)}
+    fig, ax = plt.subplots(figsize=(7, 4))  # curves.png: mean over seeds per epoch
+    for k in main:
+        for key, ls, what in (("test_ra", "-", "test RA"), ("train_ra", "--", "train RA")):
+            per_epoch = {}
+            for r in groups[k]:
+                for h in r["history"]:
+                    if h[key] is not None:  # --eval-every: only the evaluated epochs
+                        per_epoch.setdefault(h["epoch"], []).append(h[key])
+            ep = sorted(per_epoch)
+            ax.plot(ep, [mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[k], label=f"{label(k)} {what}")
+    ax.set(xlabel="epoch", ylabel="robust accuracy (%)", title="test RA (solid), running train RA (dashed)")
+    ax.legend(fontsize=7)
+    sw.save_figure(fig, out_dir / "curves.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))  # gap.png: one point per seed, bar = mean ± std
+    titles = ("robust gen. gap", "robust overfitting (RA best - final)")
+    for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), titles):
+        for i, k in enumerate(main):
+            values = [r["summary"][key] for r in groups[k]]
+            ax.bar(i, stats[k][key][0], yerr=stats[k][key][1], color=colors[k], alpha=0.4, capsize=4)
+            ax.plot([i] * len(values), values, "o", color=colors[k])
+        ax.set_xticks(range(len(main)), [label(k) for k in main], rotation=20, fontsize=7)
+        ax.set(ylabel="points (%)", title=title)
+    sw.save_figure(fig, out_dir / "gap.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))  # sparsity.png: Figure-1 analogue
+    xs = [k[1] for k in sweep]
+    for key, what in (("train_ra_final", "train RA (final model)"), ("ra_final", "test RA (final)")):
+        ax.errorbar(xs, [stats[k][key][0] for k in sweep], yerr=[stats[k][key][1] for k in sweep],
+                    marker="o", capsize=4, label=what)
+    ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title=f"{sw.METHOD[sweep_mode]}: robust train vs test")
+    ax.legend()
+    sw.save_figure(fig, out_dir / "sparsity.png")
+    log(text)
+    return stats
+
+
+# ----------------------------------------------------------------------------- the overfit study (--overfit)
 
 # variant folder -> label, in table order; the Flying Bird sweep is read beside fb-s0.8
 VARIANTS = {
@@ -73,25 +198,20 @@ def cell(values: list[float], decimals: int) -> str:
     """mean ± sample std over seeds; a single value alone (no '± 0.00')."""
     if not values:
         return "-"
-    mean, std = sw.mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if len(values) > 1 else "")
 
 
 def table(rows: list[tuple[str, list[dict]]], columns=COLUMNS) -> str:
-    lines = ["| variant | seeds | " + " | ".join(h for h, _, _ in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
-    for label, runs in rows:
-        seeds = ",".join(str(r["seed"]) for r in runs)
-        lines.append(f"| {label} | {seeds} | " + " | ".join(cell([r[k] for r in runs], d) for _, k, d in columns)
-                     + " |")
-    return "\n".join(lines)
+    return sw.markdown_table(["variant", "seeds", *(h for h, _, _ in columns)],
+                             [[label, ",".join(str(r["seed"]) for r in runs),
+                               *(cell([r[k] for r in runs], d) for _, k, d in columns)] for label, runs in rows])
 
 
 def paired(groups: dict[str, list[dict]]) -> str:
     """Per claim: variant minus dense AT of the same seed, mean ± std over the seeds both have."""
     dense = {r["seed"]: r for r in groups.get("dense", [])}
-    lines = ["| variant | seeds | " + " | ".join(f"{h} (- dense)" for h, _ in CLAIMS) + " |",
-             "|---|---|" + "---|" * len(CLAIMS)]
+    rows = []
     for v, runs in groups.items():
         both = [r for r in runs if r["seed"] in dense and v != "dense"]
         if not both:
@@ -100,16 +220,16 @@ def paired(groups: dict[str, list[dict]]) -> str:
         for _, k in CLAIMS:
             diffs = [r[k] - dense[r["seed"]][k] for r in both]
             cells.append(cell(diffs, 2) + " (" + " / ".join(f"{d:+.2f}" for d in diffs) + ")")
-        lines.append(f"| {VARIANTS[v]} | {','.join(str(r['seed']) for r in both)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([VARIANTS[v], ",".join(str(r["seed"]) for r in both), *cells])
+    return sw.markdown_table(["variant", "seeds", *(f"{h} (- dense)" for h, _ in CLAIMS)], rows)
 
 
-def overfit_report(runs_root, out_dir, log=print) -> dict:
+def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
     """table.md, curves.png, gap.png, sparsity.png of the overfit study; returns {variant: rows}."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
     groups = {}
     for v in VARIANTS:
-        rows = [r for d in sorted((runs_root / v).glob("seed*")) if (r := run_row(d, TEST_N)) is not None]
+        rows = [r for d in sorted((runs_root / v).glob("seed*")) if (r := run_row(d, test_n)) is not None]
         if rows:
             groups[v] = sorted(rows, key=lambda r: r["seed"])
     if not groups:
@@ -118,7 +238,7 @@ def overfit_report(runs_root, out_dir, log=print) -> dict:
     aa = [(VARIANTS[v], [r for r in groups[v] if r["aa"] is not None]) for v in main]
     text = (f"# Study: {runs_root}\n\nFashion-MNIST, 500 training images without augmentation, eps 0.1, "
             f"ResNet-18 width 0.125, 120 epochs. Accuracies in %: PGD-20 (one start, eval mode) on the first "
-            f"{TEST_N} test images for best.pt (best validation RA) and the final model; robust gen. gap = "
+            f"{test_n} test images for best.pt (best validation RA) and the final model; robust gen. gap = "
             f"PGD-20 RA on the 500 training images - test RA, final model. Mean ± sample std over the seeds "
             f"listed; CPU minutes = training + these evaluations, one thread.\n\n## Variants\n\n"
             + table([(VARIANTS[v], groups[v]) for v in main])
@@ -151,43 +271,44 @@ def figures(groups: dict, main: list[str], out_dir: Path):
                     if h[key] is not None:
                         per_epoch.setdefault(h["epoch"], []).append(h[key])
             ep = sorted(per_epoch)
-            ax.plot(ep, [sw.mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[v], lw=1,
+            ax.plot(ep, [mean_std(per_epoch[e])[0] for e in ep], ls, color=colors[v], lw=1,
                     label=VARIANTS[v].split(" (")[0] if ls == "-" else None)
     ax.set(xlabel="epoch", ylabel="robust accuracy (%)",
            title="test RA, 500 images (solid); running train RA (dashed)")
     ax.legend(fontsize=7)
-    sw._save_figure(fig, out_dir / "curves.png")
+    sw.save_figure(fig, out_dir / "curves.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))  # gap.png: one point per seed, bar = mean
     for ax, key, title in zip(axes, ("robust_gap", "ra_diff"), ("robust gen. gap", "robust overfitting (RA best - final)")):
         for i, v in enumerate(main):
             values = [r[key] for r in groups[v]]
-            ax.bar(i, sw.mean_std(values)[0], color=colors[v], alpha=0.4)
+            ax.bar(i, mean_std(values)[0], color=colors[v], alpha=0.4)
             ax.plot([i] * len(values), values, "o", color=colors[v])
         ax.set_xticks(range(len(main)), [VARIANTS[v].split(" (")[0] for v in main], rotation=25, fontsize=7)
         ax.set(ylabel="points (%)", title=title)
-    sw._save_figure(fig, out_dir / "gap.png")
+    sw.save_figure(fig, out_dir / "gap.png")
 
     sweep = [v for v in SWEEP if v in groups]
     fig, ax = plt.subplots(figsize=(6, 4))  # sparsity.png: the paper's Figure 1 analogue
     xs = [0.0 if v == "dense" else float(v.split("-s")[1]) for v in sweep]
     for key, what in (("train_ra_final", "train RA (final model)"), ("ra_final", "test RA (final)"),
                       ("ra_best", "test RA (best)")):
-        ax.plot(xs, [sw.mean_std([r[key] for r in groups[v]])[0] for v in sweep], "o-", label=what)
+        ax.plot(xs, [mean_std([r[key] for r in groups[v]])[0] for v in sweep], "o-", label=what)
     ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title="Flying Bird: robust train vs test")
     ax.legend()
-    sw._save_figure(fig, out_dir / "sparsity.png")
+    sw.save_figure(fig, out_dir / "sparsity.png")
 
 
-TEST_N = 2000
+USAGE = "usage: python results/study_report.py --study RUNS OUT_DIR | --overfit RUNS OUT_DIR [TEST_IMAGES]"
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) not in (3, 4) or args[0] != "--overfit":
-        sys.exit("usage: python results/study_report.py --overfit RUNS OUT_DIR [TEST_IMAGES]")
-    if len(args) == 4:
-        TEST_N = int(args[3])
+    if not ((args[:1] == ["--study"] and len(args) == 3) or (args[:1] == ["--overfit"] and len(args) in (3, 4))):
+        sys.exit(USAGE)
     try:
-        overfit_report(args[1], args[2])
+        if args[0] == "--study":
+            study_report(args[1], args[2])
+        else:
+            overfit_report(args[1], args[2], *map(int, args[3:]))
     except sw.SparseWinError as e:
         sys.exit(f"study_report.py: error: {e}")
