@@ -3330,6 +3330,20 @@ def test_eval_last_checkpoint_val_split(tmp_path, fbplus_run):
     assert r["checks"]["aa_not_above_pgd"]["ok"] is None and r["checks"]["autoattack_flags"]["ok"] is None
 
 
+def test_eval_restarts_are_the_worst_case_of_that_many_runs(tmp_path, dense_run):
+    """--eval --restarts 3: the RA and adversarial loss of evaluate_examples with 3 restarts, exactly."""
+    d = copy_run(dense_run, tmp_path / "run")
+    r = sw.evaluate_checkpoint(d / "best.pt", subset=64, steps=1, restarts=3, attack="pgd", check_subset=8,
+                               device="cpu", log=lambda *a: None)
+    cfg = sw.config_of(load_ck(d / "best.pt"), device="cpu")
+    x, y = (t[:64] for t in sw.load_data(cfg)["test"])
+    eps, alpha = cfg.eps(train=False)
+    net = sw.load_model(d / "best.pt")
+    ex = {k: sw.evaluate_examples(net, sw.Batches(x, y, batch_size=256), eps=eps, alpha=alpha, steps=1, restarts=k,
+                                  generator=torch.Generator().manual_seed(0)) for k in (1, 3)}
+    assert r["pgd"]["restarts"] == 3 and r["pgd"]["ra"] == 100 * float((ex[3]["clean"] & ex[3]["robust"]).float().mean())
+    assert r["pgd"]["adv_loss"] == ex[3]["adv_loss"].mean().item() > ex[1]["adv_loss"].mean().item()
+
 def test_eval_split_train_is_the_runs_training_images(tmp_path, dense_run):
     d = copy_run(dense_run, tmp_path / "run")
     r = sw.evaluate_checkpoint(d / "best.pt", split="train", steps=2, restarts=1, attack="pgd", check_subset=8,

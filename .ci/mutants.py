@@ -176,7 +176,7 @@ MUTATIONS = [
      "test_eval_counts_robust_only_when_clean_is_right"),
     ("eval: --eval ignores --restarts",
      "norm=cfg.norm, restarts=restarts,", "norm=cfg.norm, restarts=1,",
-     "test_eval_each_mode"),
+     "test_eval_each_mode or test_eval_restarts_are_the_worst_case"),
 ]
 
 
