@@ -85,13 +85,18 @@ def test_study_report_writes_the_committed_table_again(tmp_path, monkeypatch):
 
 
 
+def run_study_script(flag: str, timeout: int) -> Path:
+    """bash run_experiments.sh FLAG with this interpreter; returns the folder of the report it wrote."""
+    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), flag], capture_output=True,
+                         text=True, cwd=HERE, timeout=timeout, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
+
+
 @pytest.mark.slow
 def test_run_experiments_study_smoke():
     """run_experiments.sh --study-smoke: 4 methods x 3 seeds + the FB sweep, then table.md and three figures."""
-    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--study-smoke"], capture_output=True,
-                         text=True, cwd=HERE, timeout=900, env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
+    report = run_study_script("--study-smoke", timeout=900)
     main, sweep = (report / "table.md").read_text().split("across sparsity")
     rows = lambda text: [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:]  # noqa: E731
     assert rows(main) == [["| dense AT", "3"], ["| Robust Bird s=0.8", "3"], ["| Flying Bird s=0.8", "3"],
@@ -106,10 +111,7 @@ def test_run_experiments_study_smoke():
 @pytest.mark.slow
 def test_run_experiments_study_overfit_smoke():
     """run_experiments.sh --study-overfit-smoke: the 9 variants (seed 0), each evaluated, then the report."""
-    out = subprocess.run(["bash", str(HERE / "run_experiments.sh"), "--study-overfit-smoke"], capture_output=True,
-                         text=True, cwd=HERE, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
+    report = run_study_script("--study-overfit-smoke", timeout=1800)
     text = (report / "table.md").read_text()
     assert "| dense AT | 0 |" in text and "| fixed random mask s=0.8 (FB, death rate 0) | 0 |" in text
     assert "| small dense AT (width 0.056, as many weights as 80% sparse) | 0 |" in text and "± 0.00" not in text
