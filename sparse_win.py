@@ -1871,6 +1871,7 @@ class Trainer:
                         partial=None, world=dist.world)
         self.config = dataclasses.asdict(cfg)
         self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
+        self.fwd = None  # forward FLOPs per image at the density in force; None: count again
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -1889,10 +1890,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
-        self.ledger.charge(self.batches.rows[2], fwd, attack_cost(kind, self.cfg.train_steps))  # global images
+        if self.fwd is None:  # counted again only when the masks may have changed, not at every step
+            self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
+        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, self.cfg.train_steps))  # global images
         update = self.method.after_step(self.optimizer, self.run["epoch"])
         if update is not None:
+            self.fwd = None
             self.dist.check_masks(self.method.mask, self.where(i))
             self.run["updates"].append(update)
         return loss, logits, stopping
@@ -1901,6 +1904,7 @@ class Trainer:
         """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
         Resumes run['partial'], if any: the same permutation, the remaining batches, the running sums."""
         self.model.train()
+        self.fwd = None  # a resumed or adopted mask: count from the masks in force now
         part = self.run["partial"] or {}
         sums = torch.zeros(3, device=self.device)  # loss sum, correct, n: this rank's, summed at the end
         if part and self.dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
@@ -1939,6 +1943,7 @@ class Trainer:
         self.dist.share_masks(self.method.mask)
         self.run["ticket_flops"], self.run["ticket_images"] = self.ledger.actual, self.ledger.images
         self.optimizer, self.scheduler = sgd(self.cfg, self.net)
+        self.fwd = None
 
     def evaluate(self, split: str) -> dict:
         """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches."""

@@ -33,13 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = ("sparse_win.py", "test_sparse_win.py", "pyproject.toml", "README.md", "run_experiments.sh",
          "results/study_report.py", "results/test_study_report.py")
 
-CHARGE = ("        fwd = self.method.forward_flops(self.per_weight, self.unowned)"
+CHARGE = ("        if self.fwd is None:  # counted again only when the masks may have changed, not at every step\n"
+          "            self.fwd = self.method.forward_flops(self.per_weight, self.unowned)"
           "  # the density in force at this step\n"
-          "        self.ledger.charge(self.batches.rows[2], fwd, attack_cost(kind, self.cfg.train_steps))"
+          "        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, self.cfg.train_steps))"
           "  # global images\n")
 UPDATE_BLOCK = (CHARGE
                 + "        update = self.method.after_step(self.optimizer, self.run[\"epoch\"])\n"
                 + "        if update is not None:\n"
+                + "            self.fwd = None\n"
                 + "            self.dist.check_masks(self.method.mask, self.where(i))\n"
                 + "            self.run[\"updates\"].append(update)\n")
 
@@ -149,7 +151,7 @@ MUTATIONS = [
      "lo = self.rank * q + min(self.rank, r)", "lo = self.rank * q",
      "test_batches_shards_are_the_rows_of_one_process"),
     ("ddp: the ledger counts this rank's images, not the global batch",
-     "ledger.charge(self.batches.rows[2], fwd,", "ledger.charge(len(y), fwd,",
+     "ledger.charge(self.batches.rows[2], self.fwd,", "ledger.charge(len(y), self.fwd,",
      "test_ddp_writes_once_and_counts_global_images"),
     # -- resume
     ("resume: FB+ history not restored",
