@@ -2012,7 +2012,7 @@ class Trainer:
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
         self.cfg, self.method, self.device, self.dist = cfg, method, device, dist
-        self.stop, self.run_dir, self.log, self.input_shape = stop, run_dir, log, input_shape
+        self.stop, self.run_dir, self.log = stop, run_dir, log
         net = model_for(cfg).to(device)
         self.per_weight, self.unowned = model_flops(net, input_shape)
         self.dense_fwd = forward_flops(self.per_weight, {n: p.numel() for n, p in prunable(net).items()}, self.unowned)
@@ -2111,11 +2111,11 @@ class Trainer:
         self.fwd = None
 
     def adopt(self, net: nn.Module):
-        """Train `net` (a thinner network built by slim) from now on: its FLOPs counted, the fast path and
-        DDP wrapped again. The caller makes a new optimizer."""
-        net = net.to(self.device)
-        self.per_weight, self.unowned = model_flops(net, self.input_shape)
-        self.net, self.core, self.model = fast_path(self.cfg, net, self.device.type == "cuda", self.dist)
+        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again. The
+        caller makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only),
+        so the forward count follows the thin network's weights."""
+        self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
+                                                    self.dist)
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
