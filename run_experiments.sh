@@ -33,7 +33,9 @@
 #   bash run_experiments.sh --studies              # both studies, one after the other
 #
 # Its runs go to $OUT/<variant>/seed<k> (variants: dense, small-dense-w0.056, rb-s0.8, fb-s0.8,
-# fbplus-s0.8, fixed-mask-s0.8, fb-s0.5, fb-s0.9, fb-s0.95). Right after its training each run's
+# fbplus-s0.8, fixed-mask-s0.8, fb-s0.5, fb-s0.9, fb-s0.95, and rb-channel-s$CH: Robust Bird's channel
+# ticket at the channel sparsity whose thin network keeps about 20% of the weights, seeds 0-2, last in
+# the queue). ONLY="rb-channel-s0.79 ..." runs those variants alone. Right after its training each run's
 # best.pt and last.pt are evaluated (PGD-20, one start) on the first 2,000 test images and on its
 # 500 training images (the robust gap); AA=1 adds standard AutoAttack on 500 test images for
 # best.pt of seed 0 of each variant at sparsity 0.8.
@@ -64,6 +66,7 @@ if [ "$TASK" = overfit ]; then
   SEEDS=${SEEDS:-$([ "${SMOKE:-0}" = 1 ] && echo 0 || echo 0 1 2)}
   JOBS=${JOBS:-2}
   AA=${AA:-0}
+  CH=0.79  # channel sparsity of rb-channel: weight density 0.199 (seed 0), the closest to the others' 0.2
   # Pilot P4: dense PGD-AT fits its 500 training images and overfits (README "Does it reproduce?").
   STUDY=(--dataset fashion-mnist --device cpu --no-progress --data-dir "$DATA"
          --width 0.125 --train-subset 500 --no-augment --batch-size 32 --train-eps 25.5 --train-alpha 10
@@ -84,6 +87,7 @@ if [ "$TASK" = overfit ]; then
     [fb-s0.5]="--mode dynamic --sparsity 0.5"
     [fb-s0.9]="--mode dynamic --sparsity 0.9"
     [fb-s0.95]="--mode dynamic --sparsity 0.95"
+    [rb-channel-s$CH]="--mode static --ticket channel --sparsity $CH"  # thin network: ~0.2 of the weights
   )
   AT08="dense rb-s0.8 fb-s0.8 fbplus-s0.8 small-dense-w0.056 fixed-mask-s0.8"
   queue=()  # "variant seed": seed 0 of every variant first, so that a partial study already compares them
@@ -92,6 +96,11 @@ if [ "$TASK" = overfit ]; then
   for seed in "${seeds[@]:1:1}"; do for v in $AT08; do queue+=("$v $seed"); done; done
   for v in fb-s0.5 fb-s0.9 fb-s0.95; do queue+=("$v ${seeds[0]}"); done
   for seed in "${seeds[@]:2}"; do for v in $AT08; do queue+=("$v $seed"); done; done
+  for seed in "${seeds[@]}"; do queue+=("rb-channel-s$CH $seed"); done
+  if [ -n "${ONLY:-}" ]; then  # ONLY="variant ...": those variants' runs alone
+    kept=(); for item in "${queue[@]}"; do [[ " $ONLY " == *" ${item% *} "* ]] && kept+=("$item"); done
+    queue=("${kept[@]}")
+  fi
 
   evaluate() {  # evaluate DIR: best.pt and last.pt on the test images and on the training images
     local dir=$1 ck split n

@@ -4,7 +4,9 @@ Paper: arXiv:2202.09844. PGD adversarial training (AT) of a *sparse* network nar
 robust generalization gap and robust overfitting while saving training and inference FLOPs.
 
     Robust Bird (RB, --mode static)    early-bird ticket from cheap standard training, then AT
-                                       of that fixed sparse subnetwork (paper Sec. 3.1)
+                                       of that fixed sparse subnetwork (paper Sec. 3.1); --ticket
+                                       channel: Early-Bird's BatchNorm-channel ticket, then AT of a
+                                       physically thinner network (real speed, not only FLOPs)
     Flying Bird (FB, --mode dynamic)   random sparse start; every T steps prune the smallest
                                        |w| and regrow as many, constant density (Sec. 3.2)
     Flying Bird+ (--mode dynamic+)     FB plus extra pruning when the robust gap widens and
@@ -16,11 +18,12 @@ d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update inter
 900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
 
 Two parts. Part one is the library: torch only, and nothing in it refers to anything below it.
-    errors and constants -> models (build_model) -> attack (pgd, fgsm_rs, evaluate) -> masks (SparseMask)
-    -> the methods in the paper's order, each with its machinery beside it: Method, Dense; Robust Bird
-    (Sec. 3.1: EarlyBird, RobustBird); Flying Bird (Sec. 3.2: cosine_death_rate, FlyingBird); Flying
-    Bird+ (fbplus_decision, FlyingBirdPlus) -> FLOPs (model_flops, FlopLedger) -> data on the device
-    (augment, Batches) -> robust evaluation (autoattack_eval, masking_checks)
+    errors and constants -> models (build_model; channel_groups, slim: a thinner copy) -> attack (pgd,
+    fgsm_rs, evaluate) -> masks (SparseMask) -> the methods in the paper's order, each with its machinery
+    beside it: Method, Dense; Robust Bird (Sec. 3.1: EarlyBird, channel_mask, RobustBird); Flying Bird
+    (Sec. 3.2: cosine_death_rate, FlyingBird); Flying Bird+ (fbplus_decision, FlyingBirdPlus) -> FLOPs
+    (model_flops, FlopLedger) -> data on the device (augment, Batches) -> robust evaluation
+    (autoattack_eval, masking_checks)
 Cut at the line "# === program": the file down to it is the whole library, to copy into your project.
 Part two is the program, in the order the data flows:
     config (Config, validate) -> data (loaders) -> the configured run (model_for, method_for) -> distributed
@@ -36,6 +39,7 @@ Import:  from sparse_win import SparseMask, FlyingBird, pgd, evaluate, model_flo
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -175,6 +179,66 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width
                 nn.init.zeros_(m.bias)
         return net
     raise SparseWinError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The channels a channel ticket may prune, as {BatchNorm name: (producing conv, consuming layer)}: each
+    residual block's inner channels (BasicBlock conv1 -> bn1 -> conv2; PreActBlock and WideResNet conv1 ->
+    bn2 -> conv2) and every conv of VGG-16 (conv -> bn -> the next conv, the last one -> linear). The
+    residual stream (stem, block outputs, shortcuts) stays whole: its channels are tied across the sums."""
+    groups = {}
+    for name, m in model.named_modules():
+        p = f"{name}." if name else ""
+        if isinstance(m, BasicBlock):
+            groups[p + "bn1"] = (p + "conv1", p + "conv2")
+        elif isinstance(m, PreActBlock):  # bn2 scales conv1's outputs, the channels conv2 reads
+            groups[p + "bn2"] = (p + "conv1", p + "conv2")
+        elif isinstance(m, VGG):
+            convs = [i for i, layer in enumerate(m.features) if isinstance(layer, nn.Conv2d)]
+            for i, j in zip(convs, convs[1:] + [None]):  # features[i + 1] is conv i's BatchNorm
+                groups[f"{p}features.{i + 1}"] = (f"{p}features.{i}", p + ("linear" if j is None else f"features.{j}"))
+    if not groups:
+        raise SparseWinError("a channel ticket prunes the BatchNorm-scaled channels of resnet18, preact_resnet18, "
+                             "wrn or vgg16 blocks; this model has none")
+    return groups
+
+
+def _keep_only(m: nn.Module, names: tuple[str, ...], idx: torch.Tensor, dim: int):
+    """Replace m's tensors `names` (parameters or buffers) by their slices idx along dim."""
+    for n in names:
+        t = getattr(m, n)
+        if t is not None:
+            new = t.detach().index_select(dim, idx).clone()
+            setattr(m, n, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+
+
+def slim(model: nn.Module, keep: dict[str, torch.Tensor | int]) -> nn.Module:
+    """A physically smaller copy of `model` without the pruned channels of channel_groups(model).
+
+    keep maps a group's BatchNorm name to the bool mask of its kept channels, or to a count n (the first
+    n: a checkpoint's thin architecture, whose weights are loaded next); groups left out stay whole. The
+    copy keeps the surviving weights, biases and BatchNorm statistics, and in eval mode computes what
+    `model` computes with the pruned channels' BatchNorm scale and shift set to zero (ReLU(0) = 0, so
+    the consumer reads nothing from them). `model` is left as it was."""
+    groups, thin = channel_groups(model), copy.deepcopy(model)
+    mods = dict(thin.named_modules())
+    for bn_name, k in keep.items():
+        bn = mods[bn_name]
+        mask = torch.arange(bn.num_features) < k if isinstance(k, int) else k.flatten().bool().cpu()
+        if mask.numel() != bn.num_features or not mask.any():
+            raise SparseWinError(f"{bn_name}: keep 1 to {bn.num_features} channels, got {int(mask.sum())} of "
+                                 f"{mask.numel()}")
+        idx = mask.nonzero().flatten().to(bn.weight.device)
+        producer, consumer = (mods[n] for n in groups[bn_name])
+        _keep_only(producer, ("weight", "bias"), idx, 0)
+        _keep_only(bn, ("weight", "bias", "running_mean", "running_var"), idx, 0)
+        _keep_only(consumer, ("weight",), idx, 1)  # conv (out, in, k, k) or linear (out, in): its inputs
+        producer.out_channels = bn.num_features = len(idx)
+        if isinstance(consumer, nn.Linear):
+            consumer.in_features = len(idx)
+        else:
+            consumer.in_channels = len(idx)
+    return thin
 
 
 # ----------------------------------------------------------------------------- attack
@@ -580,13 +644,17 @@ class Method:
         start(model, total_steps=, epochs=)   once, after the model is built and placed
         pretraining                           True while a stage before AT runs (Robust Bird's ticket)
         pretrain_epochs                       the number of such epochs run so far
-        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh
+        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh (then
+                                              train `model`: a channel ticket makes it a thinner network)
+        before_update()                       after backward, before the optimizer step (Robust Bird's
+                                              channel ticket adds the BatchNorm L1 subgradient in stage 1)
         after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
                                               update (returned as a record, else None)
         end_epoch(train_ra, val)              after every AT epoch's validation
         density, itop_rate(), layer_counts(), forward_flops(per_weight, constant)
                                               the model now (dense: 1.0, 1.0, every weight, the dense count)
-        mask (a SparseMask; None while dense), summary(), state_dict(), load_state_dict()
+        mask (a SparseMask; None while dense), channels (channels kept per channel group of a network
+        thinned by slim(); None if not thinned), summary(), state_dict(), load_state_dict()
     """
     name = "method"
     milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
@@ -594,6 +662,7 @@ class Method:
     def __init__(self):
         self.mask: SparseMask | None = None
         self.model: nn.Module | None = None
+        self.channels: dict[str, int] | None = None
         self.pretraining = False
 
     def start(self, model: nn.Module, *, total_steps: int, epochs: int):
@@ -605,6 +674,9 @@ class Method:
 
     def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
         return False
+
+    def before_update(self):
+        pass
 
     def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
         if self.mask is not None:
@@ -639,10 +711,13 @@ class Method:
         return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
 
     def state_dict(self) -> dict:
-        return dict(mask=self.mask.state_dict() if self.mask is not None else None, pretraining=self.pretraining)
+        return dict(mask=self.mask.state_dict() if self.mask is not None else None, channels=self.channels,
+                    pretraining=self.pretraining)
 
     def load_state_dict(self, state: dict):
-        self.pretraining = state["pretraining"]
+        """The state of state_dict(); the model must already be the one it describes (thinned by slim() to
+        `channels`, when given)."""
+        self.pretraining, self.channels = state["pretraining"], state.get("channels")
         if state["mask"] is not None:
             if self.mask is None:  # adopted after start(): Robust Bird's ticket
                 self.mask = SparseMask(self.model, masks=state["mask"]["masks"])
@@ -671,23 +746,56 @@ def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return diff / sum(m.numel() for m in a.values())
 
 
+def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The BatchNorm scaling factors (gamma) of the model's channel groups (channel_groups), by BN name."""
+    mods = dict(model.named_modules())
+    return {n: mods[n].weight for n in channel_groups(model)}
+
+
+def channel_mask(gammas: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Network slimming's global threshold (Liu et al. 2017; Early-Bird's channel tickets): keep exactly
+    max(round(density * total), groups) channels with the largest |gamma| over all groups, at least one
+    per group (each group's largest first, then the largest of the rest)."""
+    flat = torch.cat([g.detach().abs().float().flatten() for g in gammas.values()])
+    sizes = [g.numel() for g in gammas.values()]
+    starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[starts + torch.stack([part.argmax() for part in flat.split(sizes)])] = True  # one per group
+    rest = max(round(density * flat.numel()), len(sizes)) - len(sizes)
+    keep[flat.masked_fill(keep, -1.0).topk(rest, sorted=False).indices] = True  # |gamma| >= 0 > -1
+    return {n: k for n, k in zip(gammas, keep.split(sizes))}
+
+
+TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
+EB_THRESHOLD = {"unstructured": 0.08, "channel": 0.1}  # released RB; Early-Bird's channel tickets (You et al.)
+
+
 class EarlyBird:
     """Early-bird ticket detector (You et al. 2020; Robust Bird, Sec. 3.1).
 
-    After every standard-training epoch, record() computes the global magnitude mask of the
-    conv weights (any conv: weight.dim() >= 3; linear and attention weights left out, as the
-    released code does for its CNNs) at the target density and keeps the last
-    `queue` masks; the ticket has emerged when the newest is within `threshold` of each older one.
+    After every standard-training epoch, record() computes the ticket mask the model would give now
+    and keeps the last `queue` masks; the ticket has emerged when the newest is within `threshold`
+    (normalized Hamming distance) of each older one. kind "unstructured": the global magnitude mask
+    of the conv weights (any conv: weight.dim() >= 3; linear and attention weights left out, as the
+    released code does for its CNNs) at the target density. kind "channel": the channel mask of the
+    BatchNorm scaling factors (channel_mask), `density` = the fraction of channels kept.
     """
 
-    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08):
-        self.density, self.queue, self.threshold = density, queue, threshold
+    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, kind: str = "unstructured"):
+        if kind not in TICKETS:
+            raise SparseWinError(f"unknown ticket {kind!r}; choose from {', '.join(TICKETS)}")
+        self.density, self.queue, self.threshold, self.kind = density, queue, threshold, kind
         self.masks: list[dict[str, torch.Tensor]] = []
         self.distances: list[float] = []  # max distance newest-to-older, per record
 
+    def current(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The mask record() compares: conv magnitudes, or BatchNorm channels."""
+        if self.kind == "channel":
+            return channel_mask(bn_gammas(model), self.density)
+        return magnitude_mask({n: w for n, w in prunable(model).items() if w.dim() >= 3}, self.density)
+
     def record(self, model: nn.Module) -> bool:
-        convs = {n: w for n, w in prunable(model).items() if w.dim() >= 3}
-        self.masks = (self.masks + [{n: m.cpu() for n, m in magnitude_mask(convs, self.density).items()}])[-self.queue:]
+        self.masks = (self.masks + [{n: m.cpu() for n, m in self.current(model).items()}])[-self.queue:]
         d = [mask_distance(self.masks[-1], m) for m in self.masks[:-1]]
         self.distances.append(max(d) if d else 1.0)
         return self.emerged
@@ -697,8 +805,9 @@ class EarlyBird:
         return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
 
     def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The ticket to train: global magnitude mask over every prunable weight (conv *and* linear)."""
-        return magnitude_mask(prunable(model), self.density)
+        """The ticket to train: the global magnitude mask over every prunable weight (conv *and* linear),
+        or for kind "channel" the channel mask, as record() computes it."""
+        return self.current(model) if self.kind == "channel" else magnitude_mask(prunable(model), self.density)
 
     def state_dict(self) -> dict:
         return dict(masks=self.masks, distances=self.distances)
@@ -713,17 +822,48 @@ class RobustBird(Method):
 
     Stage 1 trains the dense model without an attack and, after every epoch, records the global
     magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
-    is within `threshold` (0.08, normalized Hamming) of each older one, or after `max_epochs`,
+    is within `threshold` (None: 0.08, normalized Hamming) of each older one, or after `max_epochs`,
     the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
     start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
+
+    ticket="channel" (Early-Bird's own kind, You et al. 2020): stage 1 adds the L1 penalty `bn_l1` on the
+    channel groups' BatchNorm scales (network slimming), the detector compares channel masks (threshold
+    None: 0.1), `density` is the fraction of channels kept, and adoption rebuilds `model` physically
+    without the pruned channels (slim): AT then trains a smaller dense network, no mask.
     """
     name = "Robust Bird"
     milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
 
-    def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, max_epochs: int = 50):
+    def __init__(self, *, density: float, queue: int = 5, threshold: float | None = None, max_epochs: int = 50,
+                 ticket: str = "unstructured", bn_l1: float = 1e-4):
         super().__init__()
-        self.early = EarlyBird(density=density, queue=queue, threshold=threshold)
+        threshold = EB_THRESHOLD.get(ticket, 0.0) if threshold is None else threshold
+        self.early = EarlyBird(density=density, queue=queue, threshold=threshold, kind=ticket)
         self.max_epochs, self.ticket_epochs, self.pretraining = max_epochs, 0, True
+        self.ticket, self.bn_l1, self.full_weights = ticket, bn_l1, 0
+
+    def start(self, model, *, total_steps, epochs):
+        super().start(model, total_steps=total_steps, epochs=epochs)
+        self.full_weights = sum(w.numel() for w in prunable(model).values())
+        if self.ticket == "channel":
+            channel_groups(model)  # a model without channel groups is refused now, not after stage 1
+
+    def before_update(self):
+        if self.pretraining and self.ticket == "channel" and self.bn_l1:
+            for g in bn_gammas(self.model).values():  # network slimming: d/dgamma of bn_l1 * |gamma|
+                if g.grad is not None:
+                    g.grad.add_(torch.sign(g.detach()), alpha=self.bn_l1)
+
+    @property
+    def density(self) -> float:
+        """Active fraction of the prunable weights; for a channel ticket, the thin network's weights as a
+        fraction of the full network's."""
+        if self.channels is None:
+            return super().density
+        return sum(w.numel() for w in prunable(self.model).values()) / self.full_weights
+
+    def itop_rate(self) -> float:
+        return self.density if self.channels is not None else super().itop_rate()
 
     def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
         self.ticket_epochs += 1
@@ -732,7 +872,11 @@ class RobustBird(Method):
             f"mask distance {self.early.distances[-1]:.4f}{' -> early bird' if emerged else ''}")
         if not (emerged or self.ticket_epochs >= self.max_epochs):
             return False
-        self.mask = SparseMask(model, masks=self.early.ticket(model))  # prune; the weights stay
+        if self.ticket == "channel":  # a thinner dense network; the surviving weights stay
+            keep = self.early.ticket(model)
+            self.model, self.channels = slim(model, keep), {n: int(k.sum()) for n, k in keep.items()}
+        else:
+            self.mask = SparseMask(model, masks=self.early.ticket(model))  # prune; the weights stay
         self.pretraining = False
         return True
 
@@ -1197,7 +1341,9 @@ class Config:
     wrn_depth: int = option(34, "WideResNet depth (6n+4)")
     wrn_widen: int = option(10, "WideResNet widen factor")
     mode: str = option("dense", "dense | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)")
-    sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1)")
+    sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1); with --ticket "
+                             "channel, the fraction of the prunable channels removed (the weight density that results "
+                             "is reported beside it)")
     allocation: str = option("igq", "layer-wise density for FB/FB+: igq (released default) | erk | uniform")
     growth: str = option("random", "FB regrowth: random (released default) | gradient (RigL-style)")
     death_rate: float = option(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
@@ -1209,7 +1355,11 @@ class Config:
     fbplus_prune: float = option(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
     fbplus_grow: float = option(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
     fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
-    eb_threshold: float = option(0.08, "RB: mask distance below which the early bird has emerged")
+    ticket: str = option("unstructured", "RB: unstructured (weights, the paper) | channel (BatchNorm channels, "
+                         "Early-Bird: AT then trains a physically thinner network)")
+    bn_l1: float = option(1e-4, "RB --ticket channel: L1 penalty on the BatchNorm scales in stage 1 (network slimming)")
+    eb_threshold: float = option(-1.0, "RB: mask distance below which the early bird has emerged (-1 = the ticket's "
+                                 "default: unstructured 0.08, channel 0.1)")
     eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
     eb_max_epochs: int = option(50, "RB: cap on stage-1 (standard training) epochs")
     epochs: int = option(200, "adversarial training epochs")
@@ -1278,6 +1428,10 @@ class Config:
         return eps / 255, alpha / 255
 
     @property
+    def eb_threshold_used(self) -> float:
+        return self.eb_threshold if self.eb_threshold >= 0 else EB_THRESHOLD[self.ticket]
+
+    @property
     def fbplus_start_epoch(self) -> int:
         return self.fbplus_start if self.fbplus_start >= 0 else self.epochs // 2
 
@@ -1326,6 +1480,11 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
     need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
+    need(cfg.ticket in TICKETS, f"unknown ticket {cfg.ticket!r}; choose from {', '.join(TICKETS)}")
+    need(cfg.ticket == "unstructured" or cfg.mode == "static",
+         f"--ticket {cfg.ticket} is Robust Bird's (--mode static), not --mode {cfg.mode}'s")
+    need(cfg.bn_l1 >= 0 and (cfg.eb_threshold >= 0 or cfg.eb_threshold == -1),
+         "need --bn-l1 >= 0 and --eb-threshold >= 0 (or -1, the ticket's default)")
     need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
     need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
     need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
@@ -1488,8 +1647,8 @@ METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.
 def method_for(cfg: Config) -> Method:
     """The configured method (--mode), with its constants from the config."""
     if cfg.mode == "static":
-        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold,
-                          max_epochs=cfg.eb_max_epochs)
+        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold_used,
+                          max_epochs=cfg.eb_max_epochs, ticket=cfg.ticket, bn_l1=cfg.bn_l1)
     if cfg.mode in ("dynamic", "dynamic+"):
         fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
                   death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
@@ -1889,6 +2048,7 @@ class Trainer:
             raise diverged(loss.item(), self.where(i), checkpointed, self.cfg.lr, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
         self.optimizer.step()
         if self.fwd is None:  # counted again only when the masks may have changed, not at every step
             self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
@@ -1939,11 +2099,24 @@ class Trainer:
 
     def start_afresh(self):
         """The method ended its stage before AT (Robust Bird adopted its ticket): rank 0's masks on every
-        rank, the stage's cost recorded, and AT starts with a fresh optimizer and schedule."""
+        rank (a channel ticket: the thin network, the same on every rank since DDP keeps the BatchNorm
+        scales equal), the stage's cost recorded, and AT starts with a fresh optimizer and schedule."""
         self.dist.share_masks(self.method.mask)
+        if self.method.model is not self.net:
+            self.adopt(self.method.model)
+            self.run["thin"] = thin_report(self)  # measured now, on this run's batch and device
+            self.log(thin_line(self.run["thin"]))
         self.run["ticket_flops"], self.run["ticket_images"] = self.ledger.actual, self.ledger.images
         self.optimizer, self.scheduler = sgd(self.cfg, self.net)
         self.fwd = None
+
+    def adopt(self, net: nn.Module):
+        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again. The
+        caller makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only),
+        so the forward count follows the thin network's weights."""
+        self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
+                                                    self.dist)
+        self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
         """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches."""
@@ -1970,22 +2143,27 @@ class Trainer:
         """last.pt: everything a resume needs, the mask once (under 'mask', not in the method's state)."""
         self.run["wall"] = time.time() - self.t0
         method = self.method.state_dict()
-        self.save(dict(mask=method.pop("mask"), method=method, optimizer=self.optimizer.state_dict(),
+        self.save(dict(mask=method.pop("mask"), channels=method.pop("channels"), method=method,
+                       optimizer=self.optimizer.state_dict(),
                        scheduler=self.scheduler.state_dict(), ledger=self.ledger.state_dict(), run=self.run,
                        generator=self.generator.get_state(), torch_rng=torch.get_rng_state()), "last.pt")
 
     def save_best(self, val_ra: float):
         """best.pt: the model of the best validation RA so far, for --eval and load_model."""
         self.run["best_val_ra"], self.run["best_epoch"] = val_ra, self.run["epoch"]
-        self.save(dict(mask=self.method.state_dict()["mask"], epoch=self.run["epoch"], val_ra=val_ra), "best.pt")
+        self.save(dict(mask=self.method.state_dict()["mask"], channels=self.method.channels, epoch=self.run["epoch"],
+                       val_ra=val_ra), "best.pt")
 
     def resume(self):
         """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
         path = self.run_dir / "last.pt"
         ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
         check_resume(ck, path, self.config, self.dist.world)
+        if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
+            self.adopt(slim(model_for(self.cfg), ck["channels"]))
+            self.optimizer, self.scheduler = sgd(self.cfg, self.net)
         self.net.load_state_dict(ck["model"])
-        self.method.load_state_dict(dict(ck["method"], mask=ck["mask"]))
+        self.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
         self.optimizer.load_state_dict(ck["optimizer"])
         for p, state in self.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
             for k, v in state.items():
@@ -2006,7 +2184,8 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     dist = Dist()
     validate(cfg, world=dist.world)
     method = method_for(cfg)
-    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones)  # recorded as used
+    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones,  # recorded as used
+                              eb_threshold=cfg.eb_threshold_used)
     log = log if dist.main else (lambda *a, **k: None)
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
@@ -2128,9 +2307,73 @@ def summarize(t: Trainer, train_final_ra: float) -> dict:
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
         ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        ticket=cfg.ticket if cfg.mode == "static" else None,
+        thin=run.get("thin"),  # channel ticket: the thin network's size and measured speed (thin_report)
         updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
         **method.summary(),
         wall_seconds=run["wall"])
+
+
+def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
+    """Median wall time of fn() over `reps` calls, after two warm-up calls (CUDA: synchronized)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(reps + 2):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[reps // 2]
+
+
+def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: dict, amp: bool) -> tuple[float, float]:
+    """(seconds of one PGD AT step, seconds of one inference forward) of `net` on the batch (x, y), measured on
+    a copy (its weights, BatchNorm statistics and the caller's random streams are left alone)."""
+    net, dev = copy.deepcopy(net), x.device
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    gen = torch.Generator(dev).manual_seed(0)
+    amp_ctx = lambda: torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()  # noqa: E731
+
+    def at_step():
+        with amp_ctx():
+            loss = F.cross_entropy(net(pgd(net.train(), x, y, **attack, generator=gen)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def inference():
+        with torch.no_grad(), amp_ctx():
+            net.eval()(x)
+    return seconds(at_step, device=dev), seconds(inference, device=dev)
+
+
+def thin_report(t: Trainer) -> dict:
+    """A channel ticket's thin network against the full dense one, in the run: channels kept, weight density,
+    parameters and forward FLOPs (model_flops) as fractions of dense, and the measured seconds of one PGD-10 AT
+    step and of one inference forward at the run's batch size, device and precision (step_seconds)."""
+    cfg, full = t.cfg, model_for(t.cfg).to(t.device)
+    if next(t.net.parameters()).is_contiguous(memory_format=torch.channels_last):
+        full = full.to(memory_format=torch.channels_last)  # both in the layout the run trains in
+    groups = bn_gammas(full)
+    kept, total = sum(t.method.channels.values()), sum(g.numel() for g in groups.values())
+    x, y = t.batches.x[:cfg.batch_size].float().div(255), t.batches.y[:cfg.batch_size]
+    attack = dict({k: v for k, v in t.attack.items() if k != "generator"}, steps=10)  # PGD-10, the paper's
+    thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=t.amp) for n in (t.net, full))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return dict(channels=dict(t.method.channels), channel_sparsity=1 - kept / total,
+                weight_density=t.method.density, params_ratio=count(t.net) / count(full),
+                flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd, batch=len(y),
+                at_step_s=thin_s[0], at_step_dense_s=dense_s[0], at_speedup=dense_s[0] / thin_s[0],
+                inference_s=thin_s[1], inference_dense_s=dense_s[1], inference_speedup=dense_s[1] / thin_s[1])
+
+
+def thin_line(r: dict) -> str:
+    return (f"channel ticket: {r['channel_sparsity']:.3f} of the prunable channels removed; thin network: weights "
+            f"{r['weight_density']:.4f}, parameters {r['params_ratio']:.4f}, forward FLOPs {r['flops_ratio']:.4f} of "
+            f"dense; measured at batch {r['batch']}: PGD-10 AT step {r['at_step_s'] * 1e3:.1f} ms vs dense "
+            f"{r['at_step_dense_s'] * 1e3:.1f} ms ({r['at_speedup']:.2f}x), inference {r['inference_s'] * 1e3:.1f} ms "
+            f"vs {r['inference_dense_s'] * 1e3:.1f} ms ({r['inference_speedup']:.2f}x)")
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -2198,6 +2441,8 @@ def config_of(ck: dict, **overrides) -> Config:
 def model_from_checkpoint(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
     """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
     net = model_for(cfg)
+    if ck.get("channels"):  # a channel ticket's thin network (Robust Bird --ticket channel)
+        net = slim(net, ck["channels"])
     try:
         net.load_state_dict(ck["model"])
     except RuntimeError:
@@ -2223,12 +2468,13 @@ def load_model(path, *, device="cpu") -> nn.Module:
     return model_from_checkpoint(ck, config_of(ck), path)[0].to(device)
 
 
-def density_of(net: nn.Module, masks: dict | None) -> tuple[float, float]:
-    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too."""
+def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float, float]:
+    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too.
+    Both count against `full` weights when given (a thin network against its full architecture)."""
     weights = prunable(net)
     total = sum(w.numel() for w in weights.values())
     active = sum(int(m.sum()) for m in masks.values()) if masks else total
-    return active / total, sum(int(w.count_nonzero()) for w in weights.values()) / total
+    return active / (full or total), sum(int(w.count_nonzero()) for w in weights.values()) / (full or total)
 
 
 class EvalProgress:
@@ -2307,7 +2553,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     dev = resolve_device(cfg.device)
     net, masks = model_from_checkpoint(ck, cfg, ck_path)
     net = net.to(dev)
-    density, nonzero = density_of(net, masks)
+    density, nonzero = density_of(net, masks, sum(w.numel() for w in prunable(model_for(cfg)).values()))
     data = load_data(cfg)
     if split == "train":  # the run's training images (its --train-subset), unaugmented: the robust gap's
         data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
@@ -2407,8 +2653,11 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
     Trainer.step, the very step train() runs (attack, update, re-mask, FLOP ledger, divergence check).
 
     Rows: fp32 eager (the baseline), then the fast path (bf16 autocast + channels_last [+ compile]) on
-    CUDA. Sparse: Flying Bird at --sparsity (Flying Bird+ with --mode dynamic+). Prints projected epoch
-    time and achieved fraction of bf16 peak.
+    CUDA. Models: dense; sparse = Flying Bird at --sparsity (Flying Bird+ with --mode dynamic+), whose
+    unstructured masks run dense kernels; thin = a channel ticket's network at channel sparsity --sparsity
+    (the same fraction of every channel group kept, as slim() builds it), physically smaller. Prints
+    inference images/s, forward FLOPs as a fraction of dense, projected epoch time and the fraction of
+    bf16 peak.
     """
     device = resolve_device(cfg.device)
     info = DATASETS[cfg.dataset]
@@ -2424,12 +2673,15 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
     sparse = cfg.mode if cfg.mode in ("dynamic", "dynamic+") else "dynamic"
     rows = []
     for label, fast in variants:
-        for mode in ("dense", sparse):
-            run_cfg = dataclasses.replace(cfg, mode=mode, **fast)
+        for model, mode in (("dense", "dense"), ("sparse", sparse), ("thin", "dense")):
+            run_cfg = dataclasses.replace(cfg, mode=mode, ticket="unstructured", **fast)
             t = Trainer(run_cfg, method_for(run_cfg), device=device, dist=Dist(), input_shape=shape)
             t.batches = Batches(x, y, batch_size=cfg.batch_size)
             xb, yb = next(iter(t.batches))  # the batch as a step sees it: pixels in [0, 1], t.batches.rows set
             t.method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
+            if model == "thin":
+                t.adopt(slim(t.net, {n: max(1, round(cfg.density * g.numel())) for n, g in bn_gammas(t.net).items()}))
+                t.optimizer, t.scheduler = sgd(run_cfg, t.net)
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             for _ in range(3):
                 t.step(xb, yb, 1, cfg.train_attack)
@@ -2442,14 +2694,19 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
                 n += 1
             sync()
             ips = n * cfg.batch_size / (time.perf_counter() - t0)
-            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * t.dense_fwd  # dense kernels run
-            rows.append(dict(variant=label, model="dense" if mode == "dense" else "sparse", images_per_s=ips,
+            memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext():
+                inference = seconds(lambda: t.core.eval()(xb), device=device)
+            fwd = forward_flops(t.per_weight, {n: p.numel() for n, p in prunable(t.net).items()}, t.unowned)
+            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * fwd  # the kernels that run
+            rows.append(dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
+                             flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
                              epoch_s=45000 / ips, tflops=executed * ips / 1e12,
-                             peak_fraction=executed * ips / peak if peak else None,
-                             peak_memory=torch.cuda.max_memory_allocated() if device.type == "cuda" else None))
+                             peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
             r = rows[-1]
-            log(f"{label:28s} {r['model']:6s} {ips:9.1f} img/s  epoch (45k) {r['epoch_s']:8.1f} s  "
-                f"{r['tflops']:7.2f} TFLOP/s" + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
+            log(f"{label:28s} {r['model']:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  "
+                f"FLOPs {r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
+                + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
                 + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
     return rows
 

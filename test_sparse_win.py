@@ -1169,6 +1169,199 @@ def test_early_bird_records_every_conv_kind():
         assert set(eb.ticket(FLOP_MODELS[which][0]())) == set(FLOP_MODELS[which][2])  # the ticket covers all
 
 
+# Robust Bird's channel ticket (Early-Bird's kind): BatchNorm channels, network slimming, a thinner network
+
+CHANNEL_ARCHS = {  # small instances of every architecture with channel groups
+    "resnet18": dict(width=0.0625), "preact_resnet18": dict(width=0.0625), "vgg16": dict(width=0.0625),
+    "wrn": dict(width=0.5, wrn_depth=10, wrn_widen=1)}
+
+
+def random_bn_net(arch, gen, channels=3):
+    """An architecture in eval mode with random weights and random BatchNorm statistics."""
+    net = fill_(sw.build_model(arch, in_channels=channels, **CHANNEL_ARCHS[arch]), gen).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return net
+
+
+def full_forward_flops(model, shape):
+    per_weight, unowned = sw.model_flops(model, shape)
+    return sw.forward_flops(per_weight, {n: p.numel() for n, p in sw.prunable(model).items()}, unowned)
+
+
+def test_channel_groups_of_each_architecture():
+    """The inner channels of every residual block, every conv of VGG-16; the residual stream stays whole."""
+    groups = sw.channel_groups(sw.build_model("resnet18", width=0.0625))
+    assert groups == {f"layers.{i}.bn1": (f"layers.{i}.conv1", f"layers.{i}.conv2") for i in range(8)}
+    groups = sw.channel_groups(sw.build_model("preact_resnet18", width=0.0625))
+    assert groups == {f"layers.{i}.bn2": (f"layers.{i}.conv1", f"layers.{i}.conv2") for i in range(8)}
+    convs = [i for i, m in enumerate(sw.build_model("vgg16").features) if isinstance(m, nn.Conv2d)]
+    groups = sw.channel_groups(sw.build_model("vgg16", width=0.0625))
+    assert len(groups) == 13 and list(groups.values())[-1] == (f"features.{convs[-1]}", "linear")
+    assert [groups[f"features.{i + 1}"][1] for i in convs[:-1]] == [f"features.{j}" for j in convs[1:]]
+
+
+@pytest.mark.parametrize("net", [lambda gen: tiny_cnn(gen, bn=True), lambda gen: conv_net(gen)])
+def test_a_model_without_channel_groups_is_refused(net):
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(sw.SparseWinError, match="channel ticket"):
+        sw.RobustBird(density=0.5, ticket="channel").start(net(gen), total_steps=1, epochs=1)
+    with pytest.raises(sw.SparseWinError, match="unknown ticket"):
+        sw.RobustBird(density=0.5, ticket="filters")
+
+
+@settings(max_examples=12, deadline=None)
+@given(arch=st.sampled_from(sorted(CHANNEL_ARCHS)), seed=st.integers(0, 2**16), frac=st.floats(0.0, 1.0))
+def test_slim_computes_what_the_network_with_zeroed_channels_computes(arch, seed, frac):
+    gen = torch.Generator().manual_seed(seed)
+    net = random_bn_net(arch, gen)
+    before = copy.deepcopy(net.state_dict())
+    keep = {}
+    for n, g in sw.bn_gammas(net).items():
+        m = torch.rand(g.numel(), generator=gen) < frac
+        m[torch.randint(g.numel(), (1,), generator=gen)] = True  # at least one channel per group
+        keep[n] = m
+    thin = sw.slim(net, keep)
+    zeroed, mods = copy.deepcopy(net), dict(net.named_modules())
+    with torch.no_grad():
+        for n, m in keep.items():  # the pruned channels' BN scale and shift to zero: ReLU(0) feeds nothing on
+            dict(zeroed.named_modules())[n].weight[~m] = 0
+            dict(zeroed.named_modules())[n].bias[~m] = 0
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(thin(x), zeroed(x), rtol=1e-4, atol=1e-5)  # summation order differs
+    groups, thin_mods = sw.channel_groups(net), dict(thin.named_modules())
+    outputs, inputs = ({groups[n][i]: m for n, m in keep.items()} for i in (0, 1))
+    for name in outputs.keys() | inputs.keys():  # the surviving weights, kept (a VGG conv loses both kinds)
+        w = mods[name].weight
+        w = w[outputs[name]] if name in outputs else w
+        assert torch.equal(thin_mods[name].weight, w[:, inputs[name]] if name in inputs else w), name
+    for n, m in keep.items():  # physically smaller: producer outputs, BN, consumer inputs
+        k, (producer, consumer) = int(m.sum()), groups[n]
+        assert thin_mods[producer].weight.shape[0] == thin_mods[n].weight.numel() == thin_mods[n].running_var.numel() == k
+        assert thin_mods[consumer].weight.shape[1] == k
+        assert torch.equal(thin_mods[n].running_mean, mods[n].running_mean[m])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model itself is untouched
+    # a checkpoint's thin architecture (channel counts) takes the thin weights exactly
+    rebuilt = sw.slim(random_bn_net(arch, gen), {n: int(m.sum()) for n, m in keep.items()})
+    rebuilt.load_state_dict(thin.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), thin(x))
+
+
+def test_slim_refuses_an_empty_group():
+    net = sw.build_model("resnet18", width=0.0625)
+    with pytest.raises(sw.SparseWinError, match="layers.0.bn1: keep 1 to 4 channels, got 0"):
+        sw.slim(net, {"layers.0.bn1": torch.zeros(4, dtype=torch.bool)})
+
+
+def channel_mask_ref(gammas, density):
+    """Per element: each group's largest |gamma| first, then the largest of the rest, one by one."""
+    items = [(abs(float(v)), n, i) for n, g in gammas.items() for i, v in enumerate(g)]
+    kept = {(n, max(range(g.numel()), key=lambda i: abs(float(g[i])))) for n, g in gammas.items()}
+    rest = sorted((x for x in items if (x[1], x[2]) not in kept), reverse=True)
+    total = max(round(density * len(items)), len(gammas))
+    return kept, {(n, i) for _, n, i in rest[:total - len(kept)]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_channel_mask_keeps_the_largest_and_one_per_group(sizes, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    gammas = {f"bn{i}": torch.randn(n, generator=gen) for i, n in enumerate(sizes)}  # distinct: no ties
+    mask = sw.channel_mask(gammas, density)
+    assert {n: m.shape for n, m in mask.items()} == {n: g.shape for n, g in gammas.items()}
+    assert sum(int(m.sum()) for m in mask.values()) == max(round(density * sum(sizes)), len(sizes))  # exact
+    assert all(m.any() for m in mask.values())
+    reserved, rest = channel_mask_ref(gammas, density)
+    assert {(n, int(i)) for n, m in mask.items() for i in m.nonzero().flatten()} == reserved | rest
+
+
+def test_channel_early_bird_on_hand_made_gammas():
+    """Channel masks of hand-set BatchNorm scales: the distance is the fraction of channels that differ,
+    and the early bird emerges when the newest mask is within 0.1 of every older one in the queue."""
+    net = sw.build_model("resnet18", width=0.0625)  # 8 groups: 4+4+8+8+16+16+32+32 = 120 channels
+    gammas = sw.bn_gammas(net)
+    n = sum(g.numel() for g in gammas.values())
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float()
+
+    def set_(values):
+        with torch.no_grad():
+            for g, v in zip(gammas.values(), values.split([g.numel() for g in gammas.values()])):
+                g.copy_(v)
+    eb = sw.EarlyBird(density=0.5, queue=3, threshold=0.1, kind="channel")
+    assert eb.threshold == 0.1 and sw.EB_THRESHOLD == {"unstructured": 0.08, "channel": 0.1}
+    epochs = [order, order.flip(0), order.flip(0) * 2]  # the third ranks channels as the second does
+    swapped = order.flip(0) * 2
+    lo, hi = swapped.argsort(descending=True)[59:61].tolist()  # the 60th and 61st largest trade places
+    swapped[[lo, hi]] = swapped[[hi, lo]]
+    epochs.append(swapped)
+    fired = []
+    for values in epochs:
+        set_(values)
+        fired.append(eb.record(net))
+    masks = [sw.channel_mask({k: v for k, v in zip(gammas, e.split([g.numel() for g in gammas.values()]))}, 0.5)
+             for e in epochs]
+    assert all(sum(int(m.sum()) for m in mk.values()) == 60 for mk in masks)
+    d = lambda a, b: sw.mask_distance(masks[a], masks[b])  # noqa: E731
+    assert d(1, 0) > 0.4 and d(2, 1) == 0 and d(3, 2) == 2 / 120
+    assert eb.distances == [1.0, d(1, 0), max(d(2, 0), d(2, 1)), max(d(3, 1), d(3, 2))]
+    assert fired == [False, False, False, True]  # epoch 3: the queue still holds epoch 1's far mask
+    assert all(torch.equal(eb.ticket(net)[k], masks[3][k]) for k in gammas)
+
+
+def test_bn_l1_subgradient_in_stage_one_only():
+    """Network slimming: in stage 1 the channel groups' BN scales get bn_l1 * sign(gamma) added to their
+    gradient; nothing else does, and nothing at all once the ticket is adopted."""
+    gen = torch.Generator().manual_seed(0)
+    net = random_bn_net("resnet18", gen).train()
+    rb = sw.RobustBird(density=0.5, ticket="channel", bn_l1=0.01, queue=2, threshold=1.0)
+    rb.start(net, total_steps=1, epochs=1)
+    groups = sw.bn_gammas(net)
+    with torch.no_grad():
+        groups["layers.0.bn1"][0] = 0.0  # sign(0) = 0: no push
+    net(torch.rand(4, 3, 16, 16, generator=gen)).sum().backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    rb.before_update()
+    for n, p in net.named_parameters():
+        bn = n.removesuffix(".weight")
+        extra = 0.01 * torch.sign(p.detach()) if bn in groups and n.endswith(".weight") else 0
+        torch.testing.assert_close(p.grad, before[n] + extra, rtol=0, atol=0)
+    assert groups["layers.0.bn1"].grad[0] == before["layers.0.bn1.weight"][0]
+    quiet = lambda *a, **k: None  # noqa: E731
+    assert not rb.end_pretrain_epoch(net, 1.0, 1.0, quiet) and rb.end_pretrain_epoch(net, 1.0, 1.0, quiet)
+    rb.model.zero_grad()
+    rb.model(torch.rand(4, 3, 16, 16, generator=gen)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in rb.model.named_parameters()}
+    rb.before_update()  # AT: no penalty
+    assert all(torch.equal(p.grad, grads[n]) for n, p in rb.model.named_parameters())
+
+
+def test_robust_bird_channel_ticket_adopts_a_thinner_network():
+    gen = torch.Generator().manual_seed(1)
+    net = random_bn_net("vgg16", gen)
+    full = sum(p.numel() for p in sw.prunable(net).values())
+    rb = sw.RobustBird(density=0.25, ticket="channel", queue=2, threshold=1.0)
+    assert rb.early.threshold == 1.0 and sw.RobustBird(density=0.25, ticket="channel").early.threshold == 0.1
+    rb.start(net, total_steps=1, epochs=1)
+    quiet = lambda *a, **k: None  # noqa: E731
+    assert not rb.end_pretrain_epoch(net, 1.0, 1.0, quiet) and rb.end_pretrain_epoch(net, 1.0, 1.0, quiet)
+    keep = sw.channel_mask(sw.bn_gammas(net), 0.25)
+    assert rb.channels == {n: int(m.sum()) for n, m in keep.items()} and rb.mask is None
+    assert sum(rb.channels.values()) == round(0.25 * sum(m.numel() for m in keep.values()))
+    assert rb.model is not net and sum(p.numel() for p in sw.prunable(net).values()) == full  # net untouched
+    thin = sum(p.numel() for p in sw.prunable(rb.model).values())
+    assert rb.density == rb.itop_rate() == thin / full < 0.25  # VGG: inputs and outputs both thinned
+    assert rb.layer_counts() == {n: p.numel() for n, p in sw.prunable(rb.model).items()}
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(rb.model(x), sw.slim(net, keep)(x))
+    assert rb.state_dict()["channels"] == rb.channels
+
+
 # ----------------------------------------------------------------------------- 10. Flying Bird: the cosine death rate
 
 @settings(max_examples=30, deadline=None)
@@ -1981,7 +2174,8 @@ K = sw.PRESETS["smoke"]["train_steps"]  # training PGD steps of the smoke preset
 N_TRAIN = sw.PRESETS["smoke"]["train_subset"]
 REC_KEYS = {"epoch", "lr", "train_loss", "train_ra", "val_sa", "val_ra", "val_adv_loss", "test_sa", "test_ra",
             "test_adv_loss", "density", "train_flops", "train_flops_paper", "itop", "time"}
-WALL = {"time", "wall_seconds"}  # wall-clock fields: the only ones allowed to differ after a resume
+WALL = {"time", "wall_seconds",  # wall-clock fields: the only ones allowed to differ after a resume
+        "at_step_s", "at_step_dense_s", "at_speedup", "inference_s", "inference_dense_s", "inference_speedup"}
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # for sparse_win.py in a subprocess beside the tests
 
 
@@ -2129,7 +2323,9 @@ def test_paper_defaults():
     assert cfg.update_interval == 900 and cfg.update_interval_late == 1200 and cfg.allocation == "igq"
     assert cfg.growth == "random" and cfg.death_rate == 0.5 and cfg.death_rate_final == 0.005
     assert (cfg.fbplus_window, cfg.fbplus_prune, cfg.fbplus_grow, cfg.fbplus_threshold) == (4, 0.4, 0.05, 0.5)
-    assert cfg.fbplus_start_epoch == 100 and (cfg.eb_threshold, cfg.eb_queue) == (0.08, 5)
+    assert cfg.fbplus_start_epoch == 100 and (cfg.eb_threshold_used, cfg.eb_queue) == (0.08, 5)
+    assert cfg.ticket == "unstructured" and cfg.bn_l1 == 1e-4  # Early-Bird's channel ticket: 1e-4, threshold 0.1
+    assert dataclasses.replace(cfg, ticket="channel").eb_threshold_used == 0.1
     assert sw.DATASETS["cifar100"]["rotate"] == 15
     assert sw.parse_args(["--dataset", "fashion-mnist"]).eps(train=True) == pytest.approx((0.1, 0.025))
 
@@ -2145,6 +2341,10 @@ def test_paper_defaults():
     (["--epochs", "0"], ["--epochs"]),
     (["--fbplus-window", "0"], ["--fbplus-window"]),
     (["--gap-subset", "-1"], ["subset"]),
+    (["--ticket", "channel", "--mode", "dynamic"], ["--ticket channel", "--mode static", "dynamic"]),
+    (["--ticket", "filters", "--mode", "static"], ["filters", "unstructured, channel"]),
+    (["--mode", "static", "--bn-l1", "-1"], ["--bn-l1"]),
+    (["--eb-threshold", "-0.5"], ["--eb-threshold"]),
 ])
 def test_cli_bad_options(capsys, tmp_path, args, words):
     assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "run", *args], *words)
@@ -2418,6 +2618,14 @@ def static_run(tmp_path_factory, data_dir):
     return run_ok(smoke(tmp_path_factory.mktemp("static") / "run", data_dir, "--mode", "static"))
 
 
+CHANNEL = ["--mode", "static", "--ticket", "channel", "--sparsity", 0.5]
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory, data_dir):
+    return run_ok(smoke(tmp_path_factory.mktemp("channel") / "run", data_dir, *CHANNEL))
+
+
 # ----------------------------------------------------------------------------- 4. train, end to end
 
 def check_common(d: Path, mode: str, epochs: int):
@@ -2628,6 +2836,49 @@ def test_static_end_to_end(static_run):
     assert s["inference_ratio"] == fwd / s["inference_flops_dense"] < 1
     # the ticket mask stays fixed: never-active weights stay out, ITOP = density
     assert all(r["itop"] == target for r in recs)
+
+
+def test_channel_ticket_end_to_end(channel_run, capsys):
+    """--ticket channel: stage 1 with the BN L1 penalty, a channel ticket, then AT of the physically thinner
+    network, whose size, FLOPs and measured speed the run reports and whose checkpoints rebuild it."""
+    recs, s, last, per_weight = check_common(channel_run, "static", 2)
+    config = json.loads((channel_run / "config.json").read_text())
+    assert (config["ticket"], config["bn_l1"], config["eb_threshold"]) == ("channel", 1e-4, 0.1)  # as used
+    net = smoke_model()
+    full_weights = sum(p.numel() for p in sw.prunable(net).values())
+    thin_net = sw.slim(net, last["channels"])
+    assert sw.load_model(channel_run).state_dict().keys() == thin_net.state_dict().keys()
+    for ck in (last, load_ck(channel_run / "best.pt")):  # both checkpoints hold the thin weights and counts
+        assert ck["channels"] == s["thin"]["channels"] and ck["mask"] is None
+        assert all(v.shape == thin_net.state_dict()[k].shape for k, v in ck["model"].items())
+    t = s["thin"]
+    assert s["ticket"] == "channel" and sum(t["channels"].values()) == 60 and t["channel_sparsity"] == 0.5  # of 120
+    weights = sum(p.numel() for p in sw.prunable(thin_net).values()) / full_weights
+    assert s["final_density"] == t["weight_density"] == weights < 0.6 and all(r["density"] == weights for r in recs)
+    assert t["params_ratio"] == sum(p.numel() for p in thin_net.parameters()) / sum(p.numel() for p in net.parameters())
+    *_, thin_fwd = check_flops_against_counter(sw.load_model(channel_run), (1, 28, 28))  # FlopCounterMode agrees
+    assert s["inference_flops"] == thin_fwd and t["flops_ratio"] == s["inference_ratio"] == thin_fwd / full_forward_flops(
+        net, (1, 28, 28)) < 0.6
+    # stage 1 at the full network (standard training), AT at the thin network's forward cost
+    assert s["ticket_flops"] == 3 * s["inference_flops_dense"] * N_TRAIN * 2
+    for e, r in enumerate(recs, 1):
+        assert r["train_flops"] == s["ticket_flops"] + (2 * K + 3) * thin_fwd * N_TRAIN * e
+    assert t["batch"] == 64 and all(t[k] > 0 for k in ("at_step_s", "at_step_dense_s", "inference_s", "inference_dense_s"))
+    assert t["at_speedup"] == t["at_step_dense_s"] / t["at_step_s"]
+
+
+def test_channel_ticket_l1_penalty_reaches_stage_one_only(tmp_path, data_dir, monkeypatch):
+    """The run calls before_update between backward and the optimizer step: the penalty moves the BN scales
+    in stage 1 (--bn-l1 0 gives other scales), and AT steps call it too (a no-op there)."""
+    calls = []
+    real = sw.RobustBird.before_update
+    monkeypatch.setattr(sw.RobustBird, "before_update", lambda self: calls.append(self.pretraining) or real(self))
+    a = run_ok(smoke(tmp_path / "a", data_dir, *CHANNEL, "--epochs", 1, "--eb-max-epochs", 1, "--bn-l1", 0.01))
+    assert calls == [True] * 4 + [False] * 4  # 256 images in batches of 64: 4 steps per epoch
+    b = run_ok(smoke(tmp_path / "b", data_dir, *CHANNEL, "--epochs", 1, "--eb-max-epochs", 1, "--bn-l1", 0))
+    ga, gb = (load_ck(d / "last.pt")["run"]["thin"]["channels"] for d in (a, b))
+    sa, sb = (load_ck(d / "last.pt")["model"]["layers.0.bn1.weight"] for d in (a, b))
+    assert sum(ga.values()) == sum(gb.values()) == 60 and not torch.equal(sa, sb)
 
 
 def test_training_loss_falls(tmp_path, data_dir):
@@ -2841,6 +3092,18 @@ def test_resume_static_equivalent(tmp_path, data_dir, static_run, monkeypatch, c
     assert not load_ck(tmp_path / "run" / "last.pt")["method"]["pretraining"]
     run_ok(args + ["--resume"])
     assert_same_run(static_run, tmp_path / "run")
+
+
+def test_resume_channel_ticket_equivalent(tmp_path, data_dir, channel_run, capsys):
+    """Stopped after the first AT epoch, the thin network is rebuilt from last.pt and trains on identically."""
+    args = smoke(tmp_path / "run", data_dir, *CHANNEL)
+    assert sw.main(args + ["--stop-after-epoch", "1"]) == 0
+    out = capsys.readouterr().out
+    thin = load_ck(tmp_path / "run" / "last.pt")["run"]["thin"]
+    assert sw.thin_line(thin) in out and "channel ticket: 0.500 of the prunable channels removed" in out
+    run_ok(args + ["--resume"])
+    assert_same_run(channel_run, tmp_path / "run")
+    assert load_ck(tmp_path / "run" / "last.pt")["run"]["thin"] == thin  # measured once, at adoption
 
 
 def test_resume_a_checkpoint_older_than_an_option(tmp_path, data_dir):
@@ -3290,7 +3553,7 @@ QUICK = ["--eval-subset", 64, "--eval-steps", 2, "--restarts", 2, "--aa-iters", 
 
 
 @pytest.mark.parametrize("which, mode", [("dense_run", "dense"), ("static_run", "static"), ("dynamic_run", "dynamic"),
-                                         ("fbplus_run", "dynamic+")])
+                                         ("fbplus_run", "dynamic+"), ("channel_run", "static")])
 def test_eval_each_mode(request, tmp_path, capsys, data_dir, which, mode):
     d = copy_run(request.getfixturevalue(which), tmp_path / "run")
     before = snapshot(d)
@@ -3303,6 +3566,9 @@ def test_eval_each_mode(request, tmp_path, capsys, data_dir, which, mode):
     assert r["checkpoint"] == str((d / "best.pt").resolve()) and r["epoch"] == summary["best_epoch"]
     best = load_ck(d / "best.pt")
     density = 1.0 if best["mask"] is None else sw.SparseMask(smoke_model(), masks=best["mask"]["masks"]).density
+    if best.get("channels"):  # a thin network: its weights against the full architecture's
+        density = summary["thin"]["weight_density"]
+        assert density < 0.6 and sw.load_model(d).layers[0].conv1.out_channels == best["channels"]["layers.0.bn1"]
     assert r["density"] == density and r["masked_weights_zero"] is True and r["nonzero_density"] <= density
     assert r["examples"] == 64 and r["split"] == "test" and r["eps"] == 0.1 and r["alpha"] == 0.025
     assert r["sa"] == recs[r["epoch"] - 1]["test_sa"]  # same split, subset and batches as the training record
@@ -3532,22 +3798,35 @@ def test_eval_refuses_a_corrupt_mask(capsys, tmp_path, dynamic_run):
 # ----------------------------------------------------------------------------- 11. benchmark
 
 def test_benchmark_cpu(monkeypatch, capsys):
-    """--benchmark times Trainer.step, the step train() runs, for a dense and a Flying Bird model."""
-    rows, steps = [], []
+    """--benchmark times Trainer.step, the step train() runs, for a dense, a Flying Bird and a channel ticket's
+    thin model, and the inference forward of each."""
+    rows, steps = [], {}
     real, real_step = sw.benchmark, sw.Trainer.step
+
+    def step(self, x, y, i, kind):
+        params = sum(p.numel() for p in self.net.parameters())
+        steps.setdefault(id(self), (type(self.method).__name__, params, []))[2].append((kind, len(y), self.ledger.steps))
+        return real_step(self, x, y, i, kind)
     monkeypatch.setattr(sw, "benchmark", lambda cfg, log=print: rows.extend(real(cfg, log)) or rows)
-    monkeypatch.setattr(sw.Trainer, "step", lambda self, x, y, i, kind: steps.append(
-        (type(self.method).__name__, kind, len(y), self.ledger.steps)) or real_step(self, x, y, i, kind))
-    assert sw.main(["--benchmark", "--preset", "smoke", "--batch-size", "8", "--device", "cpu"]) == 0
-    assert [(r["variant"], r["model"]) for r in rows] == [("fp32 eager", "dense"), ("fp32 eager", "sparse")]
-    for name in ("Dense", "FlyingBird"):  # 3 warm-up steps, then at least 5 timed ones; each one charged
-        charged = [n for m, kind, b, n in steps if m == name and kind == "pgd" and b == 8]
-        assert len(charged) >= 8 and charged == list(range(len(charged)))
+    monkeypatch.setattr(sw.Trainer, "step", step)
+    assert sw.main(["--benchmark", "--preset", "smoke", "--batch-size", "8", "--device", "cpu", "--sparsity", "0.5"]) == 0
+    assert [(r["variant"], r["model"]) for r in rows] == [("fp32 eager", m) for m in ("dense", "sparse", "thin")]
+    (dense, n_dense, a), (fb, n_fb, b), (thin, n_thin, c) = steps.values()
+    assert (dense, fb, thin) == ("Dense", "FlyingBird", "Dense") and n_dense == n_fb
+    for calls in (a, b, c):  # 3 warm-up steps, then at least 5 timed ones; each one charged
+        assert len(calls) >= 8 and calls == [("pgd", 8, n) for n in range(len(calls))]
+    net = smoke_model()
+    half = sw.slim(net, {n: round(0.5 * g.numel()) for n, g in sw.bn_gammas(net).items()})
+    assert n_thin == sum(p.numel() for p in half.parameters()) < n_dense  # physically half the inner channels
+    fwd = [sw.forward_flops(*sw.model_flops(m, (1, 28, 28))[:1], {n: p.numel() for n, p in sw.prunable(m).items()},
+                            sw.model_flops(m, (1, 28, 28))[1]) for m in (net, half)]
+    assert rows[0]["flops_ratio"] == 1.0 and rows[2]["flops_ratio"] == fwd[1] / fwd[0]
+    assert 0.4 < rows[1]["flops_ratio"] < 0.9  # FB at density 0.5 (IGQ keeps the small layers denser)
     for r in rows:
         assert r["images_per_s"] > 0 and r["epoch_s"] == pytest.approx(45000 / r["images_per_s"])
-        assert r["tflops"] > 0 and r["peak_fraction"] is None
+        assert r["tflops"] > 0 and r["peak_fraction"] is None and r["inference_per_s"] > 0
     out = capsys.readouterr().out
-    assert out.count("img/s") == 2
+    assert out.count("img/s") == 6
 
 
 # ----------------------------------------------------------------------------- 12. CUDA (python -m pytest -m cuda)
@@ -3576,6 +3855,22 @@ def test_cuda_fast_path_trains_with_exact_masks(tmp_path, gpu_data_dir, mode):
                  "--stop-after-epoch", 1))
     run_ok(smoke(tmp_path / "half", gpu_data_dir, "--mode", mode, "--device", "cuda", *extra, "--resume"))
     check_fast_run(tmp_path / "half", channels_last=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_channel_ticket_trains_resumes_and_evaluates_the_thin_network(tmp_path, gpu_data_dir):
+    """The channel ticket on the fast path (bf16, channels_last): the thin network is re-wrapped, trains,
+    resumes, and load_model rebuilds it; its measured step is reported."""
+    args = smoke(tmp_path / "run", gpu_data_dir, *CHANNEL, "--device", "cuda")
+    run_ok(args + ["--stop-after-epoch", 1])
+    run_ok(args + ["--resume"])
+    s = read_run(tmp_path / "run")[1]
+    assert s["epochs"] == 2 and sum(s["thin"]["channels"].values()) == 60 and s["thin"]["at_step_s"] > 0
+    net = sw.load_model(tmp_path / "run", device="cuda")
+    assert net.layers[0].conv1.out_channels == s["thin"]["channels"]["layers.0.bn1"]
+    x = torch.rand(4, 1, 28, 28, device="cuda")
+    torch.testing.assert_close(net(x).cpu(), sw.load_model(tmp_path / "run")(x.cpu()), rtol=1e-3, atol=1e-3)  # TF32
 
 
 @pytest.mark.cuda

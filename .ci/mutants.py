@@ -179,6 +179,35 @@ MUTATIONS = [
     ("eval: --eval ignores --restarts",
      "norm=cfg.norm, restarts=restarts,", "norm=cfg.norm, restarts=1,",
      "test_eval_each_mode or test_eval_restarts_are_the_worst_case"),
+    # -- Robust Bird's channel ticket (issue 17)
+    ("channel: slim keeps the consumer's first k inputs, not the kept channels",
+     '_keep_only(consumer, ("weight",), idx, 1)', '_keep_only(consumer, ("weight",), torch.arange(len(idx), '
+     'device=idx.device), 1)',
+     "test_slim_computes_what_the_network_with_zeroed_channels_computes"),
+    ("channel: slim forgets the BatchNorm running statistics",
+     '_keep_only(bn, ("weight", "bias", "running_mean", "running_var"), idx, 0)',
+     '_keep_only(bn, ("weight", "bias"), idx, 0)\n        bn.running_mean, bn.running_var = bn.running_mean[:len(idx)], '
+     'bn.running_var[:len(idx)]',
+     "test_slim_computes_what_the_network_with_zeroed_channels_computes"),
+    ("channel: no channel reserved per group (a layer can lose every channel)",
+     "keep[starts + torch.stack([part.argmax() for part in flat.split(sizes)])] = True",
+     "keep[starts[:0]] = True",
+     "test_channel_mask_keeps_the_largest_and_one_per_group"),
+    ("channel: the BN L1 penalty also in AT (not only stage 1)",
+     'if self.pretraining and self.ticket == "channel" and self.bn_l1:', 'if self.ticket == "channel" and self.bn_l1:',
+     "test_bn_l1_subgradient_in_stage_one_only or test_channel_ticket_l1_penalty"),
+    ("channel: the penalty's sign flipped (pushes |gamma| up)",
+     "g.grad.add_(torch.sign(g.detach()), alpha=self.bn_l1)", "g.grad.add_(torch.sign(g.detach()), alpha=-self.bn_l1)",
+     "test_bn_l1_subgradient_in_stage_one_only"),
+    ("channel: resume forgets the thin architecture (trains the full network again)",
+     '        if ck.get("channels"):  # a channel ticket\'s thin network: rebuilt to the recorded channel counts',
+     '        if False:  # a channel ticket\'s thin network: rebuilt to the recorded channel counts',
+     "test_resume_channel_ticket_equivalent"),
+    ("channel: the thin network's density counted against itself (1.0), not the full network",
+     "return sum(w.numel() for w in prunable(self.model).values()) / self.full_weights",
+     "return sum(w.numel() for w in prunable(self.model).values()) / sum(w.numel() for w in prunable("
+     "self.model).values())",
+     "test_channel_ticket_end_to_end or test_robust_bird_channel_ticket_adopts"),
 ]
 
 

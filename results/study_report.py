@@ -152,6 +152,7 @@ VARIANTS = {
     "fb-s0.8": "Flying Bird s=0.8",
     "fbplus-s0.8": "Flying Bird+ s=0.8",
     "fixed-mask-s0.8": "fixed random mask s=0.8 (FB, death rate 0)",
+    "rb-channel-s0.79": "Robust Bird, channel ticket s=0.79 (thin network, ~0.2 of the weights)",
     "fb-s0.5": "Flying Bird s=0.5",
     "fb-s0.9": "Flying Bird s=0.9",
     "fb-s0.95": "Flying Bird s=0.95",
@@ -190,7 +191,8 @@ def run_row(d: Path, test_n: int = 2000) -> dict | None:
         train_flops_dense_ratio=s["train_flops_dense_ratio"], inference_ratio=s["inference_ratio"],
         final_density=s["final_density"], fbplus_events=len(s["fbplus_events"]),
         minutes=(s["wall_seconds"] + sum(e["wall_seconds"] for e in evals.values())) / 60,
-        aa=aa["autoattack"]["ra"] if aa else None,
+        aa=aa["autoattack"]["ra"] if aa else None, train_minutes=s["wall_seconds"] / 60,
+        **({f"thin_{k}": v for k, v in s["thin"].items() if k != "channels"} if s.get("thin") else {}),
         history=[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()])
 
 
@@ -244,6 +246,7 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
             + table([(VARIANTS[v], groups[v]) for v in main])
             + "\n\n## Paired with dense AT (same seed): variant - dense, mean ± std (per seed)\n\n"
             + paired({v: groups[v] for v in main})
+            + thin_section(groups)
             + "\n\n## Flying Bird across sparsity (dense AT = sparsity 0)\n\n"
             + table([(VARIANTS[v], groups[v]) for v in SWEEP if v in groups])
             + ("\n\n## AutoAttack (standard, 500 test images, best.pt)\n\n"
@@ -255,6 +258,24 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
     figures(groups, main, out_dir)
     log(text)
     return groups
+
+
+THIN_COLUMNS = (  # the channel ticket's thin network: its size, and the time it measured (summary.json "thin")
+    ("weight density", "thin_weight_density", 4), ("parameters (x dense)", "thin_params_ratio", 4),
+    ("forward FLOPs (x dense)", "thin_flops_ratio", 4), ("PGD-10 AT step speedup", "thin_at_speedup", 2),
+    ("inference speedup", "thin_inference_speedup", 2), ("training minutes", "train_minutes", 1))
+
+
+def thin_section(groups: dict) -> str:
+    """The channel ticket's row beside dense AT's training time (nothing while it has no finished run)."""
+    thin = [v for v in groups if any("thin_at_speedup" in r for r in groups[v])]
+    if not thin:
+        return ""
+    return ("\n\n## Robust Bird's channel ticket: a physically thinner network\n\nSpeedups measured in the run "
+            "(one PGD-10 AT step and one inference forward at its batch size, 32 in the study, median of 5, thin "
+            "vs the full dense network, one thread); training minutes = the run's wall time, stage 1 included.\n\n"
+            + table([(VARIANTS[v], groups[v]) for v in thin], columns=THIN_COLUMNS)
+            + "\n\n" + table([(VARIANTS["dense"], groups.get("dense", []))], columns=THIN_COLUMNS[-1:]))
 
 
 def figures(groups: dict, main: list[str], out_dir: Path):
