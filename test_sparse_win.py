@@ -4294,10 +4294,10 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):
-    """The README's "own training loop" example runs as printed and keeps its density."""
+    """The README's "own training loop" examples run as printed, in order, and keep the density."""
     import re
     code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
-    assert len(code) == 1
+    assert len(code) == 2
     monkeypatch.chdir(tmp_path)  # it saves tiny.pt
     scope = {}
     exec(compile(code[0], "README.md", "exec"), scope)
@@ -4307,6 +4307,9 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     assert mask.density == pytest.approx(0.2, abs=1e-4) and mask.counts == [int(m.sum()) for m in mask.masks.values()]
     assert ledger.steps == 4 and ledger.actual > 0 and ledger.paper == ledger.actual * 12 // 9  # K=3: 12x vs 9x
     assert mask.steps == 4 and scope["update"]["step"] == 4 and scope["update"]["pruned"] > 0  # updates at 2, 4
+    exec(compile(code[1], "README.md", "exec"), scope)  # the regularizers, continuing the same loop
+    weights, averaged = sw.prunable(scope["model"]), sw.prunable(scope["average"].model)
+    assert mask.steps == 5 and all(not weights[n][~m].any() and not averaged[n][~m].any() for n, m in mask.masks.items())
 
 
 @pytest.mark.slow
