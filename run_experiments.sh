@@ -35,7 +35,9 @@
 # Its runs go to $OUT/<variant>/seed<k> (variants: dense, small-dense-w0.056, rb-s0.8, fb-s0.8,
 # fbplus-s0.8, fixed-mask-s0.8, fb-s0.5, fb-s0.9, fb-s0.95, and rb-channel-s$CH: Robust Bird's channel
 # ticket at the channel sparsity whose thin network keeps about 20% of the weights, seeds 0-2, last in
-# the queue). ONLY="rb-channel-s0.79 ..." runs those variants alone. Right after its training each run's
+# the queue; then the regularizers, dense and Flying Bird+ each with TRADES, AWP or weight averaging,
+# seeds 0-2: dense-trades, dense-awp, dense-ema, fbplus-s0.8-trades, fbplus-s0.8-awp, fbplus-s0.8-ema).
+# ONLY="rb-channel-s0.79 ..." runs those variants alone. Right after its training each run's
 # best.pt and last.pt are evaluated (PGD-20, one start) on the first 2,000 test images and on its
 # 500 training images (the robust gap); AA=1 adds standard AutoAttack on 500 test images for
 # best.pt of seed 0 of each variant at sparsity 0.8.
@@ -88,6 +90,14 @@ if [ "$TASK" = overfit ]; then
     [fb-s0.9]="--mode dynamic --sparsity 0.9"
     [fb-s0.95]="--mode dynamic --sparsity 0.95"
     [rb-channel-s$CH]="--mode static --ticket channel --sparsity $CH"  # thin network: ~0.2 of the weights
+    # the regularizers (README "Regularizers"): TRADES beta 6 and AWP gamma 0.005 as their papers; the EMA decay
+    # 0.995 spans ~200 steps, 12 of the 120 epochs of 16 steps (CIFAR's 0.999 spans 3 of its 352-step epochs)
+    [dense-trades]="--mode dense --loss trades --trades-beta 6"
+    [dense-awp]="--mode dense --awp-gamma 0.005 --awp-warmup 10"
+    [dense-ema]="--mode dense --ema-decay 0.995"
+    [fbplus-s0.8-trades]="--mode dynamic+ --sparsity 0.8 --loss trades --trades-beta 6"
+    [fbplus-s0.8-awp]="--mode dynamic+ --sparsity 0.8 --awp-gamma 0.005 --awp-warmup 10"
+    [fbplus-s0.8-ema]="--mode dynamic+ --sparsity 0.8 --ema-decay 0.995"
   )
   AT08="dense rb-s0.8 fb-s0.8 fbplus-s0.8 small-dense-w0.056 fixed-mask-s0.8"
   queue=()  # "variant seed": seed 0 of every variant first, so that a partial study already compares them
@@ -97,6 +107,11 @@ if [ "$TASK" = overfit ]; then
   for v in fb-s0.5 fb-s0.9 fb-s0.95; do queue+=("$v ${seeds[0]}"); done
   for seed in "${seeds[@]:2}"; do for v in $AT08; do queue+=("$v $seed"); done; done
   for seed in "${seeds[@]}"; do queue+=("rb-channel-s$CH $seed"); done
+  for seed in "${seeds[@]}"; do
+    for v in dense-trades fbplus-s0.8-trades dense-awp fbplus-s0.8-awp dense-ema fbplus-s0.8-ema; do
+      queue+=("$v $seed")
+    done
+  done
   if [ -n "${ONLY:-}" ]; then  # ONLY="variant ...": those variants' runs alone
     kept=(); for item in "${queue[@]}"; do [[ " $ONLY " == *" ${item% *} "* ]] && kept+=("$item"); done
     queue=("${kept[@]}")

@@ -256,7 +256,8 @@ def _project(adv, x, eps, norm):
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: bool = True, generator: torch.Generator | None = None,
-        loss_fn=F.cross_entropy, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+        loss_fn=F.cross_entropy, rows: tuple[int, int, int] | None = None,
+        init: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) on the loss of model(x) against y.
 
     Serves training (model in train mode) and evaluation (eval mode): the mode is left as
@@ -265,11 +266,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     adversarial inputs within the eps-ball (L-inf or L2) and [0, 1].
 
     rows = (lo, hi, n): x holds rows lo:hi of a global batch of n (torchrun: each rank its shard);
-    the random start is drawn for all n rows and sliced, so the draws equal one process's.
+    the random start is drawn for all n rows and sliced, so the draws equal one process's. init:
+    start there instead (TRADES' x + 0.001 N(0, I)); the ball stays centred on x.
     """
     x = x.detach()
     adv = x.clone()
-    if random_start and steps > 0:
+    if init is not None:
+        adv = init.detach().clone()
+    elif random_start and steps > 0:
         lo, hi, n_all = rows or (0, len(x), len(x))
         shape = (n_all, *x.shape[1:])
         if norm == "linf":
@@ -1008,6 +1012,104 @@ class FlyingBirdPlus(FlyingBird):
         self.gaps, self.losses, self.events = list(state["gaps"]), list(state["losses"]), list(state["events"])
 
 
+# ----------------------------------------------------------------------------- regularizers, with every method
+# The paper's abstract: sparsity "can be organically combined with existing regularizers". These are the three
+# most robust models are trained with; each takes the masks, so a sparse model stays exactly as sparse.
+
+def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                  generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """TRADES' inner maximization (Zhang et al. 2019): from x + 0.001 N(0, I), PGD steps that maximize
+    KL(f(x) || f(x')) (the clean distribution computed once, a constant), in the eps-ball and [0, 1]."""
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    lo, hi, n = rows or (0, len(x), len(x))  # drawn for the global batch, as pgd's random start
+    noise = torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype).normal_(generator=generator)[lo:hi]
+    kl = lambda logits, p: F.kl_div(F.log_softmax(logits, dim=1), p, reduction="sum")  # noqa: E731 (reference: sum)
+    return pgd(model, x, p_clean, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl, init=x + 0.001 * noise)
+
+
+def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *, beta: float):
+    """TRADES' objective: CE(f(x), y) + beta * KL(f(x) || f(x')), the KL summed over classes and averaged
+    over the batch (as the reference code). model: a module or any callable x -> logits. Returns (loss,
+    the adversarial logits)."""
+    logits, adv_logits = model(x), model(x_adv)
+    kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + beta * kl, adv_logits
+
+
+def awp_perturbation(model: nn.Module, loss_fn, *, gamma: float, masks: dict[str, torch.Tensor] | None = None,
+                     all_reduce=None) -> dict[str, torch.Tensor]:
+    """AWP's weight perturbation (Wu et al. 2020): for every conv and linear weight w_l, v_l = gamma * ||w_l||
+    * g_l / ||g_l||, g the gradient of the adversarial loss loss_fn(forward) w.r.t. the weights (one ascent
+    step, scaled layer by layer, as the reference's proxy model computes it). The forward runs on copies of
+    the buffers, so BatchNorm statistics stay as they were. masks: v is zero on pruned weights. all_reduce:
+    sums the gradients over torchrun ranks (one perturbation for all)."""
+    weights = prunable(model)
+    state = {**dict(model.named_parameters()), **{n: b.clone() for n, b in model.named_buffers()}}
+    loss = loss_fn(lambda x: torch.func.functional_call(model, state, (x,)))
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    if all_reduce is not None:
+        flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+        grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    v = {}
+    for (n, w), g in zip(weights.items(), grads):
+        g = g * masks[n] if masks is not None and n in masks else g
+        v[n] = gamma * w.detach().norm() * g / (g.norm() + 1e-20)  # reference EPS 1e-20
+    return v
+
+
+class perturbed:
+    """with perturbed(model, v): the weights moved by v inside the block, then restored exactly (from a
+    saved copy, not by subtracting v, which can round), also when the block raises. v None: nothing."""
+
+    def __init__(self, model: nn.Module, v: dict[str, torch.Tensor] | None):
+        self.weights, self.v = prunable(model), v or {}
+
+    def __enter__(self):
+        self.saved = {n: self.weights[n].detach().clone() for n in self.v}
+        with torch.no_grad():
+            for n, d in self.v.items():
+                self.weights[n].add_(d)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for n, w in self.saved.items():
+                self.weights[n].copy_(w)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm statistics;
+    integer buffers copied): avg <- decay * avg + (1 - decay) * w after every update() (weight averaging,
+    as in Gowal et al. 2020 and Rebuffi et al. 2021). With masks, the averaged weights are multiplied by the
+    current masks, so the average is exactly as sparse as the trained model: a weight Flying Bird prunes
+    leaves the average at once, a regrown one enters it from zero. `model` is the averaged network."""
+
+    def __init__(self, model: nn.Module, *, decay: float):
+        self.decay, self.model = decay, copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, masks: dict[str, torch.Tensor] | None = None):
+        for a, p in zip(self.model.parameters(), model.parameters()):
+            a.lerp_(p.detach(), 1 - self.decay)
+        for a, b in zip(self.model.buffers(), model.buffers()):
+            if a.is_floating_point():
+                a.lerp_(b, 1 - self.decay)
+            else:
+                a.copy_(b)
+        if masks is not None:
+            weights = prunable(self.model)
+            for n, m in masks.items():
+                weights[n].mul_(m)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:
@@ -1092,14 +1194,16 @@ class FlopLedger:
             2x backward; PGD-10 AT = 33x, standard training = 3x), as the paper's table counts.
     actual: what runs: an attack step is a forward and an input-gradient backward (2x), the
             update a forward and a full backward (3x), so PGD-10 AT = 23x forward.
+    passes: forward+backward passes of the weights per step (1; TRADES 2: clean and adversarial;
+            AWP adds its ascent's); forwards: passes without backward (TRADES' clean target: 1).
     """
 
     def __init__(self):
         self.paper = self.actual = self.images = self.steps = 0
 
-    def charge(self, images: int, forward: int, attack_steps: int):
-        self.paper += 3 * (attack_steps + 1) * forward * images
-        self.actual += (2 * attack_steps + 3) * forward * images
+    def charge(self, images: int, forward: int, attack_steps: int, passes: int = 1, forwards: int = 0):
+        self.paper += (3 * (attack_steps + passes) + forwards) * forward * images
+        self.actual += (2 * attack_steps + 3 * passes + forwards) * forward * images
         self.images += images
         self.steps += 1
 
@@ -1400,6 +1504,14 @@ class Config:
     # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
     train_attack: str = option("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
                                    "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+    loss: str = option("ce", "AT objective: ce (PGD-AT, Madry et al. 2018) | trades (Zhang et al. 2019: CE(f(x), y) + "
+                       "beta KL(f(x) || f(x')), x' from its own KL attack)")
+    trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term")
+    awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
+                              "layer's norm (0 = off; 0.005 = the reference's)")
+    awp_warmup: int = option(10, "AWP: the epochs before the weight perturbation starts")
+    ema_decay: float = option(0.0, "weight averaging: EMA decay of weights and BatchNorm buffers per step (0 = off; "
+                              "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded")
     ticket_attack: str = option("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
     eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
     split: str = option("test", "--eval: test | val | train (the run's training images, in eval mode, no "
@@ -1492,6 +1604,11 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
     need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
          f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
     need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
+    need(cfg.loss in ("ce", "trades"), f"unknown loss {cfg.loss!r}; choose ce or trades")
+    need(cfg.loss == "ce" or cfg.train_attack == "pgd", "--loss trades runs its own PGD attack: drop --train-attack")
+    need(cfg.trades_beta >= 0, f"--trades-beta must be >= 0, got {cfg.trades_beta}")
+    need(cfg.awp_gamma >= 0 and cfg.awp_warmup >= 0, "--awp-gamma and --awp-warmup must be >= 0 (gamma 0 = off)")
+    need(0 <= cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), or 0 for off; got {cfg.ema_decay}")
     need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
     need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
     need(cfg.aa_version in ("standard", "rand", "plus"),
@@ -2030,34 +2147,56 @@ class Trainer:
                         partial=None, world=dist.world)
         self.config = dataclasses.asdict(cfg)
         self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
+        self.average: WeightAverage | None = None  # --ema-decay: from the first AT step on
         self.fwd = None  # forward FLOPs per image at the density in force; None: count again
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Step i of the epoch on this rank's rows of the global batch: the attack (kind pgd | fgsm-rs | none),
-        the update, then the method (re-mask; every T steps a topology update). Returns (loss, logits, stop
-        asked); a loss that is not finite on any rank stops the run before it touches the weights."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext():
-            x = perturb(self.core, x, y, kind=kind, **self.attack, rows=self.batches.rows)
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-        stopping, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
-                                       not torch.isfinite(loss)], self.device)  # one sync: every rank alike
-        if bad:
-            checkpointed = self.run_dir is not None and (self.run_dir / "last.pt").exists()
-            raise diverged(loss.item(), self.where(i), checkpointed, self.cfg.lr, self.amp)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
+        """Step i of the epoch on this rank's rows of the global batch: the attack (kind pgd | fgsm-rs; none:
+        Robust Bird's stage 1, standard training with plain CE), the objective (--loss) at the weights moved
+        by AWP from --awp-warmup on, the update, the method (re-mask; every T steps a topology update), the
+        weight average. Returns (loss, adversarial logits, stop asked); a loss that is not finite on any
+        rank stops the run before it touches the weights."""
+        cfg, at = self.cfg, kind != "none"
+        trades, awp = at and cfg.loss == "trades", at and cfg.awp_gamma > 0 and self.run["epoch"] >= cfg.awp_warmup
+        amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp else nullcontext
+        masks = self.method.mask.masks if self.method.mask is not None else None
+        with amp():
+            x_adv = (trades_attack(self.core, x, **self.attack, rows=self.batches.rows) if trades
+                     else perturb(self.core, x, y, kind=kind, **self.attack, rows=self.batches.rows))
+
+        def objective(f):  # (loss, logits on x_adv) of a forward f
+            if trades:
+                return trades_loss(f, x, x_adv, y, beta=cfg.trades_beta)
+            logits = f(x_adv)
+            return F.cross_entropy(logits, y), logits
+        with amp():
+            v = awp_perturbation(self.net, lambda f: objective(f)[0], gamma=cfg.awp_gamma, masks=masks,
+                                 all_reduce=self.dist.sum_) if awp else None
+        with perturbed(self.net, v):  # AWP: the gradient at w + v, then w restored exactly
+            with amp():
+                loss, logits = objective(self.model)
+            stopping, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
+                                           not torch.isfinite(loss)], self.device)  # one sync: every rank alike
+            if bad:
+                checkpointed = self.run_dir is not None and (self.run_dir / "last.pt").exists()
+                raise diverged(loss.item(), self.where(i), checkpointed, cfg.lr, self.amp)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
         self.optimizer.step()
         if self.fwd is None:  # counted again only when the masks may have changed, not at every step
             self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
-        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, self.cfg.train_steps))  # global images
+        passes = (2 if trades else 1) * (2 if awp else 1)  # TRADES: clean + adversarial; AWP: its ascent's too
+        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), passes, int(trades))
         update = self.method.after_step(self.optimizer, self.run["epoch"])
         if update is not None:
             self.fwd = None
             self.dist.check_masks(self.method.mask, self.where(i))
             self.run["updates"].append(update)
+        if at and cfg.ema_decay:  # the average of the weights as re-masked (and maybe updated) just now
+            self.average = self.average or WeightAverage(self.net, decay=cfg.ema_decay)
+            self.average.update(self.net, self.method.mask.masks if self.method.mask is not None else None)
         return loss, logits, stopping
 
     def epoch(self, kind: str, desc: str) -> tuple[float, float]:
@@ -2119,8 +2258,16 @@ class Trainer:
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
-        """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches."""
-        return evaluate(self.core, self.eval_batches[split], **self.test_attack)
+        """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches, of the
+        weight average when there is one (--ema-decay), else of the model."""
+        model = self.average.model if self.average is not None else self.core
+        return evaluate(model, self.eval_batches[split], **self.test_attack)
+
+    def share_buffers(self):
+        """Rank 0's BatchNorm statistics (of the model and of its average) on every rank."""
+        self.dist.share_buffers(self.net)
+        if self.average is not None:
+            self.dist.share_buffers(self.average.model)
 
     def record(self, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
         """The epoch's row of metrics.jsonl, written at once, and its log line."""
@@ -2135,15 +2282,17 @@ class Trainer:
 
     # -- checkpoints (rank 0 writes)
     def save(self, obj: dict, name: str):
+        """A checkpoint; its 'model' is the weight average when there is one (what --eval and load_model read)."""
         if self.dist.main:
-            atomic_save(dict(obj, format=CHECKPOINT_FORMAT, config=self.config, model=self.net.state_dict()),
-                        self.run_dir / name)
+            model = (self.average.model if self.average is not None else self.net).state_dict()
+            atomic_save(dict(obj, format=CHECKPOINT_FORMAT, config=self.config, model=model), self.run_dir / name)
 
     def save_last(self):
         """last.pt: everything a resume needs, the mask once (under 'mask', not in the method's state)."""
         self.run["wall"] = time.time() - self.t0
         method = self.method.state_dict()
         self.save(dict(mask=method.pop("mask"), channels=method.pop("channels"), method=method,
+                       raw=self.net.state_dict() if self.average is not None else None,  # the trained weights
                        optimizer=self.optimizer.state_dict(),
                        scheduler=self.scheduler.state_dict(), ledger=self.ledger.state_dict(), run=self.run,
                        generator=self.generator.get_state(), torch_rng=torch.get_rng_state()), "last.pt")
@@ -2162,7 +2311,10 @@ class Trainer:
         if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
             self.adopt(slim(model_for(self.cfg), ck["channels"]))
             self.optimizer, self.scheduler = sgd(self.cfg, self.net)
-        self.net.load_state_dict(ck["model"])
+        self.net.load_state_dict(ck["model"] if ck.get("raw") is None else ck["raw"])
+        if ck.get("raw") is not None:  # --ema-decay: 'model' is the average
+            self.average = WeightAverage(self.net, decay=self.cfg.ema_decay)
+            self.average.load_state_dict(ck["model"])
         self.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
         self.optimizer.load_state_dict(ck["optimizer"])
         for p, state in self.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
@@ -2235,7 +2387,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
             lr = t.optimizer.param_groups[0]["lr"]
             train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
             t.scheduler.step()
-            dist.share_buffers(t.net)  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
+            t.share_buffers()  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
             run["epoch"] += 1
             evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
             val, test = (t.evaluate("val"), t.evaluate("test")) if evaluated else (NOT_EVALUATED, NOT_EVALUATED)
@@ -2307,7 +2459,7 @@ def summarize(t: Trainer, train_final_ra: float) -> dict:
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
         ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
-        ticket=cfg.ticket if cfg.mode == "static" else None,
+        ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
         thin=run.get("thin"),  # channel ticket: the thin network's size and measured speed (thin_report)
         updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
         **method.summary(),
@@ -2376,6 +2528,14 @@ def thin_line(r: dict) -> str:
             f"vs {r['inference_dense_s'] * 1e3:.1f} ms ({r['inference_speedup']:.2f}x)")
 
 
+def objective_name(cfg: Config) -> str:
+    """The AT objective and regularizers of a run, e.g. 'TRADES (beta 6) + AWP (gamma 0.005 from epoch 10)'."""
+    parts = [f"TRADES (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else "PGD-AT"]
+    parts += [f"AWP (gamma {cfg.awp_gamma:g} from epoch {cfg.awp_warmup})"] if cfg.awp_gamma else []
+    parts += [f"EMA ({cfg.ema_decay:g})"] if cfg.ema_decay else []
+    return " + ".join(parts)
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     """A Markdown table: the header, the |---| rule, one line per row of cells (every table sparse_win writes)."""
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -2388,7 +2548,8 @@ def format_table(rows: list[dict]) -> str:
     head = ["method", "RA best", "RA final", "diff", "SA best", "SA final", "diff", "train FLOPs",
             "inference FLOPs (x dense)", "robust gen. gap", "density", "ITOP"] + (["AA best", "AA final"] if aa else [])
     return markdown_table(head, [
-        [r["method"], *(f"{r[k]:.2f}" for k in ("ra_best", "ra_final", "ra_diff", "sa_best", "sa_final", "sa_diff")),
+        [r["method"] + (f", {r['objective']}" if r.get("objective", "PGD-AT") != "PGD-AT" else ""),
+         *(f"{r[k]:.2f}" for k in ("ra_best", "ra_final", "ra_diff", "sa_best", "sa_final", "sa_diff")),
          f"{r['train_flops']:.3e}", f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f})",
          f"{r['robust_gap']:.2f}", f"{r['final_density']:.4f}", f"{r['itop_rate']:.3f}",
          *((f"{r[k]:.2f}" if k in r else "-" for k in ("ra_aa_best", "ra_aa_final")) if aa else ())] for r in rows])

@@ -1493,6 +1493,152 @@ def test_fbplus_end_epoch_to_update_with_paper_defaults(history, prune, grow):
     assert method.events == [dict(epoch=5, step=2, prune=prune, grow=grow)]
 
 
+# ----------------------------------------------------------------------------- 11b. regularizers: TRADES, AWP, weight averaging
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(2, 8), k=st.integers(2, 5), b=st.integers(1, 6), seed=st.integers(0, 2**16),
+       beta=st.floats(0.0, 10.0))
+def test_trades_loss_closed_form_linear(d, k, b, seed, beta):
+    """CE(f(x), y) + beta * (1/B) sum_i sum_c p_c (log p_c - log q_c), p = softmax f(x), q = softmax f(x')."""
+    model, x, y = linear_problem(d, k, b, seed)
+    x_adv = (x + 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)).clamp(0, 1)
+    loss, adv_logits = sw.trades_loss(model, x, x_adv, y, beta=beta)
+    W, c = model.weight.detach(), model.bias.detach()
+    p, q = torch.softmax(x @ W.T + c, 1), torch.softmax(x_adv @ W.T + c, 1)
+    ce = -torch.log(p[torch.arange(b), y]).mean()
+    kl = (p * (p.log() - q.log())).sum() / b
+    torch.testing.assert_close(loss.detach(), ce + beta * kl)
+    torch.testing.assert_close(adv_logits.detach(), x_adv @ W.T + c)
+    loss.backward()  # gradients reach the weights through both terms (the clean distribution is not detached)
+    assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+
+
+def trades_attack_ref(model, x, *, eps, alpha, steps, noise):
+    """The reference code's loop, one step at a time: x' = x + 0.001 noise; step along sign(d KL / dx'),
+    clip to the eps-ball and [0, 1]; KL of softmax f(x) (recomputed, constant in x') to softmax f(x')."""
+    adv = x + 0.001 * noise
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(adv), 1), F.softmax(model(x), 1).detach(), reduction="sum")
+        g, = torch.autograd.grad(kl, adv)
+        adv = torch.min(torch.max(adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return adv
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(2, 8), k=st.integers(2, 5), b=st.integers(1, 6), seed=st.integers(0, 2**16),
+       steps=st.integers(0, 5), eps=st.sampled_from([0.03, 0.1, 0.3]))
+def test_trades_attack_equals_the_reference_loop(d, k, b, seed, steps, eps):
+    model, x, _ = linear_problem(d, k, b, seed)
+    gen = torch.Generator().manual_seed(seed)
+    adv = sw.trades_attack(model, x, eps=eps, alpha=eps / 4, steps=steps, generator=gen)
+    noise = torch.empty(x.shape, dtype=x.dtype).normal_(generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(adv, trades_attack_ref(model, x, eps=eps, alpha=eps / 4, steps=steps, noise=noise),
+                               rtol=0, atol=1e-12)  # float64: the same operations
+    if steps:
+        assert ((adv - x).abs().max() <= eps + 1e-12) and adv.min() >= 0 and adv.max() <= 1
+        kl = lambda a: F.kl_div(F.log_softmax(model(a), 1), F.softmax(model(x), 1), reduction="sum")  # noqa: E731
+        assert kl(adv) >= kl(x + 0.001 * noise) - 1e-12  # the attack raises the KL
+
+
+def awp_ref(model, loss, gamma, masks):
+    """AWP as the reference computes it: a proxy copy, one SGD step (lr 0.01) on -loss, the difference
+    scaled per layer to gamma * ||w|| (masked: the gradient's pruned entries removed first)."""
+    proxy = copy.deepcopy(model)
+    params = dict(proxy.named_parameters())
+    grads = torch.autograd.grad(-loss(proxy), [params[n] for n in sw.prunable(model)])
+    v = {}
+    for (n, w), g in zip(sw.prunable(model).items(), grads):
+        diff = -0.01 * g * (masks[n] if masks else 1)
+        v[n] = gamma * w.detach().norm() / (diff.norm() + 1e-20) * diff
+    return v
+
+
+@settings(max_examples=30, deadline=None)
+@given(spec=chain_specs(), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
+       gamma=st.sampled_from([0.001, 0.005, 0.05]), masked=st.booleans())
+def test_awp_perturbation_masks_norms_and_exact_undo(spec, density, seed, gamma, masked):
+    gen = torch.Generator().manual_seed(seed)
+    model = chain_model(spec, gen)
+    mask = sw.SparseMask(model, density=density, seed=seed) if masked else None
+    if mask is not None:
+        mask.apply()
+    masks = mask.masks if mask is not None else None
+    x = torch.randn(4, spec[0], HW, HW, generator=gen)
+    r = torch.randn(model(x).shape, generator=gen)
+    loss = lambda f: (f(x) * r).sum()  # noqa: E731
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v = sw.awp_perturbation(model, loss, gamma=gamma, masks=masks)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and all(
+        p.grad is None for p in model.parameters())  # computing v moves nothing, fills no .grad
+    ref = awp_ref(model, loss, gamma, masks)
+    weights = sw.prunable(model)
+    for n, w in weights.items():
+        torch.testing.assert_close(v[n], ref[n], rtol=1e-4, atol=1e-9)  # float32: the proxy's lr cancels
+        if masks is not None:
+            assert not v[n][~masks[n]].any()  # zero on pruned weights
+        if v[n].any():
+            torch.testing.assert_close(v[n].norm(), gamma * w.detach().norm(), rtol=1e-4, atol=0)
+    with sw.perturbed(model, v):  # inside: w + v; pruned weights stay exactly zero
+        for n, w in weights.items():
+            torch.testing.assert_close(w.detach(), before[n] + v[n], rtol=0, atol=0)
+            if masks is not None:
+                assert not w.detach()[~masks[n]].any()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with sw.perturbed(model, v):  # a real step: the gradient at w + v, applied to w, then re-masked
+        loss(model).backward()
+    opt.step()
+    if mask is not None:
+        mask.step(opt)
+        assert mask.counts == [int(m.sum()) for m in mask.masks.values()]
+        assert all(not w.detach()[~masks[n]].any() for n, w in weights.items())
+
+
+def test_awp_keeps_batchnorm_statistics_and_restores_after_an_error():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, bn=True).train()
+    x, y = torch.rand(8, 3, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    v = sw.awp_perturbation(model, lambda f: F.cross_entropy(f(x), y), gamma=0.01)
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())  # the ascent ran on copies
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"):
+        with sw.perturbed(model, v):
+            raise RuntimeError("boom")
+    assert all(torch.equal(v_, before[k]) for k, v_ in model.state_dict().items())
+    twice = sw.awp_perturbation(model, lambda f: F.cross_entropy(f(x), y), gamma=0.01,
+                                all_reduce=lambda t: t.mul_(2))  # a sum over 2 equal ranks: the same v
+    assert all(torch.allclose(twice[n], v[n], rtol=1e-6, atol=0) for n in v)
+
+
+def test_weight_average_closed_form_and_masks():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, bn=True)
+    avg = sw.WeightAverage(model, decay=0.9)
+    a0 = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+        model[1].num_batches_tracked.add_(5)
+    mask = {"0.weight": torch.rand(model[0].weight.shape, generator=gen) < 0.5}
+    avg.update(model, mask)
+    out = avg.model.state_dict()
+    for n, t in model.state_dict().items():
+        if n == "1.num_batches_tracked":
+            assert out[n] == t  # integer buffers: copied
+        elif t.is_floating_point():
+            expect = 0.9 * a0[n] + 0.1 * t
+            expect = expect * mask[n] if n in mask else expect
+            torch.testing.assert_close(out[n], expect)
+    assert not out["0.weight"][~mask["0.weight"]].any()  # exactly as sparse as the mask
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    other = sw.WeightAverage(tiny_cnn(gen, bn=True), decay=0.9)
+    other.load_state_dict(avg.state_dict())
+    assert all(torch.equal(other.model.state_dict()[k], v) for k, v in out.items())
+
+
 # ----------------------------------------------------------------------------- 12. FLOPs
 
 def flop_counter(model, input_shape):
@@ -2345,6 +2491,12 @@ def test_paper_defaults():
     (["--ticket", "filters", "--mode", "static"], ["filters", "unstructured, channel"]),
     (["--mode", "static", "--bn-l1", "-1"], ["--bn-l1"]),
     (["--eb-threshold", "-0.5"], ["--eb-threshold"]),
+    (["--loss", "mart"], ["mart", "ce or trades"]),
+    (["--loss", "trades", "--train-attack", "fgsm-rs"], ["--loss trades", "--train-attack"]),
+    (["--trades-beta", "-1"], ["--trades-beta", ">= 0"]),
+    (["--awp-gamma", "-0.005"], ["--awp-gamma"]),
+    (["--ema-decay", "1"], ["--ema-decay", "(0, 1)"]),
+    (["--ema-decay", "-0.1"], ["--ema-decay"]),
 ])
 def test_cli_bad_options(capsys, tmp_path, args, words):
     assert_cli_error(capsys, ["--preset", "smoke", "--out", tmp_path / "run", *args], *words)
@@ -2881,6 +3033,58 @@ def test_channel_ticket_l1_penalty_reaches_stage_one_only(tmp_path, data_dir, mo
     assert sum(ga.values()) == sum(gb.values()) == 60 and not torch.equal(sa, sb)
 
 
+REGULARIZED = ["--loss", "trades", "--awp-gamma", 0.005, "--awp-warmup", 1, "--ema-decay", 0.9]
+
+
+@pytest.fixture(scope="module")
+def regularized_run(tmp_path_factory, data_dir):
+    """Flying Bird+ (adaptive rule firing) with TRADES, AWP from the second epoch and weight averaging; beside it,
+    zeros.json: per weight-average update, whether its zeros contained the current mask's zeros."""
+    base, seen = tmp_path_factory.mktemp("reg"), []
+    real = sw.WeightAverage.update
+
+    def update(self, model, masks=None):
+        real(self, model, masks)
+        weights = sw.prunable(self.model)
+        seen.append(all(not weights[n][~m].any() for n, m in masks.items()))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sw.WeightAverage, "update", update)
+        d = run_ok(smoke(base / "run", data_dir, *FBPLUS, *REGULARIZED))
+    (base / "zeros.json").write_text(json.dumps(seen))
+    return d
+
+
+def test_regularizers_end_to_end(regularized_run, data_dir):
+    """TRADES + AWP + weight averaging on Flying Bird+: the average is as sparse as the mask at every step,
+    it is what is evaluated, saved and loaded, and the FLOP ledger charges each part."""
+    d = regularized_run
+    recs, s, last, per_weight = check_common(d, "dynamic+", 3)
+    seen = json.loads((d.parent / "zeros.json").read_text())
+    assert len(seen) == 3 * 4 and all(seen)  # every AT step (4 per epoch): the mask's zeros are the average's
+    assert s["objective"] == "TRADES (beta 6) + AWP (gamma 0.005 from epoch 1) + EMA (0.9)"
+    assert s["topology_updates"] > 0 and s["fbplus_events"]  # the mask moved under the average
+    best = load_ck(d / "best.pt")
+    assert last["raw"] is not None and any(not torch.equal(last["raw"][k], last["model"][k]) for k in last["model"])
+    for n, m in last["mask"]["masks"].items():  # the trained weights and their average, both masked
+        assert not last["raw"][n][~m].any() and not last["model"][n][~m].any()
+    net = sw.load_model(d)  # best.pt's average
+    assert all(torch.equal(net.state_dict()[k], best["model"][k]) for k in best["model"])
+    x, y = (t[:64] for t in sw.load_fashion_mnist(str(data_dir))["test"])  # the recorded SA is the average's
+    assert 100 * (net(x.float() / 255).argmax(1) == y).float().mean().item() == recs[best["epoch"] - 1]["test_sa"]
+
+
+def test_regularizers_charge_their_flops(tmp_path, data_dir):
+    """Dense: epoch 1 TRADES without AWP (2K + 2 x 3 + 1 forward-equivalents), epoch 2 with AWP (2K + 4 x 3 + 1)."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--train-subset", 64, *REGULARIZED))
+    recs, s = read_run(d)
+    fwd = s["inference_flops_dense"]
+    assert recs[0]["train_flops"] == (2 * K + 7) * fwd * 64
+    assert recs[1]["train_flops"] - recs[0]["train_flops"] == (2 * K + 13) * fwd * 64
+    assert recs[1]["train_flops_paper"] == (3 * (K + 2) + 1 + 3 * (K + 4) + 1) * fwd * 64
+    plain = run_ok(smoke(tmp_path / "plain", data_dir, "--mode", "dense", "--train-subset", 64, "--ema-decay", 0.9))
+    assert read_run(plain)[0][1]["train_flops"] == 2 * (2 * K + 3) * fwd * 64  # averaging: not charged
+
+
 def test_training_loss_falls(tmp_path, data_dir):
     d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--epochs", 3, "--train-steps", 1,
                      "--lr", 0.05, "--width", 0.125, "--train-subset", 512, "--milestones", 10))
@@ -3104,6 +3308,18 @@ def test_resume_channel_ticket_equivalent(tmp_path, data_dir, channel_run, capsy
     run_ok(args + ["--resume"])
     assert_same_run(channel_run, tmp_path / "run")
     assert load_ck(tmp_path / "run" / "last.pt")["run"]["thin"] == thin  # measured once, at adoption
+
+
+def test_resume_regularized_equivalent(tmp_path, data_dir, regularized_run):
+    """TRADES + AWP + weight averaging, stopped after epoch 1 (AWP not yet on) and after epoch 2: the raw
+    weights and the average come back from last.pt, and the run ends identical."""
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS, *REGULARIZED)
+    run_ok(args + ["--stop-after-epoch", 1])
+    run_ok(args + ["--resume", "--stop-after-epoch", 2])
+    run_ok(args + ["--resume"])
+    assert_same_run(regularized_run, tmp_path / "run")
+    ra, rb = load_ck(regularized_run / "last.pt")["raw"], load_ck(tmp_path / "run" / "last.pt")["raw"]
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
 def test_resume_a_checkpoint_older_than_an_option(tmp_path, data_dir):
@@ -3535,6 +3751,9 @@ def test_format_table_rows():
     assert lines[2] == ("| Flying Bird+ | 51.70 | 47.51 | 4.19 | 80.74 | 83.16 | -2.42 | 1.200e+19 | "
                         "4.042e+10 (0.155) | 23.89 | 0.1234 | 0.900 |")
     assert lines[3].startswith("| dense AT | 51.70 |")
+    line = sw.format_table([dict(row, objective="TRADES (beta 6) + EMA (0.999)")]).splitlines()[2]
+    assert line.startswith("| Flying Bird+, TRADES (beta 6) + EMA (0.999) | 51.70 |")
+    assert sw.format_table([dict(row, objective="PGD-AT")]).splitlines()[2] == lines[2]  # the plain objective: unnamed
 
 
 # ----------------------------------------------------------------------------- 10. evaluate a checkpoint
@@ -3953,8 +4172,14 @@ def ddp_worker(rank: int, world: int, store: str, argv: list[str], out: str):
         snaps.append({n: m.clone() for n, m in self.masks.items()})
         return changed
     sw.SparseMask.update = update
+    average, real_average = {}, sw.WeightAverage.update
+
+    def average_update(self, *a, **kw):  # --ema-decay: this rank's last averaged weights
+        real_average(self, *a, **kw)
+        average.update({n: p.clone() for n, p in self.model.named_parameters()})
+    sw.WeightAverage.update = average_update
     code = sw.main(argv)
-    torch.save(dict(code=code, snaps=snaps, eval=ev), Path(out) / f"rank{rank}.pt")
+    torch.save(dict(code=code, snaps=snaps, eval=ev, average=average), Path(out) / f"rank{rank}.pt")
 
 
 def torchrun(args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
@@ -3990,6 +4215,17 @@ def test_ddp_masks_identical_on_every_rank_with_exact_density(ddp_run):
     counts = [int(m.sum()) for m in last["mask"]["masks"].values()]
     assert sum(counts) == round(read_run(ddp_run / "run")[1]["final_density"] * sum(
         m.numel() for m in last["mask"]["masks"].values()))
+
+
+def test_ddp_regularized_ranks_agree(tmp_path, data_dir):
+    """TRADES + AWP + weight averaging on 2 processes: the same masks and the same averaged weights on both."""
+    argv = smoke(tmp_path / "run", data_dir, *FBPLUS, *REGULARIZED)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "store"), argv, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["code"] == r1["code"] == 0 and len(r0["snaps"]) == 5 and r0["average"]
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(r0["snaps"], r1["snaps"]) for n in a)
+    assert all(torch.equal(r0["average"][n], r1["average"][n]) for n in r0["average"])
+    assert read_run(tmp_path / "run")[1]["objective"].startswith("TRADES")
 
 
 def test_ddp_writes_once_and_counts_global_images(ddp_run, fbplus_run):
@@ -4058,10 +4294,10 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):
-    """The README's "own training loop" example runs as printed and keeps its density."""
+    """The README's "own training loop" examples run as printed, in order, and keep the density."""
     import re
     code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
-    assert len(code) == 1
+    assert len(code) == 2
     monkeypatch.chdir(tmp_path)  # it saves tiny.pt
     scope = {}
     exec(compile(code[0], "README.md", "exec"), scope)
@@ -4071,6 +4307,9 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     assert mask.density == pytest.approx(0.2, abs=1e-4) and mask.counts == [int(m.sum()) for m in mask.masks.values()]
     assert ledger.steps == 4 and ledger.actual > 0 and ledger.paper == ledger.actual * 12 // 9  # K=3: 12x vs 9x
     assert mask.steps == 4 and scope["update"]["step"] == 4 and scope["update"]["pruned"] > 0  # updates at 2, 4
+    exec(compile(code[1], "README.md", "exec"), scope)  # the regularizers, continuing the same loop
+    weights, averaged = sw.prunable(scope["model"]), sw.prunable(scope["average"].model)
+    assert mask.steps == 5 and all(not weights[n][~m].any() and not averaged[n][~m].any() for n, m in mask.masks.items())
 
 
 @pytest.mark.slow

@@ -153,11 +153,18 @@ VARIANTS = {
     "fbplus-s0.8": "Flying Bird+ s=0.8",
     "fixed-mask-s0.8": "fixed random mask s=0.8 (FB, death rate 0)",
     "rb-channel-s0.79": "Robust Bird, channel ticket s=0.79 (thin network, ~0.2 of the weights)",
+    "dense-trades": "dense AT + TRADES (beta 6)",
+    "fbplus-s0.8-trades": "Flying Bird+ s=0.8 + TRADES (beta 6)",
+    "dense-awp": "dense AT + AWP (gamma 0.005)",
+    "fbplus-s0.8-awp": "Flying Bird+ s=0.8 + AWP (gamma 0.005)",
+    "dense-ema": "dense AT + EMA (0.995)",
+    "fbplus-s0.8-ema": "Flying Bird+ s=0.8 + EMA (0.995)",
     "fb-s0.5": "Flying Bird s=0.5",
     "fb-s0.9": "Flying Bird s=0.9",
     "fb-s0.95": "Flying Bird s=0.95",
 }
 SWEEP = ("dense", "fb-s0.5", "fb-s0.8", "fb-s0.9", "fb-s0.95")
+REGULARIZERS = ("trades", "awp", "ema")  # variants dense-<r> and fbplus-s0.8-<r>
 COLUMNS = (  # (header, key, decimals)
     ("RA best", "ra_best", 2), ("RA final", "ra_final", 2), ("diff", "ra_diff", 2),
     ("SA best", "sa_best", 2), ("SA final", "sa_final", 2), ("robust gen. gap", "robust_gap", 2),
@@ -236,7 +243,8 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
             groups[v] = sorted(rows, key=lambda r: r["seed"])
     if not groups:
         raise sw.SparseWinError(f"no finished and evaluated runs under {runs_root}")
-    main = [v for v in groups if v not in ("fb-s0.5", "fb-s0.9", "fb-s0.95")]
+    regularized = {f"{base}-{r}" for r in REGULARIZERS for base in ("dense", "fbplus-s0.8")}
+    main = [v for v in groups if v not in ("fb-s0.5", "fb-s0.9", "fb-s0.95") and v not in regularized]
     aa = [(VARIANTS[v], [r for r in groups[v] if r["aa"] is not None]) for v in main]
     text = (f"# Study: {runs_root}\n\nFashion-MNIST, 500 training images without augmentation, eps 0.1, "
             f"ResNet-18 width 0.125, 120 epochs. Accuracies in %: PGD-20 (one start, eval mode) on the first "
@@ -247,6 +255,7 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
             + "\n\n## Paired with dense AT (same seed): variant - dense, mean ± std (per seed)\n\n"
             + paired({v: groups[v] for v in main})
             + thin_section(groups)
+            + regularizer_section(groups)
             + "\n\n## Flying Bird across sparsity (dense AT = sparsity 0)\n\n"
             + table([(VARIANTS[v], groups[v]) for v in SWEEP if v in groups])
             + ("\n\n## AutoAttack (standard, 500 test images, best.pt)\n\n"
@@ -276,6 +285,26 @@ def thin_section(groups: dict) -> str:
             "vs the full dense network, one thread); training minutes = the run's wall time, stage 1 included.\n\n"
             + table([(VARIANTS[v], groups[v]) for v in thin], columns=THIN_COLUMNS)
             + "\n\n" + table([(VARIANTS["dense"], groups.get("dense", []))], columns=THIN_COLUMNS[-1:]))
+
+
+def regularizer_section(groups: dict) -> str:
+    """Dense AT and Flying Bird+ with each regularizer beside their plain rows, and per regularizer the
+    paired difference Flying Bird+ - dense (same seed): does sparsity still shrink the gap with it?"""
+    names = [r for r in REGULARIZERS if f"dense-{r}" in groups or f"fbplus-s0.8-{r}" in groups]
+    if not names:
+        return ""
+    rows = [v for base in ("dense", "fbplus-s0.8") for v in [base] + [f"{base}-{r}" for r in names] if v in groups]
+    pairs = []
+    for suffix in [""] + [f"-{r}" for r in names]:
+        dense = {r["seed"]: r for r in groups.get(f"dense{suffix}", [])}
+        diffs = [dict(r, **{k: r[k] - dense[r["seed"]][k] for _, k in CLAIMS})
+                 for r in groups.get(f"fbplus-s0.8{suffix}", []) if r["seed"] in dense]
+        if diffs:
+            pairs.append((VARIANTS[f"fbplus-s0.8{suffix}"], diffs))
+    return ("\n\n## Regularizers: dense AT and Flying Bird+ with TRADES, AWP or weight averaging\n\n"
+            + table([(VARIANTS[v], groups[v]) for v in rows])
+            + "\n\nFlying Bird+ - dense AT with the same objective and seed:\n\n"
+            + table(pairs, columns=tuple((f"{h} (FB+ - dense)", k, 2) for h, k in CLAIMS)))
 
 
 def figures(groups: dict, main: list[str], out_dir: Path):

@@ -110,13 +110,18 @@ def test_run_experiments_study_smoke():
 
 @pytest.mark.slow
 def test_run_experiments_study_overfit_smoke():
-    """run_experiments.sh --study-overfit-smoke: the 10 variants (seed 0), each evaluated, then the report."""
+    """run_experiments.sh --study-overfit-smoke: the 16 variants (seed 0), each evaluated, then the report."""
     report = run_study_script("--study-overfit-smoke", timeout=1800)
     text = (report / "table.md").read_text()
     assert "| dense AT | 0 |" in text and "| fixed random mask s=0.8 (FB, death rate 0) | 0 |" in text
     thin = text.split("physically thinner network")[1].split("## Flying Bird across")[0]
     assert "| Robust Bird, channel ticket s=0.79 (thin network, ~0.2 of the weights) | 0 |" in thin
-    assert len(list((report / "runs").glob("*/seed0/summary.json"))) == 10
+    assert len(list((report / "runs").glob("*/seed0/summary.json"))) == 16
+    regularizers = text.split("## Regularizers")[1].split("## Flying Bird across")[0]
+    for r in ("TRADES (beta 6)", "AWP (gamma 0.005)", "EMA (0.995)"):
+        assert f"| dense AT + {r} | 0 |" in regularizers and f"| Flying Bird+ s=0.8 + {r} | 0 |" in regularizers
+    assert json.loads((report / "runs" / "fbplus-s0.8-trades" / "seed0" / "summary.json").read_text())[
+        "objective"] == "TRADES (beta 6)"
     assert "| small dense AT (width 0.056, as many weights as 80% sparse) | 0 |" in text and "± 0.00" not in text
     runs = report / "runs"
     for d in runs.glob("*/seed0"):
