@@ -2707,6 +2707,22 @@ def test_cli_missing_cifar(capsys, tmp_path):
     assert "cifar-10-batches-py" in line
 
 
+def test_cli_missing_torchvision_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    assert_cli_error(capsys, ["--dataset", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "run"],
+                     "reading cifar10 needs torchvision", "pip install torchvision")
+
+
+def test_cuda_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139 GiB total)")
+    monkeypatch.setattr(sw, "train", oom)
+    assert sw.main(["--preset", "smoke", "--out", str(tmp_path / "run")]) == sw.OUT_OF_MEMORY == 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sparse_win.py: error: CUDA out of memory (CUDA out of memory. Tried")
+    assert "--batch-size" in err[0] and "--resume" in err[0]
+
+
 def test_cli_missing_tiny_imagenet(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "tiny-imagenet", "--data-dir",
@@ -4292,6 +4308,24 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
 
 
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
+
+def test_pip_install_then_import_from_another_folder(tmp_path):
+    """pip install . puts the one module on the path (pyproject.toml's [project]); its library needs torch alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("sparse_win.py", "pyproject.toml", "README.md"):
+        shutil.copy(HERE / name, src / name)
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                        str(tmp_path / "site"), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "site").glob("*.py")) == ["sparse_win.py"]  # the module alone
+    code = ("import torch, sparse_win as sw; print(sw.__file__); "
+            "print(sw.build_model('resnet18', width=0.0625).eval()(torch.rand(2, 3, 8, 8)).shape)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines() == [str(tmp_path / "site" / "sparse_win.py"), "torch.Size([2, 10])"]
+
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):
     """The README's "own training loop" examples run as printed, in order, and keep the density."""
