@@ -4376,6 +4376,23 @@ def test_run_experiments_smoke():
             assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
 
 
+def test_run_experiments_checks_tiny_imagenet_before_the_first_run(tmp_path):
+    out = run_script(DATA=str(tmp_path), OUT=str(tmp_path / "runs"))  # the real Table 1: no data there
+    assert out.returncode == 2 and "tiny-imagenet not found" in out.stderr and "DATASETS=" in out.stderr
+    assert "==" not in out.stdout and not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_run_experiments_folders_are_the_single_run_defaults():
+    """The script's run folders are the ones `python sparse_win.py` picks for the same options, so that the
+    README's --eval examples name them."""
+    out = run_script("--smoke", GPUS="a", DATASETS="cifar10", MODES="dynamic", SEEDS="2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    done = [line.split("done: ")[1] for line in out.stdout.splitlines() if line.startswith("-- [GPU a] done: ")]
+    cfg = sw.Config(dataset="cifar10", mode="dynamic", sparsity=0.8, seed=2)
+    assert [Path(d).name for d in done] == [cfg.run_dir.name] == ["cifar10-dynamic-s0.8-seed2"]
+    assert (Path(done[0]) / "summary.json").exists()
+
+
 def run_script(*args, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(HERE / "run_experiments.sh"), *args], capture_output=True, text=True,
                           cwd=HERE, timeout=900, env=dict(ONE_THREAD, PYTHON=sys.executable, **env))
