@@ -2557,16 +2557,19 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference)."""
+    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference); below it,
+    for a channel ticket's run, what its thin network measured (thin_line)."""
     aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
     head = ["method", "RA best", "RA final", "diff", "SA best", "SA final", "diff", "train FLOPs",
             "inference FLOPs (x dense)", "robust gen. gap", "density", "ITOP"] + (["AA best", "AA final"] if aa else [])
-    return markdown_table(head, [
+    thin = [f"{r['method']}: {thin_line(r['thin'])}" for r in rows if r.get("thin")]
+    return "\n".join([markdown_table(head, [
         [r["method"] + (f", {r['objective']}" if r.get("objective", "PGD-AT") != "PGD-AT" else ""),
          *(f"{r[k]:.2f}" for k in ("ra_best", "ra_final", "ra_diff", "sa_best", "sa_final", "sa_diff")),
          f"{r['train_flops']:.3e}", f"{r['inference_flops']:.3e} ({r['inference_ratio']:.3f})",
          f"{r['robust_gap']:.2f}", f"{r['final_density']:.4f}", f"{r['itop_rate']:.3f}",
-         *((f"{r[k]:.2f}" if k in r else "-" for k in ("ra_aa_best", "ra_aa_final")) if aa else ())] for r in rows])
+         *((f"{r[k]:.2f}" if k in r else "-" for k in ("ra_aa_best", "ra_aa_final")) if aa else ())] for r in rows]),
+        *thin])
 
 
 def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):

@@ -3033,6 +3033,8 @@ def test_channel_ticket_end_to_end(channel_run, capsys):
         assert r["train_flops"] == s["ticket_flops"] + (2 * K + 3) * thin_fwd * N_TRAIN * e
     assert t["batch"] == 64 and all(t[k] > 0 for k in ("at_step_s", "at_step_dense_s", "inference_s", "inference_dense_s"))
     assert t["at_speedup"] == t["at_step_dense_s"] / t["at_step_s"]
+    table = sw.format_table([s]).splitlines()  # the run's printed table says what the thin network measured
+    assert len(table) == 4 and table[3] == f"Robust Bird: {sw.thin_line(t)}"
 
 
 def test_channel_ticket_l1_penalty_reaches_stage_one_only(tmp_path, data_dir, monkeypatch):
