@@ -3051,7 +3051,7 @@ def test_channel_ticket_l1_penalty_reaches_stage_one_only(tmp_path, data_dir, mo
     assert sum(ga.values()) == sum(gb.values()) == 60 and not torch.equal(sa, sb)
 
 
-REGULARIZED = ["--loss", "trades", "--awp-gamma", 0.005, "--awp-warmup", 1, "--ema-decay", 0.9]
+REGULARIZED = ["--loss", "trades", "--awp-gamma", 0.005, "--awp-warmup", 2, "--ema-decay", 0.9]  # AWP in epoch 2
 
 
 @pytest.fixture(scope="module")
@@ -3079,7 +3079,7 @@ def test_regularizers_end_to_end(regularized_run, data_dir):
     recs, s, last, per_weight = check_common(d, "dynamic+", 3)
     seen = json.loads((d.parent / "zeros.json").read_text())
     assert len(seen) == 3 * 4 and all(seen)  # every AT step (4 per epoch): the mask's zeros are the average's
-    assert s["objective"] == "TRADES (beta 6) + AWP (gamma 0.005 from epoch 1) + EMA (0.9)"
+    assert s["objective"] == "TRADES (beta 6) + AWP (gamma 0.005 from epoch 2) + EMA (0.9)"
     assert s["topology_updates"] > 0 and s["fbplus_events"]  # the mask moved under the average
     best = load_ck(d / "best.pt")
     assert last["raw"] is not None and any(not torch.equal(last["raw"][k], last["model"][k]) for k in last["model"])
