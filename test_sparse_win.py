@@ -4435,6 +4435,72 @@ def test_same_metrics_as_a_git_revision():
     assert p.stdout.count("same   ") == 5 and "identical" in p.stdout
 
 
+# Every command in README.md's bash blocks, as written, and the test that runs it, or why none does.
+README_COMMANDS = {
+    "pip install -r requirements.txt": "not run: the network and minutes (.ci/run does it on a clean clone)",
+    "python sparse_win.py --preset smoke": "test_readme_laptop_commands_run_as_written",
+    "python sparse_win.py --preset cpu-demo": "test_readme_laptop_commands_run_as_written",
+    "python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9": "not run: CIFAR-100 download, GPU hours",
+    "bash run_experiments.sh": "not run: CIFAR and Tiny-ImageNet, GPU days (test_run_experiments_checks_tiny_imagenet_"
+                               "before_the_first_run runs it without the data)",
+    "bash run_experiments.sh --smoke": "test_run_experiments_smoke",
+    "python sparse_win.py --mode dynamic+ --loss trades --awp-gamma 0.005 --ema-decay 0.999 ...":
+        "not run as written (its '...' stands for the run's other options): test_regularizers_end_to_end",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0": "not run: needs a trained CIFAR-10 run "
+                                                                  "(test_eval_each_mode runs --eval on smoke runs)",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0 --attack pgd --eval-subset 1000": "not run: as above",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0/last.pt --test-eps 16 --split val": "not run: as above",
+    "pip install .": "test_pip_install_then_import_from_another_folder",
+    'pip install ".[all]"': "not run: the network (the extras are the optional packages of requirements.txt)",
+    "python -m pytest --benchmark-only --benchmark-columns=min,median -s": "not run: minutes, and a timing needs an "
+                                                                         "idle machine",
+    "python sparse_win.py --mode static --ticket channel --sparsity 0.5 ...":
+        "not run as written (its '...'): test_channel_ticket_end_to_end",
+    "torchrun --standalone --nproc_per_node=4 sparse_win.py --dataset cifar10 --arch wrn --mode dynamic+": "not run: "
+        "4 GPUs",
+    "torchrun --standalone --nproc_per_node=2 sparse_win.py --preset smoke --device cpu --out runs/smoke-ddp":
+        "test_readme_laptop_commands_run_as_written",
+    'GPUS="0 1 2 3" bash run_experiments.sh': "not run: 4 GPUs",
+    'GPUS="0 1 2 3 4 5 6 7" NPROC=4 bash run_experiments.sh': "not run: 8 GPUs",
+    'GPUS="a b" bash run_experiments.sh --smoke': "test_run_experiments_queue_on_two_slots (the same queue on "
+                                                  "fewer runs)",
+    "python -m pytest -q": "CI (.ci/run)",
+}
+
+
+def readme_commands() -> list[str]:
+    import re
+    blocks = re.findall(r"```bash\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    return [line.split("  #")[0].strip() for b in blocks for line in b.splitlines() if line.strip()]
+
+
+def test_every_readme_command_is_run_or_listed():
+    """A command added to README.md must be run by a test, or be listed above with why it is not."""
+    commands = readme_commands()
+    assert sorted(set(commands)) == sorted(README_COMMANDS)
+    tests = (HERE / "test_sparse_win.py").read_text()
+    for how in README_COMMANDS.values():
+        named = [w.strip("(),") for w in how.split() if w.startswith(("test_", "(test_"))]
+        assert how.startswith(("not run", "CI")) or f"def {how.split()[0]}(" in tests, how
+        assert all(f"def {t}" in tests for t in named), how
+
+
+@pytest.mark.slow
+def test_readme_laptop_commands_run_as_written(tmp_path):
+    """The laptop commands and the 2-process CPU torchrun, as README prints them, in a copy of the repository
+    (one thread each): each ends with status 0 and writes the folder README names."""
+    repo = tmp_path / "repo"
+    shutil.copytree(HERE, repo, ignore=shutil.ignore_patterns(".git", "runs", "data", ".device", "__pycache__"))
+    for command in [c for c, how in README_COMMANDS.items() if how == "test_readme_laptop_commands_run_as_written"]:
+        argv = command.split()
+        argv[0:1] = [sys.executable] if argv[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+        p = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=1800,
+                           env=dict(ONE_THREAD, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0"))
+        assert p.returncode == 0, (command, p.stderr[-2000:])
+    for folder in ("fashion-mnist-dense-s0.8-seed0", "fashion-mnist-dynamic+-s0.8-seed0", "smoke-ddp"):
+        assert (repo / "runs" / folder / "summary.json").exists() and (repo / "runs" / folder / "curves.png").exists()
+
+
 def test_plain_pytest_is_the_default_suite():
     """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
