@@ -1509,7 +1509,8 @@ class Config:
     trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term")
     awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
                               "layer's norm (0 = off; 0.005 = the reference's)")
-    awp_warmup: int = option(10, "AWP: the epochs before the weight perturbation starts")
+    awp_warmup: int = option(10, "AWP: the first epoch (counted from 1) with the weight perturbation, as the "
+                                 "reference's 'epoch >= awp_warmup'")
     ema_decay: float = option(0.0, "weight averaging: EMA decay of weights and BatchNorm buffers per step (0 = off; "
                               "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded")
     ticket_attack: str = option("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
@@ -2158,7 +2159,7 @@ class Trainer:
         weight average. Returns (loss, adversarial logits, stop asked); a loss that is not finite on any
         rank stops the run before it touches the weights."""
         cfg, at = self.cfg, kind != "none"
-        trades, awp = at and cfg.loss == "trades", at and cfg.awp_gamma > 0 and self.run["epoch"] >= cfg.awp_warmup
+        trades, awp = at and cfg.loss == "trades", at and cfg.awp_gamma > 0 and self.run["epoch"] + 1 >= cfg.awp_warmup
         amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp else nullcontext
         masks = self.method.mask.masks if self.method.mask is not None else None
         with amp():

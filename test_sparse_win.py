@@ -3035,7 +3035,7 @@ def test_channel_ticket_l1_penalty_reaches_stage_one_only(tmp_path, data_dir, mo
     assert sum(ga.values()) == sum(gb.values()) == 60 and not torch.equal(sa, sb)
 
 
-REGULARIZED = ["--loss", "trades", "--awp-gamma", 0.005, "--awp-warmup", 1, "--ema-decay", 0.9]
+REGULARIZED = ["--loss", "trades", "--awp-gamma", 0.005, "--awp-warmup", 2, "--ema-decay", 0.9]  # AWP in epoch 2
 
 
 @pytest.fixture(scope="module")
@@ -3063,7 +3063,7 @@ def test_regularizers_end_to_end(regularized_run, data_dir):
     recs, s, last, per_weight = check_common(d, "dynamic+", 3)
     seen = json.loads((d.parent / "zeros.json").read_text())
     assert len(seen) == 3 * 4 and all(seen)  # every AT step (4 per epoch): the mask's zeros are the average's
-    assert s["objective"] == "TRADES (beta 6) + AWP (gamma 0.005 from epoch 1) + EMA (0.9)"
+    assert s["objective"] == "TRADES (beta 6) + AWP (gamma 0.005 from epoch 2) + EMA (0.9)"
     assert s["topology_updates"] > 0 and s["fbplus_events"]  # the mask moved under the average
     best = load_ck(d / "best.pt")
     assert last["raw"] is not None and any(not torch.equal(last["raw"][k], last["model"][k]) for k in last["model"])
@@ -4382,6 +4382,19 @@ def test_same_metrics_as_a_git_revision():
                        cwd=HERE, timeout=1800)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("same   ") == 5 and "identical" in p.stdout
+
+
+def test_every_mutation_of_the_mutation_check_still_applies():
+    """.ci/mutants.py's fragments occur exactly once in sparse_win.py (an edit that moves one must update it),
+    and each names tests that exist in the default suite."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutants", HERE / ".ci" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    src, tests = (HERE / "sparse_win.py").read_text(), (HERE / "test_sparse_win.py").read_text()
+    assert [name for name, old, _, _ in mutants.MUTATIONS if src.count(old) != 1] == []
+    for name, _, _, selection in mutants.MUTATIONS:
+        assert all(f"def {t.strip()}" in tests for t in selection.split(" or ")), name
 
 
 def test_plain_pytest_is_the_default_suite():
