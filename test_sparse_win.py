@@ -4501,6 +4501,19 @@ def test_readme_laptop_commands_run_as_written(tmp_path):
         assert (repo / "runs" / folder / "summary.json").exists() and (repo / "runs" / folder / "curves.png").exists()
 
 
+def test_every_mutation_of_the_mutation_check_still_applies():
+    """.ci/mutants.py's fragments occur exactly once in sparse_win.py (an edit that moves one must update it),
+    and each names tests that exist in the default suite."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutants", HERE / ".ci" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    src, tests = (HERE / "sparse_win.py").read_text(), (HERE / "test_sparse_win.py").read_text()
+    assert [name for name, old, _, _ in mutants.MUTATIONS if src.count(old) != 1] == []
+    for name, _, _, selection in mutants.MUTATIONS:
+        assert all(f"def {t.strip()}" in tests for t in selection.split(" or ")), name
+
+
 def test_plain_pytest_is_the_default_suite():
     """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",

@@ -36,8 +36,8 @@ FILES = ("sparse_win.py", "test_sparse_win.py", "pyproject.toml", "README.md", "
 CHARGE = ("        if self.fwd is None:  # counted again only when the masks may have changed, not at every step\n"
           "            self.fwd = self.method.forward_flops(self.per_weight, self.unowned)"
           "  # the density in force at this step\n"
-          "        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, self.cfg.train_steps))"
-          "  # global images\n")
+          "        passes = (2 if trades else 1) * (2 if awp else 1)  # TRADES: clean + adversarial; AWP: its ascent's too\n"
+          "        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), passes, int(trades))\n")
 UPDATE_BLOCK = (CHARGE
                 + "        update = self.method.after_step(self.optimizer, self.run[\"epoch\"])\n"
                 + "        if update is not None:\n"
