@@ -10,7 +10,9 @@
 #   GPUS="a b" bash run_experiments.sh --smoke       # the queue on the CPU: 2 slots ("GPUs")
 #   DATA=/data OUT=runs SEEDS="0 1 2" DATASETS=cifar10 MODES="dense dynamic" bash run_experiments.sh
 #
-# Each run writes runs/<dataset>-<mode>/seed<k>/{metrics.jsonl,summary.json,last.pt,best.pt,curves.png};
+# Each run writes runs/<dataset>-<mode>-s0.8-seed<k>/ (metrics.jsonl, summary.json, config.json, last.pt,
+# best.pt, curves.png), the folder `python sparse_win.py` picks for the same options; a missing
+# Tiny-ImageNet is reported before the first run;
 # a run that stopped is continued with --resume. With GPUS, each run's output goes to log.txt there.
 # The last step prints every summary as one table.
 #
@@ -215,6 +217,11 @@ fi
 OUT=${OUT:-runs}
 SEEDS=${SEEDS:-0}
 
+if [ ${#EXTRA[@]} -eq 0 ] && [[ " $DATASETS " == *" tiny-imagenet "* ]]; then  # checked before hours of CIFAR
+  [ -f "$DATA/tiny-imagenet-200/val/val_annotations.txt" ] || [ -f "$DATA/val/val_annotations.txt" ] || {
+    echo "tiny-imagenet not found in $DATA/tiny-imagenet-200 (train/<wnid>/images/*.JPEG, val/images/," \
+         "val/val_annotations.txt): put it there, or leave it out (DATASETS=\"cifar10 cifar100\")" >&2; exit 2; }
+fi
 runs=()  # "dataset mode seed"
 for dataset in $DATASETS; do
   for mode in $MODES; do
@@ -225,7 +232,7 @@ done
 run_one() {  # run_one "dataset mode seed" [GPU ids]: skip a finished run, --resume a stopped one
   local dataset mode seed
   read -r dataset mode seed <<< "$1"
-  local dir="$OUT/$dataset-$mode/seed$seed"
+  local dir="$OUT/$dataset-$mode-s0.8-seed$seed"  # the folder sparse_win.py picks for the same run
   local args=(--dataset "$dataset" --mode "$mode" --sparsity 0.8 --seed "$seed" --data-dir "$DATA" --out "$dir")
   if [ ${#EXTRA[@]} -gt 0 ]; then
     args=("${EXTRA[@]}" --mode "$mode" --sparsity 0.8 --seed "$seed" --out "$dir")
@@ -282,9 +289,9 @@ fi
 
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys, pathlib, sparse_win as sw
-paths = sorted(pathlib.Path(sys.argv[1]).glob("*/seed*/summary.json"))
+paths = sorted(pathlib.Path(sys.argv[1]).glob("*-seed*/summary.json"))
 rows = [json.loads(p.read_text()) for p in paths]
-for p, r in zip(paths, rows):  # label by run directory: <dataset>-<mode>/seed<k>
-    r["method"] = f"{p.parent.parent.name} {p.parent.name} ({r['method']}, data: {r['dataset']})"
+for p, r in zip(paths, rows):  # label by run directory: <dataset>-<mode>-s0.8-seed<k>
+    r["method"] = f"{p.parent.name} ({r['method']}, data: {r['dataset']})"
 print(sw.format_table(rows))
 PY

@@ -1417,7 +1417,7 @@ EVAL_ATTACKS = ("pgd", "autoattack", "all")
 
 
 # Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
-DIVERGED, DESYNC, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 74, 130, 143  # 74 EX_IOERR; 128 + SIGINT/SIGTERM
+DIVERGED, DESYNC, OUT_OF_MEMORY, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 5, 74, 130, 143  # 74 EX_IOERR; 128 + signal
 
 
 class RunError(RuntimeError):
@@ -1651,9 +1651,19 @@ def split_last(x, y, n_val):
     return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
 
 
+def torchvision_datasets(why: str):
+    """torchvision.datasets, or one line saying how to get it (the library needs torch alone)."""
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise SparseWinError(f"{why} needs torchvision: pip install torchvision (requirements.txt pins the version "
+                             f"that matches torch)") from None
+    return datasets
+
+
 def load_cifar(name: str, root: str, download: bool = False):
     """CIFAR-10/100 as uint8 (N, 3, 32, 32) tensors: train 45,000 / val 5,000 / test 10,000."""
-    from torchvision import datasets
+    datasets = torchvision_datasets(f"reading {name}")
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
         parts = [cls(root, train=t, download=download) for t in (True, False)]
@@ -1695,7 +1705,7 @@ def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBI
             train, val = split_last(xs["train"], ys["train"], len(ys["train"]) // 10)
             return dict(train=train, val=val, test=(xs["test"], ys["test"]))
     if download:
-        from torchvision import datasets
+        datasets = torchvision_datasets("downloading fashion-mnist")
         try:
             for t in (True, False):
                 datasets.FashionMNIST(root, train=t, download=True)
@@ -1714,7 +1724,11 @@ def load_tiny_imagenet(root: str):
     root (or root/tiny-imagenet-200) holds train/<wnid>/images/*.JPEG and
     val/images/*.JPEG with val/val_annotations.txt; the official val set is our test set.
     """
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SparseWinError("reading tiny-imagenet's JPEGs needs Pillow: pip install pillow (torchvision brings "
+                             "it)") from None
     base = next((b for b in (Path(root) / "tiny-imagenet-200", Path(root)) if (b / "train").is_dir()), None)
     if base is None or not (base / "val" / "val_annotations.txt").exists():
         raise SparseWinError(f"tiny-imagenet not found in {root}: put the official tiny-imagenet-200 folder "
@@ -2927,6 +2941,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"sparse_win.py: {'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", file=sys.stderr)
         return e.code
+    except torch.cuda.OutOfMemoryError as e:
+        kept = ("" if cfg is None or cfg.eval or cfg.benchmark else
+                "; --resume continues from last.pt, if one was written")
+        print(f"sparse_win.py: error: CUDA out of memory ({(str(e).splitlines() or [''])[0][:100]}); try a smaller "
+              f"--batch-size (under torchrun the global batch) or --amp{kept}", file=sys.stderr)
+        return OUT_OF_MEMORY
     except KeyboardInterrupt:
         then = ("the same --eval continues from its .partial.json" if cfg is not None and cfg.eval
                 else "last.pt holds the last checkpoint (--resume)")

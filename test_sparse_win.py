@@ -2707,6 +2707,22 @@ def test_cli_missing_cifar(capsys, tmp_path):
     assert "cifar-10-batches-py" in line
 
 
+def test_cli_missing_torchvision_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    assert_cli_error(capsys, ["--dataset", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "run"],
+                     "reading cifar10 needs torchvision", "pip install torchvision")
+
+
+def test_cuda_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139 GiB total)")
+    monkeypatch.setattr(sw, "train", oom)
+    assert sw.main(["--preset", "smoke", "--out", str(tmp_path / "run")]) == sw.OUT_OF_MEMORY == 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sparse_win.py: error: CUDA out of memory (CUDA out of memory. Tried")
+    assert "--batch-size" in err[0] and "--resume" in err[0]
+
+
 def test_cli_missing_tiny_imagenet(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_cli_error(capsys, ["--preset", "smoke", "--dataset", "tiny-imagenet", "--data-dir",
@@ -4294,6 +4310,24 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
 
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
 
+def test_pip_install_then_import_from_another_folder(tmp_path):
+    """pip install . puts the one module on the path (pyproject.toml's [project]); its library needs torch alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("sparse_win.py", "pyproject.toml", "README.md"):
+        shutil.copy(HERE / name, src / name)
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                        str(tmp_path / "site"), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "site").glob("*.py")) == ["sparse_win.py"]  # the module alone
+    code = ("import torch, sparse_win as sw; print(sw.__file__); "
+            "print(sw.build_model('resnet18', width=0.0625).eval()(torch.rand(2, 3, 8, 8)).shape)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines() == [str(tmp_path / "site" / "sparse_win.py"), "torch.Size([2, 10])"]
+
+
 def test_readme_snippet_runs(tmp_path, monkeypatch):
     """The README's "own training loop" examples run as printed, in order, and keep the density."""
     import re
@@ -4343,6 +4377,23 @@ def test_run_experiments_smoke():
             assert sum(r.startswith(f"| {data}-") and method in r for r in rows) == 1, (data, method)
 
 
+def test_run_experiments_checks_tiny_imagenet_before_the_first_run(tmp_path):
+    out = run_script(DATA=str(tmp_path), OUT=str(tmp_path / "runs"))  # the real Table 1: no data there
+    assert out.returncode == 2 and "tiny-imagenet not found" in out.stderr and "DATASETS=" in out.stderr
+    assert "==" not in out.stdout and not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_run_experiments_folders_are_the_single_run_defaults():
+    """The script's run folders are the ones `python sparse_win.py` picks for the same options, so that the
+    README's --eval examples name them."""
+    out = run_script("--smoke", GPUS="a", DATASETS="cifar10", MODES="dynamic", SEEDS="2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    done = [line.split("done: ")[1] for line in out.stdout.splitlines() if line.startswith("-- [GPU a] done: ")]
+    cfg = sw.Config(dataset="cifar10", mode="dynamic", sparsity=0.8, seed=2)
+    assert [Path(d).name for d in done] == [cfg.run_dir.name] == ["cifar10-dynamic-s0.8-seed2"]
+    assert (Path(done[0]) / "summary.json").exists()
+
+
 def run_script(*args, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(HERE / "run_experiments.sh"), *args], capture_output=True, text=True,
                           cwd=HERE, timeout=900, env=dict(ONE_THREAD, PYTHON=sys.executable, **env))
@@ -4381,6 +4432,72 @@ def test_same_metrics_as_a_git_revision():
                        cwd=HERE, timeout=1800)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("same   ") == 5 and "identical" in p.stdout
+
+
+# Every command in README.md's bash blocks, as written, and the test that runs it, or why none does.
+README_COMMANDS = {
+    "pip install -r requirements.txt": "not run: the network and minutes (.ci/run does it on a clean clone)",
+    "python sparse_win.py --preset smoke": "test_readme_laptop_commands_run_as_written",
+    "python sparse_win.py --preset cpu-demo": "test_readme_laptop_commands_run_as_written",
+    "python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9": "not run: CIFAR-100 download, GPU hours",
+    "bash run_experiments.sh": "not run: CIFAR and Tiny-ImageNet, GPU days (test_run_experiments_checks_tiny_imagenet_"
+                               "before_the_first_run runs it without the data)",
+    "bash run_experiments.sh --smoke": "test_run_experiments_smoke",
+    "python sparse_win.py --mode dynamic+ --loss trades --awp-gamma 0.005 --ema-decay 0.999 ...":
+        "not run as written (its '...' stands for the run's other options): test_regularizers_end_to_end",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0": "not run: needs a trained CIFAR-10 run "
+                                                                  "(test_eval_each_mode runs --eval on smoke runs)",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0 --attack pgd --eval-subset 1000": "not run: as above",
+    "python sparse_win.py --eval runs/cifar10-dynamic-s0.8-seed0/last.pt --test-eps 16 --split val": "not run: as above",
+    "pip install .": "test_pip_install_then_import_from_another_folder",
+    'pip install ".[all]"': "not run: the network (the extras are the optional packages of requirements.txt)",
+    "python -m pytest --benchmark-only --benchmark-columns=min,median -s": "not run: minutes, and a timing needs an "
+                                                                         "idle machine",
+    "python sparse_win.py --mode static --ticket channel --sparsity 0.5 ...":
+        "not run as written (its '...'): test_channel_ticket_end_to_end",
+    "torchrun --standalone --nproc_per_node=4 sparse_win.py --dataset cifar10 --arch wrn --mode dynamic+": "not run: "
+        "4 GPUs",
+    "torchrun --standalone --nproc_per_node=2 sparse_win.py --preset smoke --device cpu --out runs/smoke-ddp":
+        "test_readme_laptop_commands_run_as_written",
+    'GPUS="0 1 2 3" bash run_experiments.sh': "not run: 4 GPUs",
+    'GPUS="0 1 2 3 4 5 6 7" NPROC=4 bash run_experiments.sh': "not run: 8 GPUs",
+    'GPUS="a b" bash run_experiments.sh --smoke': "test_run_experiments_queue_on_two_slots (the same queue on "
+                                                  "fewer runs)",
+    "python -m pytest -q": "CI (.ci/run)",
+}
+
+
+def readme_commands() -> list[str]:
+    import re
+    blocks = re.findall(r"```bash\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    return [line.split("  #")[0].strip() for b in blocks for line in b.splitlines() if line.strip()]
+
+
+def test_every_readme_command_is_run_or_listed():
+    """A command added to README.md must be run by a test, or be listed above with why it is not."""
+    commands = readme_commands()
+    assert sorted(set(commands)) == sorted(README_COMMANDS)
+    tests = (HERE / "test_sparse_win.py").read_text()
+    for how in README_COMMANDS.values():
+        named = [w.strip("(),") for w in how.split() if w.startswith(("test_", "(test_"))]
+        assert how.startswith(("not run", "CI")) or f"def {how.split()[0]}(" in tests, how
+        assert all(f"def {t}" in tests for t in named), how
+
+
+@pytest.mark.slow
+def test_readme_laptop_commands_run_as_written(tmp_path):
+    """The laptop commands and the 2-process CPU torchrun, as README prints them, in a copy of the repository
+    (one thread each): each ends with status 0 and writes the folder README names."""
+    repo = tmp_path / "repo"
+    shutil.copytree(HERE, repo, ignore=shutil.ignore_patterns(".git", "runs", "data", ".device", "__pycache__"))
+    for command in [c for c, how in README_COMMANDS.items() if how == "test_readme_laptop_commands_run_as_written"]:
+        argv = command.split()
+        argv[0:1] = [sys.executable] if argv[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+        p = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=1800,
+                           env=dict(ONE_THREAD, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0"))
+        assert p.returncode == 0, (command, p.stderr[-2000:])
+    for folder in ("fashion-mnist-dense-s0.8-seed0", "fashion-mnist-dynamic+-s0.8-seed0", "smoke-ddp"):
+        assert (repo / "runs" / folder / "summary.json").exists() and (repo / "runs" / folder / "curves.png").exists()
 
 
 def test_every_mutation_of_the_mutation_check_still_applies():

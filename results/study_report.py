@@ -71,7 +71,8 @@ def group_stats(runs: list[dict]) -> dict:
 def study_table(rows: list[tuple[str, dict]], extra=()) -> str:
     cols = [*STUDY_COLUMNS, *extra]
     return sw.markdown_table(["method", "n", *(h for h, _, _ in cols)],
-                             [[label, st["n"], *(f"{st[k][0]:.{d}f} ± {st[k][1]:.{d}f}" for _, k, d in cols)]
+                             [[label, st["n"], *(f"{st[k][0]:.{d}f}" + (f" ± {st[k][1]:.{d}f}" if st["n"] > 1 else "")
+                                                 for _, k, d in cols)]  # one seed: its value alone
                               for label, st in rows])
 
 
