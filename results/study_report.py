@@ -52,6 +52,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
+def plus_minus(mean: float, std: float, n: int, decimals: int) -> str:
+    """'mean ± std' over n seeds; one seed's value alone (no '± 0.00')."""
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if n > 1 else "")
+
+
 def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
     """{(mode, sparsity): runs}, seeds pooled; dense AT is keyed at sparsity 0 whatever it was given."""
     groups = {}
@@ -71,8 +76,7 @@ def group_stats(runs: list[dict]) -> dict:
 def study_table(rows: list[tuple[str, dict]], extra=()) -> str:
     cols = [*STUDY_COLUMNS, *extra]
     return sw.markdown_table(["method", "n", *(h for h, _, _ in cols)],
-                             [[label, st["n"], *(f"{st[k][0]:.{d}f}" + (f" ± {st[k][1]:.{d}f}" if st["n"] > 1 else "")
-                                                 for _, k, d in cols)]  # one seed: its value alone
+                             [[label, st["n"], *(plus_minus(*st[k], st["n"], d) for _, k, d in cols)]
                               for label, st in rows])
 
 
@@ -206,10 +210,7 @@ def run_row(d: Path, test_n: int = 2000) -> dict | None:
 
 def cell(values: list[float], decimals: int) -> str:
     """mean ± sample std over seeds; a single value alone (no '± 0.00')."""
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if len(values) > 1 else "")
+    return plus_minus(*mean_std(values), len(values), decimals) if values else "-"
 
 
 def table(rows: list[tuple[str, list[dict]]], columns=COLUMNS) -> str:
