@@ -100,6 +100,12 @@ if [ "$TASK" = overfit ]; then
     [fbplus-s0.8-trades]="--mode dynamic+ --sparsity 0.8 --loss trades --trades-beta 6"
     [fbplus-s0.8-awp]="--mode dynamic+ --sparsity 0.8 --awp-gamma 0.005 --awp-warmup 10"
     [fbplus-s0.8-ema]="--mode dynamic+ --sparsity 0.8 --ema-decay 0.995"
+    # the capacity study: dense networks narrowed to the active weights of 50/90/95% sparsity (nearest count:
+    # 87,565 / 17,376 / 8,689 against 87,524 / 17,505 / 8,752), beside Flying Bird and a fixed mask there
+    [small-dense-w0.088]="--mode dense --width 0.088"
+    [small-dense-w0.04]="--mode dense --width 0.04"
+    [small-dense-w0.028]="--mode dense --width 0.028"
+    [fixed-mask-s0.95]="--mode dynamic --sparsity 0.95 --death-rate 0 --death-rate-final 0"
   )
   AT08="dense rb-s0.8 fb-s0.8 fbplus-s0.8 small-dense-w0.056 fixed-mask-s0.8"
   queue=()  # "variant seed": seed 0 of every variant first, so that a partial study already compares them
@@ -113,6 +119,10 @@ if [ "$TASK" = overfit ]; then
     for v in dense-trades fbplus-s0.8-trades dense-awp fbplus-s0.8-awp dense-ema fbplus-s0.8-ema; do
       queue+=("$v $seed")
     done
+  done
+  for seed in "${seeds[@]}"; do  # the capacity study (Flying Bird's sweep has seed 0 above)
+    for v in fb-s0.5 fb-s0.9 fb-s0.95; do [ "$seed" = "${seeds[0]}" ] || queue+=("$v $seed"); done
+    for v in fixed-mask-s0.95 small-dense-w0.088 small-dense-w0.04 small-dense-w0.028; do queue+=("$v $seed"); done
   done
   if [ -n "${ONLY:-}" ]; then  # ONLY="variant ...": those variants' runs alone
     kept=(); for item in "${queue[@]}"; do [[ " $ONLY " == *" ${item% *} "* ]] && kept+=("$item"); done
