@@ -1,46 +1,41 @@
-"""sparse_win: sparse adversarial training, after "Sparsity Winning Twice" (Chen et al., ICLR 2022).
+"""sparse_win: sparse adversarial training, after "Sparsity Winning Twice" (Chen et al., ICLR 2022, arXiv:2202.09844).
 
-Paper: arXiv:2202.09844. PGD adversarial training (AT) of a *sparse* network narrows the
-robust generalization gap and robust overfitting while saving training and inference FLOPs.
+PGD adversarial training (AT) of a *sparse* network narrows the robust generalization gap and robust overfitting
+while saving training and inference FLOPs. The methods (--mode):
+    dense AT (dense)                 the baseline
+    Robust Bird (RB, static)         early-bird ticket from cheap standard training, then AT of that fixed sparse
+                                     subnetwork (Sec. 3.1); --ticket channel: a BatchNorm-channel ticket, then AT
+                                     of a physically thinner network
+    Flying Bird (FB, dynamic)        random sparse start; every T steps prune the smallest |w| and regrow as
+                                     many, constant density (Sec. 3.2)
+    Flying Bird+ (dynamic+)          FB plus extra pruning when the robust gap widens and extra growth when the
+                                     val adversarial loss stalls (Sec. 3.2)
+Symbols as in the paper: eps (attack budget), alpha (step size), K (attack steps), d = 1 - sparsity (density),
+p (death rate, cosine 0.5 -> 0.005), T (update interval, 900 then 1200 steps), FB+'s window 4, prune ratio 0.4,
+growth ratio 0.05, threshold 0.5.
 
-    Robust Bird (RB, --mode static)    early-bird ticket from cheap standard training, then AT
-                                       of that fixed sparse subnetwork (paper Sec. 3.1); --ticket
-                                       channel: Early-Bird's BatchNorm-channel ticket, then AT of a
-                                       physically thinner network (real speed, not only FLOPs)
-    Flying Bird (FB, --mode dynamic)   random sparse start; every T steps prune the smallest
-                                       |w| and regrow as many, constant density (Sec. 3.2)
-    Flying Bird+ (--mode dynamic+)     FB plus extra pruning when the robust gap widens and
-                                       extra growth when val adversarial loss stalls (Sec. 3.2)
-    dense AT (--mode dense)            the baseline
-
-Symbols, as in the paper:  eps (attack budget), alpha (attack step size), K (attack steps),
-d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update interval,
-900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
-
-Two parts. Part one is the library: torch only, and nothing in it refers to anything below it.
-    errors and constants -> models (build_model; channel_groups, slim: a thinner copy) -> attack (pgd,
-    fgsm_rs, evaluate) -> masks (SparseMask) -> the methods in the paper's order, each with its machinery
-    beside it: Method, Dense; Robust Bird (Sec. 3.1: EarlyBird, channel_mask, RobustBird); Flying Bird
-    (Sec. 3.2: cosine_death_rate, FlyingBird); Flying Bird+ (fbplus_decision, FlyingBirdPlus) -> FLOPs
-    (model_flops, FlopLedger) -> data on the device (augment, Batches) -> robust evaluation
-    (autoattack_eval, masking_checks)
-Cut at the line "# === program": the file down to it is the whole library, to copy into your project.
-Part two is the program, in the order the data flows:
-    config (Config, validate) -> data (loaders) -> the configured run (model_for, method_for) -> distributed
-    (Dist) -> run directory and checkpoints -> train (Trainer, train) -> report -> evaluate a checkpoint
-    (load_model, evaluate_checkpoint) -> benchmark -> main
+Part one, the library (torch only; nothing in it refers to anything below it; copy the file down to the line
+"# === program" into your project): models (build_model, slim) -> attack (pgd, fgsm_rs, evaluate) -> masks
+(SparseMask) -> the methods in the paper's order, each with its machinery (Method, Dense; EarlyBird, RobustBird;
+cosine_death_rate, FlyingBird; fbplus_decision, FlyingBirdPlus) -> regularizers (TRADES, AWP, WeightAverage) ->
+adversarial_step -> FLOPs (model_flops, FlopLedger) -> data on the device (Batches) -> masking_checks ->
+checkpoints (save_model, load_model). Part two, the program, in the order the data flows: config -> data ->
+the configured run -> distributed (torchrun) -> run directory -> train -> report -> evaluate a checkpoint ->
+benchmark -> main.
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
          torchrun --nproc_per_node=4 sparse_win.py ...    # the same run on 4 GPUs (DDP)
          python sparse_win.py --eval runs/<run>          # clean, PGD-50 x 5 restarts, AutoAttack, checks
-Import:  from sparse_win import SparseMask, FlyingBird, pgd, evaluate, model_flops, FlopLedger, load_model
-         (library parts need torch only; torchvision/tqdm/matplotlib are imported where used)
+Import:  from sparse_win import build_model, FlyingBird, adversarial_step, evaluate, save_model, load_model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -55,8 +50,24 @@ class SparseWinError(ValueError):
 
 
 ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")  # build_model
+NORMS = ("linf", "l2")  # attack norms
+ATTACKS = ("pgd", "fgsm-rs", "none")  # training attacks: perturb, adversarial_step
+LOSSES = ("ce", "trades")  # AT objectives: adversarial_step
 ALLOCATIONS = ("igq", "erk", "uniform")  # layer-wise density: layer_densities, SparseMask
-AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
+GROWTHS = ("random", "gradient")  # Flying Bird's regrowth
+TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
+
+
+def check_choice(what: str, value, choices):
+    """value, if it is one of choices; else a ValueError (SparseWinError) that names them."""
+    if value not in choices:
+        raise SparseWinError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}")
+    return value
+
+
+def autocast(device_type: str, bf16: bool):
+    """bf16 autocast on the device type, or nothing (fp32): the one mixed-precision context."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- models
@@ -160,6 +171,7 @@ class VGG(nn.Module):
 def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                 mean=(0.5,), std=(0.5,), wrn_depth: int = 34, wrn_widen: int = 10) -> nn.Module:
     """resnet18 | preact_resnet18 | vgg16 | wrn; width multiplies every channel count."""
+    check_choice("arch", arch, ARCHS)
     w = lambda c: max(1, round(c * width))  # noqa: E731
     common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     if arch in ("resnet18", "preact_resnet18"):
@@ -178,7 +190,6 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         return net
-    raise SparseWinError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
 def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -254,37 +265,41 @@ def _project(adv, x, eps, norm):
     return torch.clamp(x + delta, min=0, max=1)
 
 
+def attack_start(shape, *, eps: float, norm: str = "linf", kind: str = "pgd", generator=None, device=None,
+                 dtype=None) -> torch.Tensor:
+    """An attack's random start, as an offset from x of the given shape: uniform in the L-inf ball, or a
+    uniform radius along a Gaussian direction in the L2 ball (as torchattacks.PGDL2); kind "trades":
+    TRADES' 0.001 N(0, I). Draw it for a larger batch and slice it to split a batch over processes."""
+    if kind == "trades":
+        return 0.001 * torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator)
+    if check_choice("norm", norm, NORMS) == "linf":
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(-eps, eps, generator=generator)
+    d = torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator)
+    n = d.flatten(1).norm(dim=1).view(-1, *[1] * (len(shape) - 1))
+    r = torch.empty(shape[0], *[1] * (len(shape) - 1), device=device).uniform_(0, 1, generator=generator)
+    return d * r / n * eps
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: bool = True, generator: torch.Generator | None = None,
-        loss_fn=F.cross_entropy, rows: tuple[int, int, int] | None = None,
-        init: torch.Tensor | None = None) -> torch.Tensor:
+        loss_fn=F.cross_entropy, start: torch.Tensor | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) on the loss of model(x) against y.
 
-    Serves training (model in train mode) and evaluation (eval mode): the mode is left as
-    it is, and only the input gradient is computed (torch.autograd.grad), so parameters'
-    .grad stay untouched and no weight-gradient FLOPs are spent. Returns detached
-    adversarial inputs within the eps-ball (L-inf or L2) and [0, 1].
-
-    rows = (lo, hi, n): x holds rows lo:hi of a global batch of n (torchrun: each rank its shard);
-    the random start is drawn for all n rows and sliced, so the draws equal one process's. init:
-    start there instead (TRADES' x + 0.001 N(0, I)); the ball stays centred on x.
+    Serves training (model in train mode) and evaluation (eval mode): the mode is left as it is, and
+    only the input gradient is computed (torch.autograd.grad), so parameters' .grad stay untouched.
+    Returns detached adversarial inputs within the eps-ball (L-inf or L2) and [0, 1]. start: the random
+    start's offset (default: drawn by attack_start from generator); init: begin there instead, unclamped
+    (TRADES' x + 0.001 N(0, I)); the ball stays centred on x.
     """
+    check_choice("norm", norm, NORMS)
     x = x.detach()
     adv = x.clone()
     if init is not None:
         adv = init.detach().clone()
     elif random_start and steps > 0:
-        lo, hi, n_all = rows or (0, len(x), len(x))
-        shape = (n_all, *x.shape[1:])
-        if norm == "linf":
-            u = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)
-            adv = adv + u[lo:hi]
-        else:  # uniform radius along a Gaussian direction, as torchattacks.PGDL2
-            d = torch.empty(shape, device=x.device, dtype=x.dtype).normal_(generator=generator)
-            n = d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-            r = torch.empty(n_all, *[1] * (x.dim() - 1), device=x.device).uniform_(0, 1, generator=generator)
-            adv = adv + (d * r / n * eps)[lo:hi]
-        adv = torch.clamp(adv, min=0, max=1).detach()
+        if start is None:
+            start = attack_start(x.shape, eps=eps, norm=norm, generator=generator, device=x.device, dtype=x.dtype)
+        adv = torch.clamp(adv + start, min=0, max=1).detach()
     with torch.enable_grad():
         for _ in range(steps):
             adv.requires_grad_(True)
@@ -298,38 +313,38 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-            generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """FGSM from a random start ("Fast is better than free", Wong et al. 2020): a uniform start
     in the eps-ball, one signed-gradient step of 1.25 eps, clamped to the eps-ball and [0, 1].
     It is PGD with one step, so it shares pgd's code and costs one attack step."""
-    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, random_start=True, generator=generator,
-               rows=rows)
+    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, generator=generator, start=start)
 
 
 def attack_cost(kind: str, steps: int) -> int:
     """Attack steps per example that the FLOP ledger charges: PGD-K = K, FGSM-RS = 1, none = 0."""
-    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[kind]
+    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[check_choice("attack", kind, ATTACKS)]
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, eps: float, alpha: float,
             steps: int, norm: str = "linf", generator: torch.Generator | None = None,
-            rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The training attack named by --train-attack / --ticket-attack: pgd | fgsm-rs | none (x itself)."""
+            start: torch.Tensor | None = None) -> torch.Tensor:
+    """The training attack `kind`: pgd (PGD-K) | fgsm-rs | none (x itself)."""
     if not attack_cost(kind, steps):
         return x
     if kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator, rows=rows)
-    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, rows=rows)
+        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator, start=start)
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
 
 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                      restarts: int = 1, random_start: bool = True, generator=None) -> dict[str, torch.Tensor]:
+                      restarts: int = 1, random_start: bool = True, generator=None, start=None) -> dict[str, torch.Tensor]:
     """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
     ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
 
     With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
-    robust only if every run fails, adv_loss the largest. Everything runs under no_grad except pgd's
+    robust only if every run fails, adv_loss the largest. start: a function x -> PGD's random start for the
+    batch x (default: drawn from generator). Everything runs under no_grad except pgd's
     input gradient; parameters get no gradient. Always in fp32, even inside an autocast region: a
     bf16 attack can be weaker and inflate RA (training may use bf16, evaluation never does).
     """
@@ -345,7 +360,7 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
             for r in range(restarts if steps > 0 else 0):
                 adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                                        random_start=random_start, generator=generator,
-                                       rows=getattr(batches, "rows", None)))  # a rank's shard of the batch
+                                       start=start(x) if start is not None and random_start else None))
                 hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits, y, reduction="none")
                 robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
             parts.append((clean, robust, loss, adv_loss))
@@ -355,18 +370,17 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
 
 
 def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             generator=None, all_reduce=None) -> dict:
+             generator=None, start=None, reduce=None) -> dict:
     """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
 
-    all_reduce (torchrun): sums each rank's counts in place, so that sharded batches give the
-    accuracies of one process, exactly in counts.
+    reduce: applied to the float64 sums (correct, losses, count) before they become accuracies, e.g. a
+    sum over processes that each evaluated a shard; start as evaluate_examples'.
     """
-    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
+    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
+                           start=start)
     sums = torch.stack([ex[k].double().sum() for k in ex] + [torch.tensor(float(len(ex["clean"])))
                                                              .to(ex["clean"].device, torch.float64)])
-    if all_reduce is not None:
-        all_reduce(sums)
-    *totals, n = sums.tolist()  # one host sync
+    *totals, n = (reduce(sums) if reduce is not None else sums).tolist()  # one host sync
     sa, ra, loss, adv_loss = (t / n for t in totals) if n else (0.0,) * 4
     return dict(sa=100 * sa, ra=100 * ra, loss=loss, adv_loss=adv_loss)
 
@@ -392,8 +406,14 @@ def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
             for a in _weight_names(m)}
 
 
+def weight_counts(model: nn.Module) -> dict[str, int]:
+    """Every prunable weight counted, by layer: a dense model's active weights."""
+    return {n: p.numel() for n, p in prunable(model).items()}
+
+
 def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq") -> list[float]:
     """Layer-wise densities whose weighted mean is `density` (before rounding to counts)."""
+    check_choice("allocation", allocation, ALLOCATIONS)
     sizes = [math.prod(s) for s in shapes]
     target = density * sum(sizes)
     if density >= 1:
@@ -419,7 +439,6 @@ def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq"
             if not over:
                 return [1.0 if i in dense else scale * raw[i] for i in range(len(sizes))]
             dense |= over  # capped at 1; the surplus is spread over the rest
-    raise SparseWinError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
 
 
 def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq") -> list[int]:
@@ -591,6 +610,7 @@ class SparseMask:
         capped only by the positions available. Regrown weights and their momentum start at zero
         (the released code can keep stale values). Returns {'pruned': n, 'grown': n} over all layers.
         """
+        check_choice("growth", growth, GROWTHS)
         pruned = grown = 0
         for i, name in enumerate(self.names):
             p, mask = self.params[name], self.masks[name].reshape(-1).clone()  # logical order, a copy
@@ -661,7 +681,7 @@ class Method:
         thinned by slim(); None if not thinned), summary(), state_dict(), load_state_dict()
     """
     name = "method"
-    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
+    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless the caller's schedule says otherwise
 
     def __init__(self):
         self.mask: SparseMask | None = None
@@ -671,6 +691,11 @@ class Method:
 
     def start(self, model: nn.Module, *, total_steps: int, epochs: int):
         self.model = model
+
+    def _started(self) -> nn.Module:
+        if self.model is None:
+            raise SparseWinError(f"{self.name}: call start(model, total_steps=, epochs=) before using it")
+        return self.model
 
     @property
     def pretrain_epochs(self) -> int:
@@ -683,6 +708,7 @@ class Method:
         pass
 
     def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
+        self._started()
         if self.mask is not None:
             self.mask.step(optimizer)  # masked weights and their momentum back to zero
         return None
@@ -704,7 +730,7 @@ class Method:
         """Active weights per prunable layer (every weight while dense)."""
         if self.mask is not None:
             return self.mask.layer_counts()
-        return {n: p.numel() for n, p in prunable(self.model).items()}
+        return weight_counts(self._started())
 
     def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:
         """Forward FLOPs per image now, from model_flops' (per_weight, constant)."""
@@ -770,7 +796,6 @@ def channel_mask(gammas: dict[str, torch.Tensor], density: float) -> dict[str, t
     return {n: k for n, k in zip(gammas, keep.split(sizes))}
 
 
-TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
 EB_THRESHOLD = {"unstructured": 0.08, "channel": 0.1}  # released RB; Early-Bird's channel tickets (You et al.)
 
 
@@ -786,8 +811,7 @@ class EarlyBird:
     """
 
     def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, kind: str = "unstructured"):
-        if kind not in TICKETS:
-            raise SparseWinError(f"unknown ticket {kind!r}; choose from {', '.join(TICKETS)}")
+        check_choice("ticket", kind, TICKETS)
         self.density, self.queue, self.threshold, self.kind = density, queue, threshold, kind
         self.masks: list[dict[str, torch.Tensor]] = []
         self.distances: list[float] = []  # max distance newest-to-older, per record
@@ -848,7 +872,7 @@ class RobustBird(Method):
 
     def start(self, model, *, total_steps, epochs):
         super().start(model, total_steps=total_steps, epochs=epochs)
-        self.full_weights = sum(w.numel() for w in prunable(model).values())
+        self.full_weights = sum(weight_counts(model).values())
         if self.ticket == "channel":
             channel_groups(model)  # a model without channel groups is refused now, not after stage 1
 
@@ -864,7 +888,7 @@ class RobustBird(Method):
         fraction of the full network's."""
         if self.channels is None:
             return super().density
-        return sum(w.numel() for w in prunable(self.model).values()) / self.full_weights
+        return sum(weight_counts(self.model).values()) / self.full_weights
 
     def itop_rate(self) -> float:
         return self.density if self.channels is not None else super().itop_rate()
@@ -923,7 +947,9 @@ class FlyingBird(Method):
                  death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
                  interval_late: int = 1200):
         super().__init__()
-        self.target_density, self.allocation, self.growth, self.seed = density, allocation, growth, seed
+        check_choice("allocation", allocation, ALLOCATIONS)
+        self.target_density, self.growth, self.seed = density, check_choice("growth", growth, GROWTHS), seed
+        self.allocation = allocation
         self.death_rate, self.death_rate_final = death_rate, death_rate_final
         self.interval, self.interval_late = interval, interval_late
 
@@ -931,12 +957,17 @@ class FlyingBird(Method):
         super().start(model, total_steps=total_steps, epochs=epochs)
         self.mask = SparseMask(model, density=self.target_density, allocation=self.allocation, seed=self.seed)
         self.total_steps, self.late_epoch = total_steps, epochs // 2
+        early = total_steps * self.late_epoch // max(epochs, 1)  # steps before T switches to interval_late
+        if not (self.interval <= early or total_steps // self.interval_late > early // self.interval_late):
+            warnings.warn(f"{self.name}: no topology update in {total_steps} steps (T = {self.interval}, then "
+                          f"{self.interval_late}): the mask stays as drawn; choose shorter intervals", stacklevel=2)
 
     def decide(self, epoch: int, step: int) -> dict:
         """update() keyword arguments for the topology update at this step: none for FB (FB+ adds some)."""
         return {}
 
     def after_step(self, optimizer, epoch) -> dict | None:
+        self._started()
         self.mask.step(optimizer)
         interval = self.interval_late if epoch >= self.late_epoch else self.interval  # released: T 900, then 1200
         if self.mask.steps % interval:
@@ -1017,15 +1048,16 @@ class FlyingBirdPlus(FlyingBird):
 # most robust models are trained with; each takes the masks, so a sparse model stays exactly as sparse.
 
 def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                  generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """TRADES' inner maximization (Zhang et al. 2019): from x + 0.001 N(0, I), PGD steps that maximize
-    KL(f(x) || f(x')) (the clean distribution computed once, a constant), in the eps-ball and [0, 1]."""
+                  generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+    """TRADES' inner maximization (Zhang et al. 2019): from x + 0.001 N(0, I) (start: that offset, default
+    drawn by attack_start), PGD steps that maximize KL(f(x) || f(x')) (the clean distribution computed
+    once, a constant), in the eps-ball and [0, 1]."""
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
-    lo, hi, n = rows or (0, len(x), len(x))  # drawn for the global batch, as pgd's random start
-    noise = torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype).normal_(generator=generator)[lo:hi]
+    if start is None:
+        start = attack_start(x.shape, eps=eps, kind="trades", generator=generator, device=x.device, dtype=x.dtype)
     kl = lambda logits, p: F.kl_div(F.log_softmax(logits, dim=1), p, reduction="sum")  # noqa: E731 (reference: sum)
-    return pgd(model, x, p_clean, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl, init=x + 0.001 * noise)
+    return pgd(model, x, p_clean, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl, init=x + start)
 
 
 def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *, beta: float):
@@ -1038,18 +1070,18 @@ def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
 
 
 def awp_perturbation(model: nn.Module, loss_fn, *, gamma: float, masks: dict[str, torch.Tensor] | None = None,
-                     all_reduce=None) -> dict[str, torch.Tensor]:
+                     reduce=None) -> dict[str, torch.Tensor]:
     """AWP's weight perturbation (Wu et al. 2020): for every conv and linear weight w_l, v_l = gamma * ||w_l||
     * g_l / ||g_l||, g the gradient of the adversarial loss loss_fn(forward) w.r.t. the weights (one ascent
     step, scaled layer by layer, as the reference's proxy model computes it). The forward runs on copies of
-    the buffers, so BatchNorm statistics stay as they were. masks: v is zero on pruned weights. all_reduce:
-    sums the gradients over torchrun ranks (one perturbation for all)."""
+    the buffers, so BatchNorm statistics stay as they were. masks: v is zero on pruned weights. reduce: applied
+    to the flat gradient first (e.g. a sum over processes, so that all get one perturbation)."""
     weights = prunable(model)
     state = {**dict(model.named_parameters()), **{n: b.clone() for n, b in model.named_buffers()}}
     loss = loss_fn(lambda x: torch.func.functional_call(model, state, (x,)))
     grads = torch.autograd.grad(loss, list(weights.values()))
-    if all_reduce is not None:
-        flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+    if reduce is not None:
+        flat = reduce(torch.cat([g.flatten() for g in grads]))
         grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
     v = {}
     for (n, w), g in zip(weights.items(), grads):
@@ -1108,6 +1140,51 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- the adversarial training step
+
+def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = None, *, eps: float, alpha: float,
+                     steps: int, norm: str = "linf", kind: str = "pgd", loss: str = "ce", beta: float = 6.0,
+                     awp_gamma: float = 0.0, average: WeightAverage | None = None, epoch: int = 0, generator=None,
+                     start=None, bf16: bool = False, before_backward=None, reduce=None, attack_model=None,
+                     update_model=None) -> dict:
+    """One optimizer step of the paper's AT (Sec. 2) on (x, y): the attack `kind` (pgd | fgsm-rs | none =
+    standard training; TRADES' KL attack for loss "trades"), the objective (CE on x_adv, or TRADES with beta)
+    at the weights moved by AWP (awp_gamma > 0), backward, optimizer.step(), method.after_step (re-mask; every
+    T steps a topology update), the weight average. before_backward(loss) may raise: a bad step never touches
+    the weights. attack_model / update_model: the attack's and the update's forward, where they are not model
+    (compiled; DistributedDataParallel). Returns loss, logits (of x_adv), update (the topology update or
+    None), passes and forwards (FlopLedger.charge's)."""
+    trades = check_choice("attack", kind, ATTACKS) != "none" and check_choice("loss", loss, LOSSES) == "trades"
+    awp, masks = kind != "none" and awp_gamma > 0, method.mask.masks if method and method.mask else None
+    attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
+    with autocast(x.device.type, bf16):
+        x_adv = (trades_attack(attack_model or model, x, **attack) if trades
+                 else perturb(attack_model or model, x, y, kind=kind, **attack))
+
+    def objective(f):  # (loss, logits on x_adv) of a forward f
+        if trades:
+            return trades_loss(f, x, x_adv, y, beta=beta)
+        logits = f(x_adv)
+        return F.cross_entropy(logits, y), logits
+    with autocast(x.device.type, bf16):
+        v = awp_perturbation(model, lambda f: objective(f)[0], gamma=awp_gamma, masks=masks, reduce=reduce) if awp else None
+    with perturbed(model, v):  # AWP: the gradient at w + v, then w restored exactly
+        with autocast(x.device.type, bf16):
+            value, logits = objective(update_model or model)
+        if before_backward is not None:
+            before_backward(value)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if method is not None:
+            method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
+    optimizer.step()
+    update = method.after_step(optimizer, epoch) if method is not None else None
+    if average is not None:
+        average.update(model, masks)  # the weights as re-masked (and maybe updated) just now
+    return dict(loss=value, logits=logits, update=update, passes=(2 if trades else 1) * (2 if awp else 1),
+                forwards=int(trades))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -1176,11 +1253,6 @@ def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], i
     return per_weight, constant[0]
 
 
-def layer_flops(model: nn.Module, input_shape: tuple) -> dict[str, int]:
-    """Forward FLOPs per image *per active weight* of each prunable layer (model_flops without the constant)."""
-    return model_flops(model, input_shape)[0]
-
-
 def forward_flops(per_weight: dict[str, int], counts: dict[str, int], constant: int = 0) -> int:
     """Forward FLOPs per image of a model with `counts` active weights per layer, plus the dense
     `constant` that no weight owns (model_flops)."""
@@ -1243,26 +1315,16 @@ class Batches:
     """Minibatches of a uint8 dataset held on one device; order and augmentation drawn there.
 
     No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
-    step never waits on host workers.
-
-    Under torchrun, batch_size is the global batch: every rank draws the same order and
-    augmentation for all of it and keeps its shard, rows lo:hi (self.rows = (lo, hi, n) of the
-    batch in flight), so the draws do not depend on the number of ranks. drop_small: skip a last
-    batch with fewer examples than ranks (training; every rank must take a step).
+    step never waits on host workers. Yields (x, y): x float pixels in [0, 1].
     """
 
-    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
-                 drop_small=False):
+    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
-        self.rank, self.world, self.drop_small = rank, world, drop_small
         self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
-        self.rows = None
 
     def __len__(self):
-        n, b = len(self.y), self.batch_size
-        small = self.drop_small and 0 < n % b < self.world
-        return n // b + (n % b > 0) - small
+        return -(-len(self.y) // self.batch_size)
 
     def __iter__(self):
         return self.epoch()
@@ -1278,68 +1340,10 @@ class Batches:
             x = self.x[idx].float().div_(255)
             if self.augmentation is not None:
                 x = augment(x, **self.augmentation, generator=self.generator)
-            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
-            lo = self.rank * q + min(self.rank, r)
-            hi = lo + q + (self.rank < r)
-            self.rows = (lo, hi, len(x))
-            yield x[lo:hi], self.y[idx][lo:hi]
+            yield x, self.y[idx]
 
 
 # ----------------------------------------------------------------------------- robust evaluation
-
-def _import_autoattack():
-    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise SparseWinError(AA_MISSING) from None
-    return AutoAttack
-
-
-def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
-                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
-    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
-
-    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
-    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
-    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
-    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
-    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
-    seeds torch's global generator.
-    """
-    import logging
-    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
-                              attacks=attacks, seed=seed, device=x.device)
-    if iters:
-        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
-            attack.n_iter = attack.n_iter_orig = iters
-        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
-            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
-            attack.size_decr = max(int(0.03 * iters), 1)
-        aa.square.n_queries = iters
-    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
-
-    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
-        def emit(self, record):
-            if record.getMessage() not in result["flags"]:
-                result["flags"].append(record.getMessage())
-    handler = Flags(logging.WARNING)
-    aa.logger.addHandler(handler)
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(len(result["robust"]), len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
-            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
-            if on_batch is not None:
-                on_batch(result)
-    finally:
-        aa.logger.removeHandler(handler)
-        model.train(was_training)
-    return result
-
 
 def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                    seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
@@ -1377,16 +1381,85 @@ def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps
     )
 
 
-def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
-    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
-    if ra_aa is None:
-        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
-                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
-    return dict(
-        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
-                              detail="PGD not run" if ra_pgd is None else
-                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
-        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = 3  # 1: unversioned, the mask twice; 2: the mask once; 3: and build_model's arguments
+
+
+def save_model(path, model: nn.Module, *, architecture: dict, mask: SparseMask | None = None,
+               channels: dict[str, int] | None = None, save=torch.save, **extra):
+    """Write model's weights with all that load_model needs: build_model's keyword arguments (architecture),
+    the mask (SparseMask.state_dict(); None: dense) and, for a network thinned by slim(), its channel counts.
+    extra: stored beside them. save(obj, path) writes the dict (torch.save; the program writes atomically)."""
+    save(dict(extra, format=CHECKPOINT_FORMAT, architecture=dict(architecture), model=model.state_dict(),
+              mask=mask.state_dict() if mask is not None else None, channels=channels), path)
+
+
+def find_checkpoint(path) -> str:
+    """The checkpoint file a path names: a file as given; a run directory means its best.pt."""
+    if not os.path.exists(path):
+        raise SparseWinError(f"no such checkpoint or run directory: {path}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "best.pt")):
+            raise SparseWinError(f"{path} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
+        return os.path.join(path, "best.pt")
+    return str(path)
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint (save_model's, the program's best.pt and last.pt), read on the CPU with torch's weights-only
+    unpickler (no code in the file runs); format 1 loses its second copy of the mask; a newer format is refused."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
+    version = ck.get("format", 1) if isinstance(ck, dict) else 1
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise SparseWinError(f"{path} was written by a newer sparse_win (checkpoint format {version}); this one "
+                             f"reads formats 1 to {CHECKPOINT_FORMAT}")
+    if not isinstance(ck, dict) or not {"model", "mask"} <= set(ck):
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks model or mask)")
+    if isinstance(ck.get("method"), dict):
+        ck["method"].pop("mask", None)  # format 1: the same state as ck["mask"]
+    return ck
+
+
+def build_thin(architecture: dict, channels: dict[str, int] | None = None) -> nn.Module:
+    """build_model(**architecture), rebuilt by slim() to the recorded channel counts when given (a channel ticket)."""
+    net = build_model(**architecture)
+    return slim(net, channels) if channels else net
+
+
+def model_from_checkpoint(ck: dict, path="checkpoint", architecture: dict | None = None):
+    """(the checkpoint's model on the CPU in eval mode, its masks or None); every masked weight must be zero.
+    architecture: build_model's arguments, for a checkpoint older than format 3 (which does not record them)."""
+    arch = ck.get("architecture") or architecture
+    if arch is None:
+        raise SparseWinError(f"{path}: checkpoint format {ck.get('format', 1)} does not record its architecture; "
+                             f"pass architecture= (build_model's arguments), or evaluate it with sparse_win.py --eval")
+    net = build_thin(arch, ck.get("channels"))
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise SparseWinError(f"{path}: the weights do not fit a {arch['arch']} (width {arch.get('width', 1.0)}) "
+                             f"with {arch.get('num_classes', 10)} classes") from None
+    masks = ck["mask"]["masks"] if ck["mask"] else None
+    if masks is not None:
+        weights = prunable(net)
+        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
+            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
+        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
+        if alive:
+            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
+    return net.eval(), masks
+
+
+def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Module:
+    """The trained model of a checkpoint (best.pt, last.pt, a run directory = its best.pt, or save_model's),
+    for attacks: eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits
+    out (the RobustBench / torchattacks convention)."""
+    path = find_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, architecture)[0].to(device)
 
 
 # === program: everything above this line is the library (torch only; copy the file down to here to use it)
@@ -1400,11 +1473,9 @@ import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -1412,8 +1483,19 @@ from pathlib import Path  # noqa: E402
 # ----------------------------------------------------------------------------- config
 
 MODES = ("dense", "static", "dynamic", "dynamic+")
-TRAIN_ATTACKS = ("pgd", "fgsm-rs")
 EVAL_ATTACKS = ("pgd", "autoattack", "all")
+DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
+    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
+                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
+                          mean=(0.2860,), std=(0.3530,)),
+}
+
+
 
 
 # Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
@@ -1428,104 +1510,119 @@ class RunError(RuntimeError):
         self.code = code
 
 
-def option(default, help: str, **kw):
-    """A Config field: its default, its --help text, and any other argparse keywords."""
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, *, valid=None, **kw):
+    """A Config field: its default, its --help text, its check (valid: (predicate, what it must be); validate()
+    applies it) and any other argparse keywords (choices: argparse refuses others, validate() too)."""
+    return field(default=default, metadata={"help": help, "valid": valid, **kw})
+
+
+POSITIVE, AT_LEAST_0, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
 class Config:
     """Every option of a run. The CLI is generated from these fields (--field-name)."""
-    preset: str = option("", "start from a preset (cpu-demo, smoke); explicit flags override it")
-    dataset: str = option("cifar10", "cifar10 | cifar100 | tiny-imagenet | fashion-mnist")
+    preset: str = option("", "start from a preset; explicit flags override it")
+    dataset: str = option("cifar10", "the dataset", choices=tuple(DATASETS))
     data_dir: str = option("./data", "where datasets live (torchvision layout; Tiny-ImageNet: official layout)")
     download: bool = option(True, "download CIFAR / Fashion-MNIST through torchvision when missing")
-    arch: str = option("resnet18", "resnet18 | preact_resnet18 | vgg16 | wrn (WideResNet)")
-    width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)")
+    arch: str = option("resnet18", "architecture (wrn: WideResNet)", choices=ARCHS)
+    width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)", valid=POSITIVE)
     wrn_depth: int = option(34, "WideResNet depth (6n+4)")
     wrn_widen: int = option(10, "WideResNet widen factor")
-    mode: str = option("dense", "dense | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)")
+    mode: str = option("dense", "dense AT | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)",
+                       choices=MODES)
     sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1); with --ticket "
                              "channel, the fraction of the prunable channels removed (the weight density that results "
-                             "is reported beside it)")
-    allocation: str = option("igq", "layer-wise density for FB/FB+: igq (released default) | erk | uniform")
-    growth: str = option("random", "FB regrowth: random (released default) | gradient (RigL-style)")
+                             "is reported beside it)", valid=FRACTION)
+    allocation: str = option("igq", "layer-wise density for FB/FB+ (igq: released default)", choices=ALLOCATIONS)
+    growth: str = option("random", "FB regrowth (random: released default; gradient: RigL-style)", choices=GROWTHS)
     death_rate: float = option(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
     death_rate_final: float = option(0.005, "p at the last step")
-    update_interval: int = option(900, "T: steps between topology updates in the first half of training")
-    update_interval_late: int = option(1200, "T in the second half of training")
+    update_interval: int = option(900, "T: steps between topology updates in the first half of training",
+                                 valid=POSITIVE)
+    update_interval_late: int = option(1200, "T in the second half of training", valid=POSITIVE)
     fbplus_start: int = option(-1, "FB+: first epoch of adaptive pruning/growth (-1 = epochs // 2)")
     fbplus_window: int = option(4, "FB+: number of consecutive differences looked at")
     fbplus_prune: float = option(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
     fbplus_grow: float = option(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
     fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
     ticket: str = option("unstructured", "RB: unstructured (weights, the paper) | channel (BatchNorm channels, "
-                         "Early-Bird: AT then trains a physically thinner network)")
-    bn_l1: float = option(1e-4, "RB --ticket channel: L1 penalty on the BatchNorm scales in stage 1 (network slimming)")
+                         "Early-Bird: AT then trains a physically thinner network)", choices=TICKETS)
+    bn_l1: float = option(1e-4, "RB --ticket channel: L1 penalty on the BatchNorm scales in stage 1 (network slimming)",
+                         valid=AT_LEAST_0)
     eb_threshold: float = option(-1.0, "RB: mask distance below which the early bird has emerged (-1 = the ticket's "
                                  "default: unstructured 0.08, channel 0.1)")
     eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
     eb_max_epochs: int = option(50, "RB: cap on stage-1 (standard training) epochs")
-    epochs: int = option(200, "adversarial training epochs")
-    batch_size: int = option(128, "minibatch size")
+    epochs: int = option(200, "adversarial training epochs", valid=POSITIVE)
+    batch_size: int = option(128, "minibatch size", valid=POSITIVE)
     lr: float = option(0.1, "SGD learning rate")
     milestones: tuple = option((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
                                 "Bird's AT stage 50 150, as released)", nargs="+", type=int)
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay")
-    norm: str = option("linf", "attack norm: linf | l2")
+    norm: str = option("linf", "attack norm", choices=NORMS)
     train_eps: float = option(-1.0, "training eps in 1/255 units (-1 = dataset default: 8, Fashion-MNIST 25.5)")
     train_alpha: float = option(-1.0, "training step size in 1/255 units (-1 = eps / 4)")
-    train_steps: int = option(10, "training PGD steps K (PGD-10)")
+    train_steps: int = option(10, "training PGD steps K (PGD-10)", valid=AT_LEAST_0)
     test_eps: float = option(-1.0, "evaluation eps in 1/255 units (-1 = train eps)")
     test_alpha: float = option(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
-    test_steps: int = option(20, "evaluation PGD steps (PGD-20)")
-    train_subset: int = option(0, "use only the first N training images (0 = all)")
+    test_steps: int = option(20, "evaluation PGD steps (PGD-20)", valid=AT_LEAST_0)
+    train_subset: int = option(0, "use only the first N training images (0 = all)", valid=AT_LEAST_0)
     augment: bool = option(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
                               "--no-augment trains on the images as they are")
     eval_every: int = option(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
-                             "evaluated epochs, FB+ looks at their history")
-    eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)")
-    gap_subset: int = option(5000, "training images for the final robust generalization gap (0 = all)")
-    device: str = option("auto", "auto | cpu | cuda")
+                             "evaluated epochs, FB+ looks at their history", valid=POSITIVE)
+    eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)", valid=AT_LEAST_0)
+    gap_subset: int = option(5000, "training images for the final robust generalization gap (0 = all)",
+                             valid=AT_LEAST_0)
+    device: str = option("auto", "where to run (auto: CUDA when there is one)", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
     resume: bool = option(False, "continue the run in --out from its last.pt")
     stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
     checkpoint_every: int = option(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
-                                   "at epoch ends only)")
+                                   "at epoch ends only)", valid=AT_LEAST_0)
     amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
     compile: bool = option(False, "torch.compile the model")
     sync_bn: bool = option(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
-    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks before the job fails")
+    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks before the job fails",
+                               valid=POSITIVE)
     channels_last: bool | None = option(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = option(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = option(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
     # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
     train_attack: str = option("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
-                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)",
+                               choices=ATTACKS[:2])
     loss: str = option("ce", "AT objective: ce (PGD-AT, Madry et al. 2018) | trades (Zhang et al. 2019: CE(f(x), y) + "
-                       "beta KL(f(x) || f(x')), x' from its own KL attack)")
-    trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term")
+                       "beta KL(f(x) || f(x')), x' from its own KL attack)", choices=LOSSES)
+    trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term", valid=AT_LEAST_0)
     awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
-                              "layer's norm (0 = off; 0.005 = the reference's)")
+                              "layer's norm (0 = off; 0.005 = the reference's)", valid=AT_LEAST_0)
     awp_warmup: int = option(10, "AWP: the first epoch (counted from 1) with the weight perturbation, as the "
-                                 "reference's 'epoch >= awp_warmup'")
+                                 "reference's 'epoch >= awp_warmup'", valid=AT_LEAST_0)
     ema_decay: float = option(0.0, "weight averaging: EMA decay of weights and BatchNorm buffers per step (0 = off; "
-                              "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded")
-    ticket_attack: str = option("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
+                              "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded",
+                           valid=FRACTION)
+    ticket_attack: str = option("none", "Robust Bird stage 1 (none: standard training, the paper)", choices=ATTACKS)
     eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
-    split: str = option("test", "--eval: test | val | train (the run's training images, in eval mode, no "
-                             "augmentation: for the robust gap)")
-    eval_steps: int = option(50, "--eval: PGD steps")
-    restarts: int = option(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
-    attack: str = option("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
-    aa_version: str = option("standard", "--eval: AutoAttack version: standard | rand | plus")
+    split: str = option("test", "--eval: the images (train: the run's training images, in eval mode, no "
+                             "augmentation: for the robust gap)", choices=("test", "val", "train"))
+    eval_steps: int = option(50, "--eval: PGD steps", valid=POSITIVE)
+    restarts: int = option(5, "--eval: PGD random restarts; an example is robust only if every restart fails",
+                           valid=POSITIVE)
+    attack: str = option("all", "--eval: the attacks (AutoAttack needs the pyautoattack package)", choices=EVAL_ATTACKS)
+    aa_version: str = option("standard", "--eval: AutoAttack version", choices=("standard", "rand", "plus"))
     aa_iters: int = option(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
-                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
-    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
+                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)",
+                         valid=AT_LEAST_0)
+    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)",
+                               valid=AT_LEAST_0)
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
-    final_eval: str = option("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
+    final_eval: str = option("none", "autoattack: when training ends, run --eval on best.pt and the final model",
+                             choices=("none", "autoattack"))
 
     @property
     def density(self) -> float:
@@ -1539,6 +1636,10 @@ class Config:
             eps, alpha = (self.test_eps if self.test_eps > 0 else eps), self.test_alpha
         alpha = alpha if alpha > 0 else eps / 4
         return eps / 255, alpha / 255
+
+    @property
+    def eval_batch_size(self) -> int:  # evaluation: at least 256 (train() and --eval alike: the same SA, bit for bit)
+        return max(self.batch_size, 256)
 
     @property
     def eb_threshold_used(self) -> float:
@@ -1576,50 +1677,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate(cfg: Config, *, world: int = 1) -> Config:
-    """cfg, checked: every option in range and consistent; CUDA and pyautoattack present when asked for;
-    the global batch divisible by the `world` processes of a torchrun job."""
-    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
-    need(cfg.mode in MODES, f"unknown mode {cfg.mode!r}; choose from {', '.join(MODES)}")
-    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
-    need(cfg.allocation in ALLOCATIONS, f"unknown allocation {cfg.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-    need(cfg.growth in ("random", "gradient"), f"unknown growth {cfg.growth!r}; choose random or gradient")
-    need(cfg.norm in ("linf", "l2"), f"unknown norm {cfg.norm!r}; choose linf or l2")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}; choose auto, cpu or cuda")
-    need(0 <= cfg.sparsity < 1, f"--sparsity must be in [0, 1), got {cfg.sparsity}")
-    need(cfg.width > 0, f"--width must be positive, got {cfg.width}")
-    need(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
-    need(cfg.update_interval > 0 and cfg.update_interval_late > 0, "update intervals must be positive")
-    need(cfg.train_steps >= 0 and cfg.test_steps >= 0, "attack steps must be >= 0")
+    """cfg, checked: every option in range (its field's choices and check) and consistent; CUDA and
+    pyautoattack present when asked for; the global batch divisible by the `world` processes of torchrun."""
+    for f in dataclasses.fields(Config):
+        v, valid = getattr(cfg, f.name), f.metadata["valid"]
+        if "choices" in f.metadata:
+            check_choice(f.name.replace("_", " "), v, f.metadata["choices"])
+        need(valid is None or valid[0](v), f"--{f.name.replace('_', '-')} must be {valid and valid[1]}, got {v}")
     need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
-    need(cfg.ticket in TICKETS, f"unknown ticket {cfg.ticket!r}; choose from {', '.join(TICKETS)}")
     need(cfg.ticket == "unstructured" or cfg.mode == "static",
          f"--ticket {cfg.ticket} is Robust Bird's (--mode static), not --mode {cfg.mode}'s")
-    need(cfg.bn_l1 >= 0 and (cfg.eb_threshold >= 0 or cfg.eb_threshold == -1),
-         "need --bn-l1 >= 0 and --eb-threshold >= 0 (or -1, the ticket's default)")
-    need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
-    need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
-    need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
-    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
-    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
-         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
-    need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
-    need(cfg.loss in ("ce", "trades"), f"unknown loss {cfg.loss!r}; choose ce or trades")
+    need(cfg.eb_threshold >= 0 or cfg.eb_threshold == -1, "need --eb-threshold >= 0 (or -1, the ticket's default)")
     need(cfg.loss == "ce" or cfg.train_attack == "pgd", "--loss trades runs its own PGD attack: drop --train-attack")
-    need(cfg.trades_beta >= 0, f"--trades-beta must be >= 0, got {cfg.trades_beta}")
-    need(cfg.awp_gamma >= 0 and cfg.awp_warmup >= 0, "--awp-gamma and --awp-warmup must be >= 0 (gamma 0 = off)")
-    need(0 <= cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), or 0 for off; got {cfg.ema_decay}")
-    need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
-    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
-    need(cfg.aa_version in ("standard", "rand", "plus"),
-         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
-    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
     need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
-    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
-    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
     if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
-        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
+        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING + " (or pass --attack pgd)")
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     need(not cfg.sync_bn or resolve_device(cfg.device).type == "cuda",
@@ -1630,18 +1704,6 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
 
 
 # ----------------------------------------------------------------------------- data
-
-DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
-    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
-                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
-    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
-                          mean=(0.2860,), std=(0.3530,)),
-}
-
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -1766,11 +1828,15 @@ def subsets(cfg: Config, data: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the configured run
 
-def model_for(cfg: Config) -> nn.Module:
-    """The configured architecture, sized for the configured dataset."""
+def architecture(cfg: Config) -> dict:
+    """build_model's arguments for the configured architecture and dataset (what checkpoints record)."""
     info = DATASETS[cfg.dataset]
-    return build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                       mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+    return dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
+                mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+
+
+def model_for(cfg: Config) -> nn.Module:
+    return build_model(**architecture(cfg))
 
 
 METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
@@ -1800,14 +1866,40 @@ def sgd(cfg: Config, net: nn.Module):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
 
 
-def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
+class Shards(Batches):
+    """Batches of a torchrun job: batch_size is the global batch; every rank draws the same order and augmentation
+    for all of it and keeps its rows lo:hi (self.rows = (lo, hi, n) of the batch in flight), so the draws do not
+    depend on the number of ranks. drop_small: skip a last batch with fewer examples than ranks (training)."""
+
+    def __init__(self, x, y, *, rank=0, world=1, drop_small=False, **kw):
+        super().__init__(x, y, **kw)
+        self.rank, self.world, self.drop_small, self.rows = rank, world, drop_small, None
+
+    def __len__(self):
+        n, b = len(self.y), self.batch_size
+        return super().__len__() - (self.drop_small and 0 < n % b < self.world)
+
+    def epoch(self, order=None, start=0):
+        for x, y in super().epoch(order, start):
+            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
+            lo = self.rank * q + min(self.rank, r)
+            self.rows = (lo, lo + q + (self.rank < r), len(x))
+            yield x[lo:self.rows[1]], y[lo:self.rows[1]]
+
+    def start(self, x: torch.Tensor, **attack) -> torch.Tensor:
+        """attack_start(**attack) for this rank's rows x, drawn for the whole global batch."""
+        lo, hi, n = self.rows
+        return attack_start((n, *x.shape[1:]), device=x.device, dtype=x.dtype, **attack)[lo:hi]
+
+
+def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Shards, dict]:
     """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
     info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
     aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
-    train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
-                    drop_small=True, **shard)
+    train = Shards(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
+                   drop_small=True, **shard)
     data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
-    return train, {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test", "gap")}
+    return train, {s: Shards(*data[s], batch_size=cfg.eval_batch_size, **shard) for s in ("val", "test", "gap")}
 
 
 def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -2069,42 +2161,6 @@ class RunLock:
         self.release()
 
 
-# Checkpoint formats: 1, unversioned (before format 2): last.pt held the mask twice, under "method" and "mask";
-# 2: the "format" key, the mask once, under "mask" (best.pt, last.pt, and a checkpoint of your own alike).
-CHECKPOINT_FORMAT = 2
-
-
-def find_checkpoint(path) -> Path:
-    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
-    p = Path(path)
-    if not p.exists():
-        raise SparseWinError(f"no such checkpoint or run directory: {p}")
-    if p.is_dir():
-        if not (p / "best.pt").is_file():
-            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
-        return p / "best.pt"
-    return p
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A sparse_win checkpoint (best.pt, last.pt, or config + model + mask of your own), read on the CPU with
-    torch's weights-only unpickler (no code in the file runs), in the current format: an unversioned one
-    (format 1) loses its second copy of the mask; one from a newer sparse_win is refused."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
-    version = ck.get("format", 1) if isinstance(ck, dict) else 1
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
-        raise SparseWinError(f"{path} was written by a newer sparse_win (checkpoint format {version}); this one "
-                             f"reads formats 1 to {CHECKPOINT_FORMAT}")
-    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
-    if isinstance(ck.get("method"), dict):
-        ck["method"].pop("mask", None)  # format 1: the same state as ck["mask"]
-    return ck
-
-
 def check_resume(ck: dict, path: Path, config: dict, world: int):
     """Refuse, in one line, to resume from a checkpoint that is not this run's last.pt: a best.pt, other
     options (an option newer than the checkpoint counts as its default), another number of processes."""
@@ -2132,14 +2188,29 @@ def write_metrics(run_dir: Path, history: list[dict]):
 NOT_EVALUATED = dict(sa=None, ra=None, adv_loss=None)  # an epoch that --eval-every skips
 
 
-class Trainer:
-    """One training process: the model, its optimizer, method, FLOP ledger, generator and run record, and
-    the pieces of the paper's training loop that train() strings together. benchmark() times its step().
+@dataclass
+class RunState:
+    """The run's record, which last.pt resumes (as a dict): the epoch, the best validation RA and its epoch, one
+    history row per epoch, the topology updates, wall time, the epoch in progress at a mid-epoch save (partial:
+    step, sums, order), the number of processes, Robust Bird's stage 1 cost and a channel ticket's thin report."""
+    epoch: int = 0
+    best_val_ra: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    updates: list = field(default_factory=list)
+    wall: float = 0.0
+    partial: dict | None = None
+    world: int = 1
+    ticket_flops: int = 0
+    ticket_images: int = 0
+    thin: dict | None = None
 
-    net is the model itself; core the one that attacks and evaluates (compiled if asked); model the one
-    the update step runs (DistributedDataParallel under torchrun). run is what last.pt resumes: epoch,
-    history, topology updates, best epoch, and the epoch in progress ('partial') at a mid-epoch save.
-    """
+
+class Trainer:
+    """One training process: the model, its optimizer, method, FLOP ledger, generator and run state, and the
+    pieces of the paper's loop that train() strings together around the library's adversarial_step. net is
+    the model; core the one that attacks and evaluates (compiled if asked); model the one the update runs
+    (DistributedDataParallel under torchrun): all three are net in one process without --compile."""
 
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
@@ -2147,79 +2218,61 @@ class Trainer:
         self.stop, self.run_dir, self.log = stop, run_dir, log
         net = model_for(cfg).to(device)
         self.per_weight, self.unowned = model_flops(net, input_shape)
-        self.dense_fwd = forward_flops(self.per_weight, {n: p.numel() for n, p in prunable(net).items()}, self.unowned)
+        self.dense_fwd = forward_flops(self.per_weight, weight_counts(net), self.unowned)
+        self.flops = (self.per_weight, self.unowned, self.dense_fwd)
         self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp  # the fast path: default on CUDA only
         self.net, self.core, self.model = fast_path(cfg, net, device.type == "cuda", dist)
         # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
-        (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
-        self.attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=self.generator)
-        self.test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm,
-                                generator=self.generator, all_reduce=dist.sum_)  # always fp32 (evaluate_examples)
         self.optimizer, self.scheduler = sgd(cfg, self.net)
-        self.ledger = FlopLedger()
-        self.run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
-                        partial=None, world=dist.world)
-        self.config = dataclasses.asdict(cfg)
-        self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
+        self.ledger, self.run, self.config = FlopLedger(), RunState(world=dist.world), dataclasses.asdict(cfg)
+        self.batches, self.eval_batches = None, {}  # training Shards; val / test / gap Shards
         self.average: WeightAverage | None = None  # --ema-decay: from the first AT step on
         self.fwd = None  # forward FLOPs per image at the density in force; None: count again
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Step i of the epoch on this rank's rows of the global batch: the attack (kind pgd | fgsm-rs; none:
-        Robust Bird's stage 1, standard training with plain CE), the objective (--loss) at the weights moved
-        by AWP from --awp-warmup on, the update, the method (re-mask; every T steps a topology update), the
-        weight average. Returns (loss, adversarial logits, stop asked); a loss that is not finite on any
-        rank stops the run before it touches the weights."""
-        cfg, at = self.cfg, kind != "none"
-        trades, awp = at and cfg.loss == "trades", at and cfg.awp_gamma > 0 and self.run["epoch"] + 1 >= cfg.awp_warmup
-        amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp else nullcontext
-        masks = self.method.mask.masks if self.method.mask is not None else None
-        with amp():
-            x_adv = (trades_attack(self.core, x, **self.attack, rows=self.batches.rows) if trades
-                     else perturb(self.core, x, y, kind=kind, **self.attack, rows=self.batches.rows))
+        """Step i of the epoch on this rank's rows: adversarial_step (kind none: Robust Bird's stage 1) and around
+        it the program's part: the random start drawn for the global batch, AWP from --awp-warmup on, the stop
+        and non-finite checks over ranks before backward, the ledger, the masks compared after an update.
+        Returns (loss, adversarial logits, stop asked)."""
+        cfg, (eps, alpha), stopping = self.cfg, self.cfg.eps(train=True), []
+        trades = kind != "none" and cfg.loss == "trades"
+        start = (self.batches.start(x, eps=eps, norm=cfg.norm, kind="trades" if trades else "pgd",
+                                    generator=self.generator) if trades or attack_cost(kind, cfg.train_steps) else None)
 
-        def objective(f):  # (loss, logits on x_adv) of a forward f
-            if trades:
-                return trades_loss(f, x, x_adv, y, beta=cfg.trades_beta)
-            logits = f(x_adv)
-            return F.cross_entropy(logits, y), logits
-        with amp():
-            v = awp_perturbation(self.net, lambda f: objective(f)[0], gamma=cfg.awp_gamma, masks=masks,
-                                 all_reduce=self.dist.sum_) if awp else None
-        with perturbed(self.net, v):  # AWP: the gradient at w + v, then w restored exactly
-            with amp():
-                loss, logits = objective(self.model)
-            stopping, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
-                                           not torch.isfinite(loss)], self.device)  # one sync: every rank alike
+        def check(loss):  # one sync, every rank alike: a loss that is not finite on any rank stops the run here
+            stop, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
+                                       not torch.isfinite(loss)], self.device)
             if bad:
-                checkpointed = self.run_dir is not None and (self.run_dir / "last.pt").exists()
-                raise diverged(loss.item(), self.where(i), checkpointed, cfg.lr, self.amp)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
-        self.optimizer.step()
+                raise diverged(loss.item(), self.where(i), self.run_dir is not None and
+                               (self.run_dir / "last.pt").exists(), cfg.lr, self.amp)
+            stopping.append(stop)
         if self.fwd is None:  # counted again only when the masks may have changed, not at every step
             self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
-        passes = (2 if trades else 1) * (2 if awp else 1)  # TRADES: clean + adversarial; AWP: its ascent's too
-        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), passes, int(trades))
-        update = self.method.after_step(self.optimizer, self.run["epoch"])
-        if update is not None:
+        out = adversarial_step(
+            self.net, x, y, self.optimizer, self.method, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm,
+            kind=kind, loss=cfg.loss, beta=cfg.trades_beta, epoch=self.run.epoch, generator=self.generator,
+            awp_gamma=cfg.awp_gamma if self.run.epoch + 1 >= cfg.awp_warmup else 0.0, start=start, bf16=self.amp,
+            average=self.average if kind != "none" else None, before_backward=check, reduce=self.dist.sum_,
+            attack_model=self.core, update_model=self.model)
+        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), out["passes"],
+                           out["forwards"])
+        if out["update"] is not None:
             self.fwd = None
             self.dist.check_masks(self.method.mask, self.where(i))
-            self.run["updates"].append(update)
-        if at and cfg.ema_decay:  # the average of the weights as re-masked (and maybe updated) just now
-            self.average = self.average or WeightAverage(self.net, decay=cfg.ema_decay)
+            self.run.updates.append(out["update"])
+        if kind != "none" and cfg.ema_decay and self.average is None:  # from the weights after the first AT step
+            self.average = WeightAverage(self.net, decay=cfg.ema_decay)
             self.average.update(self.net, self.method.mask.masks if self.method.mask is not None else None)
-        return loss, logits, stopping
+        return out["loss"], out["logits"], stopping[0]
 
     def epoch(self, kind: str, desc: str) -> tuple[float, float]:
         """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
-        Resumes run['partial'], if any: the same permutation, the remaining batches, the running sums."""
+        Resumes run.partial, if any: the same permutation, the remaining batches, the running sums."""
         self.model.train()
         self.fwd = None  # a resumed or adopted mask: count from the masks in force now
-        part = self.run["partial"] or {}
+        part = self.run.partial or {}
         sums = torch.zeros(3, device=self.device)  # loss sum, correct, n: this rank's, summed at the end
         if part and self.dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
             sums += part["sums"].to(self.device)
@@ -2234,115 +2287,122 @@ class Trainer:
             bar.update(1)
             if stopping or (self.cfg.checkpoint_every and self.ledger.steps % self.cfg.checkpoint_every == 0):
                 order = self.batches.order
-                self.run["partial"] = dict(step=i, sums=self.dist.sum_(sums.clone()).cpu(),
-                                           order=None if order is None else order.cpu())
-                self.save_last()
-                self.run["partial"] = None
+                self.run.partial = dict(step=i, sums=self.dist.sum_(sums.clone()).cpu(),
+                                        order=None if order is None else order.cpu())
+                save_last(self)
+                self.run.partial = None
             if stopping:
                 raise stopped(self.stop, self.where(i))
         bar.close()
-        self.run["partial"] = None
+        self.run.partial = None
         loss_sum, correct, n = self.dist.sum_(sums).tolist()
         return loss_sum / n, 100 * correct / n
 
     def where(self, step: int) -> str:
         """Where step `step` of the epoch in progress is, for messages: 'epoch 3, step 5/40'."""
         epoch = (f"ticket epoch {self.method.pretrain_epochs + 1}" if self.method.pretraining
-                 else f"epoch {self.run['epoch'] + 1}")
+                 else f"epoch {self.run.epoch + 1}")
         return f"{epoch}, step {step}/{len(self.batches)}"
 
     def start_afresh(self):
-        """The method ended its stage before AT (Robust Bird adopted its ticket): rank 0's masks on every
-        rank (a channel ticket: the thin network, the same on every rank since DDP keeps the BatchNorm
-        scales equal), the stage's cost recorded, and AT starts with a fresh optimizer and schedule."""
+        """Robust Bird adopted its ticket: rank 0's masks on every rank (a channel ticket: the thin network, the
+        same on every rank since DDP keeps the BatchNorm scales equal), stage 1's cost recorded, and AT starts
+        with a fresh optimizer and schedule."""
         self.dist.share_masks(self.method.mask)
         if self.method.model is not self.net:
             self.adopt(self.method.model)
-            self.run["thin"] = thin_report(self)  # measured now, on this run's batch and device
-            self.log(thin_line(self.run["thin"]))
-        self.run["ticket_flops"], self.run["ticket_images"] = self.ledger.actual, self.ledger.images
+            self.run.thin = thin_report(self.cfg, self.method, self.net, self.batches, self.amp,
+                                        self.flops)  # measured now, on this run's batch and device
+            self.log(thin_line(self.run.thin))
+        self.run.ticket_flops, self.run.ticket_images = self.ledger.actual, self.ledger.images
         self.optimizer, self.scheduler = sgd(self.cfg, self.net)
         self.fwd = None
 
     def adopt(self, net: nn.Module):
-        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again. The
-        caller makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only),
-        so the forward count follows the thin network's weights."""
+        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again; the caller
+        makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only)."""
         self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
                                                     self.dist)
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
-        """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches, of the
-        weight average when there is one (--ema-decay), else of the model."""
-        model = self.average.model if self.average is not None else self.core
-        return evaluate(model, self.eval_batches[split], **self.test_attack)
+        """SA and RA (%) and losses on the val, test or gap batches (all ranks' shards), of the weight average
+        when there is one (--ema-decay), else of the model; in fp32 (evaluate_examples)."""
+        (eps, alpha), b = self.cfg.eps(train=False), self.eval_batches[split]
+        start = lambda x: b.start(x, eps=eps, norm=self.cfg.norm, generator=self.generator)  # noqa: E731
+        return evaluate(self.average.model if self.average is not None else self.core, b, eps=eps, alpha=alpha,
+                        steps=self.cfg.test_steps, norm=self.cfg.norm, start=start, reduce=self.dist.sum_)
 
     def share_buffers(self):
         """Rank 0's BatchNorm statistics (of the model and of its average) on every rank."""
-        self.dist.share_buffers(self.net)
-        if self.average is not None:
-            self.dist.share_buffers(self.average.model)
+        for net in (self.net, self.average.model if self.average is not None else None):
+            if net is not None:
+                self.dist.share_buffers(net)
 
-    def record(self, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
-        """The epoch's row of metrics.jsonl, written at once, and its log line."""
-        self.run["history"].append(dict(
-            epoch=self.run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"],
-            val_ra=val["ra"], val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"],
-            test_adv_loss=test["adv_loss"], density=self.method.density, train_flops=self.ledger.actual,
-            train_flops_paper=self.ledger.paper, itop=self.method.itop_rate(), time=time.time() - self.t0))
-        if self.dist.main:
-            write_metrics(self.run_dir, self.run["history"])
-        self.log(epoch_line(self.run["history"][-1], self.cfg.epochs))
 
-    # -- checkpoints (rank 0 writes)
-    def save(self, obj: dict, name: str):
-        """A checkpoint; its 'model' is the weight average when there is one (what --eval and load_model read)."""
-        if self.dist.main:
-            model = (self.average.model if self.average is not None else self.net).state_dict()
-            atomic_save(dict(obj, format=CHECKPOINT_FORMAT, config=self.config, model=model), self.run_dir / name)
+def record(t: Trainer, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
+    """The epoch's row of metrics.jsonl, written at once, and its log line."""
+    t.run.history.append(dict(
+        epoch=t.run.epoch, lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"], val_ra=val["ra"],
+        val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
+        density=t.method.density, train_flops=t.ledger.actual, train_flops_paper=t.ledger.paper,
+        itop=t.method.itop_rate(), time=time.time() - t.t0))
+    if t.dist.main:
+        write_metrics(t.run_dir, t.run.history)
+    t.log(epoch_line(t.run.history[-1], t.cfg.epochs))
 
-    def save_last(self):
-        """last.pt: everything a resume needs, the mask once (under 'mask', not in the method's state)."""
-        self.run["wall"] = time.time() - self.t0
-        method = self.method.state_dict()
-        self.save(dict(mask=method.pop("mask"), channels=method.pop("channels"), method=method,
-                       raw=self.net.state_dict() if self.average is not None else None,  # the trained weights
-                       optimizer=self.optimizer.state_dict(),
-                       scheduler=self.scheduler.state_dict(), ledger=self.ledger.state_dict(), run=self.run,
-                       generator=self.generator.get_state(), torch_rng=torch.get_rng_state()), "last.pt")
 
-    def save_best(self, val_ra: float):
-        """best.pt: the model of the best validation RA so far, for --eval and load_model."""
-        self.run["best_val_ra"], self.run["best_epoch"] = val_ra, self.run["epoch"]
-        self.save(dict(mask=self.method.state_dict()["mask"], channels=self.method.channels, epoch=self.run["epoch"],
-                       val_ra=val_ra), "best.pt")
+def save(t: Trainer, name: str, **obj):
+    """A checkpoint (rank 0 writes): save_model's, the weight average's weights when there is one (what
+    --eval and load_model read), with the config and `obj`."""
+    if t.dist.main:
+        save_model(t.run_dir / name, t.average.model if t.average is not None else t.net,
+                   architecture=architecture(t.cfg), mask=t.method.mask, channels=t.method.channels, save=atomic_save,
+                   config=t.config, **obj)
 
-    def resume(self):
-        """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
-        path = self.run_dir / "last.pt"
-        ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
-        check_resume(ck, path, self.config, self.dist.world)
-        if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
-            self.adopt(slim(model_for(self.cfg), ck["channels"]))
-            self.optimizer, self.scheduler = sgd(self.cfg, self.net)
-        self.net.load_state_dict(ck["model"] if ck.get("raw") is None else ck["raw"])
-        if ck.get("raw") is not None:  # --ema-decay: 'model' is the average
-            self.average = WeightAverage(self.net, decay=self.cfg.ema_decay)
-            self.average.load_state_dict(ck["model"])
-        self.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
-        self.optimizer.load_state_dict(ck["optimizer"])
-        for p, state in self.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p).copy_(v)
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.ledger.load_state_dict(ck["ledger"])
-        self.generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.run = {"partial": None, **ck["run"]}
-        self.log(f"resumed {self.run_dir} at epoch {self.run['epoch']}"
-                 + (f", step {self.run['partial']['step']}" if self.run["partial"] else ""))
+
+def save_last(t: Trainer):
+    """last.pt: everything a resume needs."""
+    t.run.wall = time.time() - t.t0
+    method = {k: v for k, v in t.method.state_dict().items() if k not in ("mask", "channels")}
+    save(t, "last.pt", method=method, raw=t.net.state_dict() if t.average is not None else None,  # trained weights
+         optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(), ledger=t.ledger.state_dict(),
+         run=dataclasses.asdict(t.run), generator=t.generator.get_state(), torch_rng=torch.get_rng_state())
+
+
+def save_best(t: Trainer, val_ra: float):
+    """best.pt: the model of the best validation RA so far, for --eval and load_model."""
+    t.run.best_val_ra, t.run.best_epoch = val_ra, t.run.epoch
+    save(t, "best.pt", epoch=t.run.epoch, val_ra=val_ra)
+
+
+def resume(t: Trainer):
+    """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
+    path = t.run_dir / "last.pt"
+    ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+    check_resume(ck, path, t.config, t.dist.world)
+    if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
+        t.adopt(build_thin(architecture(t.cfg), ck["channels"]))
+        t.optimizer, t.scheduler = sgd(t.cfg, t.net)
+    t.net.load_state_dict(ck["model"] if ck.get("raw") is None else ck["raw"])
+    if ck.get("raw") is not None:  # --ema-decay: 'model' is the average
+        t.average = WeightAverage(t.net, decay=t.cfg.ema_decay)
+        t.average.load_state_dict(ck["model"])
+    t.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
+    t.optimizer.load_state_dict(ck["optimizer"])
+    for p, state in t.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p).copy_(v)
+    t.scheduler.load_state_dict(ck["scheduler"])
+    t.ledger.load_state_dict(ck["ledger"])
+    t.generator.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
+    t.run = RunState(**{k: v for k, v in ck["run"].items() if k in RUN_FIELDS})
+    t.log(f"resumed {t.run_dir} at epoch {t.run.epoch}" + (f", step {t.run.partial['step']}" if t.run.partial else ""))
+
+
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunState)}
 
 
 def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
@@ -2370,14 +2430,18 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     t = Trainer(cfg, method, device=device, dist=dist, input_shape=tuple(data["train"][0].shape[1:]), stop=stop,
                 run_dir=run_dir, log=log)
     t.batches, t.eval_batches = batches_for(cfg, data, t.generator, dist)
-    method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
+    with warnings.catch_warnings(record=True) as caught:  # the library's warnings, as one line each
+        warnings.simplefilter("always")
+        method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
+    for w in caught:
+        log(f"warning: {w.message}")
     if cfg.resume:
-        t.resume()
+        resume(t)
     dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
     if dist.main:
-        write_metrics(run_dir, t.run["history"])
+        write_metrics(run_dir, t.run.history)
         write_text_atomic(run_dir / "config.json", strict_json(t.config, indent=1))
-    t.t0 = time.time() - t.run["wall"]
+    t.t0 = time.time() - t.run.wall
     return t
 
 
@@ -2393,32 +2457,32 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
             dist.share_buffers(t.net)  # rank 0's weights = every rank's (DDP)
             if dist.agree(method.end_pretrain_epoch(t.net, loss, acc, t.log), t.device, "the early-bird decision"):
                 t.start_afresh()  # the ticket is adopted: prune, keep the weights, AT from a fresh optimizer
-            t.save_last()
+            save_last(t)
 
-        while run["epoch"] < cfg.epochs:  # AT: attack, update, re-mask; every T steps prune and regrow (FB, FB+)
-            if cfg.stop_after_epoch and run["epoch"] >= cfg.stop_after_epoch:
-                t.log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
-                return dict(stopped_at=run["epoch"])
+        while run.epoch < cfg.epochs:  # AT: attack, update, re-mask; every T steps prune and regrow (FB, FB+)
+            if cfg.stop_after_epoch and run.epoch >= cfg.stop_after_epoch:
+                t.log(f"stopped after epoch {run.epoch} as asked; continue with --resume")
+                return dict(stopped_at=run.epoch)
             lr = t.optimizer.param_groups[0]["lr"]
-            train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
+            train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run.epoch + 1}")
             t.scheduler.step()
             t.share_buffers()  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
-            run["epoch"] += 1
-            evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
+            run.epoch += 1
+            evaluated = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs  # --eval-every, and the last
             val, test = (t.evaluate("val"), t.evaluate("test")) if evaluated else (NOT_EVALUATED, NOT_EVALUATED)
             if evaluated:
                 method.end_epoch(train_ra, val)  # FB+ records the robust gap and the val adversarial loss
-            t.record(lr, train_loss, train_ra, val, test)
-            if evaluated and val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
-                t.save_best(val["ra"])
-            t.save_last()
+            record(t, lr, train_loss, train_ra, val, test)
+            if evaluated and val["ra"] > run.best_val_ra:  # best = highest *validation* RA (never the test set)
+                save_best(t, val["ra"])
+            save_last(t)
 
         train_final = t.evaluate("gap")  # robust generalization gap: train RA (eval mode, no augmentation) - test RA
-        summary = summarize(t, train_final["ra"])
+        summary = summarize(cfg, t.run, t.ledger, method, t.flops, train_final["ra"])
         if dist.main:
             summary.update(final_eval(cfg, t.run_dir, t.log))  # --final-eval autoattack: AA of best.pt and last.pt
             write_text_atomic(t.run_dir / "summary.json", strict_json(summary, indent=1))
-            plot_curves(run["history"], summary["fbplus_events"], t.run_dir / "curves.png", t.log)
+            plot_curves(run.history, summary["fbplus_events"], t.run_dir / "curves.png", t.log)
         t.log(format_table([summary]))
         return summary
 
@@ -2455,41 +2519,47 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(t: Trainer, train_final_ra: float) -> dict:
-    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios."""
-    cfg, run, ledger, method, dense_fwd = t.cfg, t.run, t.ledger, t.method, t.dense_fwd
-    final_fwd = method.forward_flops(t.per_weight, t.unowned)
-    h = run["history"]
-    best, final = h[run["best_epoch"] - 1], h[-1]
+def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, flops: tuple, train_final_ra: float) -> dict:
+    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios; flops: model_flops' (per
+    weight, constant) and the dense network's forward FLOPs."""
+    per_weight, unowned, dense_fwd = flops
+    final_fwd = method.forward_flops(per_weight, unowned)
+    h = run.history
+    best, final = h[run.best_epoch - 1], h[-1]
     return dict(
         method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
-        best_epoch=run["best_epoch"], epochs=len(h), milestones=list(cfg.milestones),
+        best_epoch=run.best_epoch, epochs=len(h), milestones=list(cfg.milestones),
         ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
         # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
         train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
-                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
+                                                * dense_fwd * (ledger.images - run.ticket_images)),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
         robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
-        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        ticket_flops=run.ticket_flops, topology_updates=len(run.updates),
         ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
-        thin=run.get("thin"),  # channel ticket: the thin network's size and measured speed (thin_report)
-        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        thin=run.thin,  # channel ticket: the thin network's size and measured speed (thin_report)
+        updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
         **method.summary(),
-        wall_seconds=run["wall"])
+        wall_seconds=run.wall)
+
+
+def sync(device: torch.device):
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
     """Median wall time of fn() over `reps` calls, after two warm-up calls (CUDA: synchronized)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(reps + 2):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[reps // 2]
 
@@ -2500,37 +2570,32 @@ def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: di
     net, dev = copy.deepcopy(net), x.device
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     gen = torch.Generator(dev).manual_seed(0)
-    amp_ctx = lambda: torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()  # noqa: E731
-
-    def at_step():
-        with amp_ctx():
-            loss = F.cross_entropy(net(pgd(net.train(), x, y, **attack, generator=gen)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    at_step = lambda: adversarial_step(net.train(), x, y, opt, generator=gen, bf16=amp, **attack)  # noqa: E731
 
     def inference():
-        with torch.no_grad(), amp_ctx():
+        with torch.no_grad(), autocast(dev.type, amp):
             net.eval()(x)
     return seconds(at_step, device=dev), seconds(inference, device=dev)
 
 
-def thin_report(t: Trainer) -> dict:
+def thin_report(cfg: Config, method: Method, net: nn.Module, batches: Batches, amp: bool, flops: tuple) -> dict:
     """A channel ticket's thin network against the full dense one, in the run: channels kept, weight density,
     parameters and forward FLOPs (model_flops) as fractions of dense, and the measured seconds of one PGD-10 AT
     step and of one inference forward at the run's batch size, device and precision (step_seconds)."""
-    cfg, full = t.cfg, model_for(t.cfg).to(t.device)
-    if next(t.net.parameters()).is_contiguous(memory_format=torch.channels_last):
+    full = model_for(cfg).to(batches.x.device)
+    if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
         full = full.to(memory_format=torch.channels_last)  # both in the layout the run trains in
     groups = bn_gammas(full)
-    kept, total = sum(t.method.channels.values()), sum(g.numel() for g in groups.values())
-    x, y = t.batches.x[:cfg.batch_size].float().div(255), t.batches.y[:cfg.batch_size]
-    attack = dict({k: v for k, v in t.attack.items() if k != "generator"}, steps=10)  # PGD-10, the paper's
-    thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=t.amp) for n in (t.net, full))
+    kept, total = sum(method.channels.values()), sum(g.numel() for g in groups.values())
+    x, y = batches.x[:cfg.batch_size].float().div(255), batches.y[:cfg.batch_size]
+    eps, alpha = cfg.eps(train=True)
+    attack = dict(eps=eps, alpha=alpha, norm=cfg.norm, steps=10)  # PGD-10, the paper's
+    thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=amp) for n in (net, full))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return dict(channels=dict(t.method.channels), channel_sparsity=1 - kept / total,
-                weight_density=t.method.density, params_ratio=count(t.net) / count(full),
-                flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd, batch=len(y),
+    per_weight, unowned, dense_fwd = flops
+    return dict(channels=dict(method.channels), channel_sparsity=1 - kept / total,
+                weight_density=method.density, params_ratio=count(net) / count(full),
+                flops_ratio=method.forward_flops(per_weight, unowned) / dense_fwd, batch=len(y),
                 at_step_s=thin_s[0], at_step_dense_s=dense_s[0], at_speedup=dense_s[0] / thin_s[0],
                 inference_s=thin_s[1], inference_dense_s=dense_s[1], inference_speedup=dense_s[1] / thin_s[1])
 
@@ -2607,6 +2672,75 @@ def save_figure(fig, path: Path):
 
 # ----------------------------------------------------------------------------- evaluate a checkpoint
 
+AA_MISSING = "AutoAttack needs the pyautoattack package: pip install pyautoattack"
+
+
+def _import_autoattack():
+    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise SparseWinError(AA_MISSING) from None
+    return AutoAttack
+
+
+def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
+                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
+    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
+
+    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
+    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
+    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
+    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
+    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
+    seeds torch's global generator.
+    """
+    import logging
+    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
+                              attacks=attacks, seed=seed, device=x.device)
+    if iters:
+        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+            attack.n_iter = attack.n_iter_orig = iters
+        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
+            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
+            attack.size_decr = max(int(0.03 * iters), 1)
+        aa.square.n_queries = iters
+    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
+
+    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
+        def emit(self, record):
+            if record.getMessage() not in result["flags"]:
+                result["flags"].append(record.getMessage())
+    handler = Flags(logging.WARNING)
+    aa.logger.addHandler(handler)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(result["robust"]), len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
+            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
+            if on_batch is not None:
+                on_batch(result)
+    finally:
+        aa.logger.removeHandler(handler)
+        model.train(was_training)
+    return result
+
+
+def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
+    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
+    if ra_aa is None:
+        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
+                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
+    return dict(
+        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
+                              detail="PGD not run" if ra_pgd is None else
+                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
+        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
+
+
 EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
 
 
@@ -2615,36 +2749,6 @@ def config_of(ck: dict, **overrides) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in ck["config"].items() if k in names}
     return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
-
-
-def model_from_checkpoint(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
-    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
-    net = model_for(cfg)
-    if ck.get("channels"):  # a channel ticket's thin network (Robust Bird --ticket channel)
-        net = slim(net, ck["channels"])
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError:
-        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
-            from None
-    masks = ck["mask"]["masks"] if ck["mask"] else None
-    if masks is not None:
-        weights = prunable(net)
-        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
-            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
-        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
-        if alive:
-            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
-    return net.eval(), masks
-
-
-def load_model(path, *, device="cpu") -> nn.Module:
-    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
-    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
-    RobustBench / torchattacks convention)."""
-    path = find_checkpoint(path)
-    ck = read_checkpoint(path)
-    return model_from_checkpoint(ck, config_of(ck), path)[0].to(device)
 
 
 def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float, float]:
@@ -2711,16 +2815,16 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     (refused when it exists, unless force; reuse returns it when made from the same checkpoint and
     options) and returns its content. Progress goes to the same name with .partial.json.
     """
-    t0 = time.time()
-    ck_path = find_checkpoint(path)
+    t0, ck_path = time.time(), Path(find_checkpoint(path))
     ck = read_checkpoint(ck_path)
     overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
     cfg = config_of(ck, device=device, **overrides)
     out = ck_path.with_name(eval_filename(ck_path, split=split, subset=subset, steps=steps, restarts=restarts,
                                           attack=attack, aa_version=aa_version, aa_iters=aa_iters, overrides=overrides))
+    (eps, alpha), dev = cfg.eps(train=False), resolve_device(cfg.device)
     key = dict(checkpoint_sha256=_sha256(ck_path), split=split, subset=subset, steps=steps, restarts=restarts,
                attack=attack, aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed,
-               eps=cfg.eps(train=False)[0], alpha=cfg.eps(train=False)[1], norm=cfg.norm)
+               eps=eps, alpha=alpha, norm=cfg.norm)
     if out.exists() and reuse and json.loads(out.read_text()).get("key") == key:
         return json.loads(out.read_text())
     if out.exists() and not (force or reuse):
@@ -2729,29 +2833,54 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
         raise SparseWinError(f"cannot write the results to {out.parent}: not a writable directory")
     if attack != "pgd":
         _import_autoattack()  # fail now, not after the PGD part
-    dev = resolve_device(cfg.device)
-    net, masks = model_from_checkpoint(ck, cfg, ck_path)
+    net, masks = model_from_checkpoint(ck, ck_path, architecture(cfg))
     net = net.to(dev)
-    density, nonzero = density_of(net, masks, sum(w.numel() for w in prunable(model_for(cfg)).values()))
+    density, nonzero = density_of(net, masks, sum(weight_counts(model_for(cfg)).values()))
     data = load_data(cfg)
     if split == "train":  # the run's training images (its --train-subset), unaugmented: the robust gap's
         data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
     x, y = (t[:subset or None].to(dev) for t in data[split])
-    bs = overrides.get("batch_size") or max(cfg.batch_size, 256)  # as train() evaluates: the same SA, bit for bit
-    eps, alpha = cfg.eps(train=False)
+    bs = overrides.get("batch_size") or cfg.eval_batch_size  # as train() evaluates: the same SA, bit for bit
     progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
+    first, checks, aa = eval_parts(net, x, y, progress, cfg, bs=bs, steps=steps, restarts=restarts, attack=attack,
+                                   aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed)
+    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
+    ra_pgd, ra_aa = pct(first["robust"]) if attack != "autoattack" else None, pct(aa["robust"]) if aa else None
+    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
+    failed = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
+              if c["ok"] is False]
+    result = dict(
+        file=out.name, checkpoint=str(ck_path.resolve()), epoch=ck["epoch"] if "epoch" in ck else ck["run"]["epoch"],
+        key=key, method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
+        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
+        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
+        sa=pct(first["clean"]), loss=first["loss"],
+        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
+        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
+        checks=checks, warnings=failed, wall_seconds=time.time() - t0)
+    write_text_atomic(out, strict_json(result, indent=1))
+    progress.path.unlink(missing_ok=True)
+    for w in failed + [format_eval_table([result]), f"wrote {out}"]:
+        log(w)
+    return result
 
-    def pgd_part():  # worst case per example over the restarts and the clean input (as AutoAttack counts)
+
+def eval_parts(net, x, y, progress: EvalProgress, cfg: Config, *, bs, steps, restarts, attack, aa_version, aa_iters,
+               check_subset, seed) -> tuple[dict, dict, dict | None]:
+    """evaluate_checkpoint's three parts, each saved by `progress` when done: PGD (worst case per example over
+    the restarts and the clean input, as AutoAttack counts), the gradient-masking checks, AutoAttack."""
+    (eps, alpha), dev = cfg.eps(train=False), x.device
+
+    def pgd_part():
         ex = evaluate_examples(net, Batches(x, y, batch_size=bs), eps=eps, alpha=alpha,
                                steps=steps if attack != "autoattack" else 0, norm=cfg.norm, restarts=restarts,
                                generator=torch.Generator(dev).manual_seed(seed))
         return dict(clean=ex["clean"].tolist(), robust=(ex["clean"] & ex["robust"]).tolist(),
                     loss=ex["loss"].mean().item(), adv_loss=ex["adv_loss"].mean().item())
     first = progress.part("pgd", pgd_part)
-    n_check = check_subset or len(y)
+    n = check_subset or len(y)
     checks = progress.part("checks", lambda: masking_checks(
-        net, Batches(x[:n_check], y[:n_check], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm,
-        seed=seed))
+        net, Batches(x[:n], y[:n], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm, seed=seed))
 
     def aa_part():
         def save(partial):
@@ -2762,31 +2891,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
                                  done=progress.done.get("autoattack_partial"), on_batch=save)
         progress.done.pop("autoattack_partial", None)
         return result
-    aa = progress.part("autoattack", aa_part) if attack != "pgd" else None
-
-    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
-    ra_pgd = pct(first["robust"]) if attack != "autoattack" else None
-    ra_aa = pct(aa["robust"]) if aa else None
-    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
-    warnings = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
-                if c["ok"] is False]
-    epoch = ck["epoch"] if "epoch" in ck else ck["run"]["epoch"]
-    result = dict(
-        file=out.name, checkpoint=str(ck_path.resolve()), epoch=epoch, key=key,
-        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
-        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
-        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
-        sa=pct(first["clean"]), loss=first["loss"],
-        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
-        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
-        checks=checks, warnings=warnings, wall_seconds=time.time() - t0)
-    write_text_atomic(out, strict_json(result, indent=1))
-    progress.path.unlink(missing_ok=True)
-    for w in warnings:
-        log(w)
-    log(format_eval_table([result]))
-    log(f"wrote {out}")
-    return result
+    return first, checks, progress.part("autoattack", aa_part) if attack != "pgd" else None
 
 
 def format_eval_table(rows: list[dict]) -> str:
@@ -2855,39 +2960,34 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
         for model, mode in (("dense", "dense"), ("sparse", sparse), ("thin", "dense")):
             run_cfg = dataclasses.replace(cfg, mode=mode, ticket="unstructured", **fast)
             t = Trainer(run_cfg, method_for(run_cfg), device=device, dist=Dist(), input_shape=shape)
-            t.batches = Batches(x, y, batch_size=cfg.batch_size)
+            t.batches = Shards(x, y, batch_size=cfg.batch_size)
             xb, yb = next(iter(t.batches))  # the batch as a step sees it: pixels in [0, 1], t.batches.rows set
             t.method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
             if model == "thin":
                 t.adopt(slim(t.net, {n: max(1, round(cfg.density * g.numel())) for n, g in bn_gammas(t.net).items()}))
                 t.optimizer, t.scheduler = sgd(run_cfg, t.net)
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            for _ in range(3):
-                t.step(xb, yb, 1, cfg.train_attack)
-            sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            n, t0 = 0, time.perf_counter()
-            while n < 5 or time.perf_counter() - t0 < 2.0:
-                t.step(xb, yb, 1, cfg.train_attack)
-                n += 1
-            sync()
-            ips = n * cfg.batch_size / (time.perf_counter() - t0)
+            step = seconds(lambda: t.step(xb, yb, 1, cfg.train_attack), device=device, reps=7)
             memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext():
+            with torch.no_grad(), autocast(device.type, t.amp):
                 inference = seconds(lambda: t.core.eval()(xb), device=device)
-            fwd = forward_flops(t.per_weight, {n: p.numel() for n, p in prunable(t.net).items()}, t.unowned)
-            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * fwd  # the kernels that run
+            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * forward_flops(
+                t.per_weight, weight_counts(t.net), t.unowned)  # the kernels that run, masked weights included
+            ips = cfg.batch_size / step
             rows.append(dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
                              flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
                              epoch_s=45000 / ips, tflops=executed * ips / 1e12,
                              peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
-            r = rows[-1]
-            log(f"{label:28s} {r['model']:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  "
-                f"FLOPs {r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
-                + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
-                + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
+            log(benchmark_line(rows[-1]))
     return rows
+
+
+def benchmark_line(r: dict) -> str:
+    return (f"{r['variant']:28s} {r['model']:6s} AT {r['images_per_s']:9.1f} img/s  inference {r['inference_per_s']:9.1f} "
+            f"img/s  FLOPs {r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
+            + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if r["peak_fraction"] else "")
+            + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
 
 
 # ----------------------------------------------------------------------------- main
@@ -2897,9 +2997,14 @@ def _parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
-    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    def flag(name, v):  # a preset's value as the flags that set it
+        f = "--" + name.replace("_", "-")
+        return (f if v else f"--no-{f[2:]}") if isinstance(v, bool) else f"{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+    presets = "; ".join(f"{k}: " + " ".join(flag(*kv) for kv in p.items()) for k, p in PRESETS.items())
+    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                    epilog=f"presets: {presets}")
     for f in dataclasses.fields(Config):
-        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch")}
+        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch", "valid")}
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool) or "switch" in f.metadata:  # --x / --no-x; a switch defaults by device
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
