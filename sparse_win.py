@@ -2207,10 +2207,8 @@ class RunState:
 
 
 class Trainer:
-    """One training process: the model, its optimizer, method, FLOP ledger, generator and run state, and the
-    pieces of the paper's loop that train() strings together around the library's adversarial_step. net is
-    the model; core the one that attacks and evaluates (compiled if asked); model the one the update runs
-    (DistributedDataParallel under torchrun): all three are net in one process without --compile."""
+    """One training process and the pieces train() strings together around adversarial_step. net is the model;
+    core attacks and evaluates (compiled if asked); model runs the update (DDP under torchrun), else net."""
 
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
@@ -2227,49 +2225,44 @@ class Trainer:
         self.optimizer, self.scheduler = sgd(cfg, self.net)
         self.ledger, self.run, self.config = FlopLedger(), RunState(world=dist.world), dataclasses.asdict(cfg)
         self.batches, self.eval_batches = None, {}  # training Shards; val / test / gap Shards
-        self.average: WeightAverage | None = None  # --ema-decay: from the first AT step on
-        self.fwd = None  # forward FLOPs per image at the density in force; None: count again
+        self.average, self.fwd = None, None  # --ema-decay's WeightAverage; forward FLOPs now (None: count again)
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Step i of the epoch on this rank's rows: adversarial_step (kind none: Robust Bird's stage 1) and around
-        it the program's part: the random start drawn for the global batch, AWP from --awp-warmup on, the stop
-        and non-finite checks over ranks before backward, the ledger, the masks compared after an update.
-        Returns (loss, adversarial logits, stop asked)."""
+        """Step i of the epoch: adversarial_step (kind none: Robust Bird's stage 1) plus the program's part (the
+        start drawn for the global batch, AWP's warmup, the stop and non-finite checks over ranks before backward,
+        the ledger, the masks compared after an update). Returns (loss, adversarial logits, stop asked)."""
         cfg, (eps, alpha), stopping = self.cfg, self.cfg.eps(train=True), []
-        trades = kind != "none" and cfg.loss == "trades"
+        trades, cost = kind != "none" and cfg.loss == "trades", attack_cost(kind, self.cfg.train_steps)
         start = (self.batches.start(x, eps=eps, norm=cfg.norm, kind="trades" if trades else "pgd",
-                                    generator=self.generator) if trades or attack_cost(kind, cfg.train_steps) else None)
+                                    generator=self.generator) if trades or cost else None)
 
         def check(loss):  # one sync, every rank alike: a loss that is not finite on any rank stops the run here
             stop, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
                                        not torch.isfinite(loss)], self.device)
             if bad:
-                raise diverged(loss.item(), self.where(i), self.run_dir is not None and
-                               (self.run_dir / "last.pt").exists(), cfg.lr, self.amp)
+                raise diverged(loss.item(), self.where(i), self.run_dir, cfg.lr, self.amp)
             stopping.append(stop)
-        if self.fwd is None:  # counted again only when the masks may have changed, not at every step
-            self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
+        # the density in force at this step, counted again only when the masks may have changed
+        self.fwd = self.fwd or self.method.forward_flops(self.per_weight, self.unowned)
         out = adversarial_step(
             self.net, x, y, self.optimizer, self.method, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm,
             kind=kind, loss=cfg.loss, beta=cfg.trades_beta, epoch=self.run.epoch, generator=self.generator,
             awp_gamma=cfg.awp_gamma if self.run.epoch + 1 >= cfg.awp_warmup else 0.0, start=start, bf16=self.amp,
             average=self.average if kind != "none" else None, before_backward=check, reduce=self.dist.sum_,
             attack_model=self.core, update_model=self.model)
-        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), out["passes"],
-                           out["forwards"])
+        self.ledger.charge(self.batches.rows[2], self.fwd, cost, out["passes"], out["forwards"])
         if out["update"] is not None:
             self.fwd = None
             self.dist.check_masks(self.method.mask, self.where(i))
             self.run.updates.append(out["update"])
-        if kind != "none" and cfg.ema_decay and self.average is None:  # from the weights after the first AT step
+        if kind != "none" and cfg.ema_decay and self.average is None:  # from the (masked) weights of the first AT step
             self.average = WeightAverage(self.net, decay=cfg.ema_decay)
-            self.average.update(self.net, self.method.mask.masks if self.method.mask is not None else None)
         return out["loss"], out["logits"], stopping[0]
 
     def epoch(self, kind: str, desc: str) -> tuple[float, float]:
-        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
-        Resumes run.partial, if any: the same permutation, the remaining batches, the running sums."""
+        """One epoch (kind: the attack): the global (loss, acc %); resumes run.partial, if any (the same
+        permutation, the remaining batches, the running sums)."""
         self.model.train()
         self.fwd = None  # a resumed or adopted mask: count from the masks in force now
         part = self.run.partial or {}
@@ -2298,16 +2291,14 @@ class Trainer:
         loss_sum, correct, n = self.dist.sum_(sums).tolist()
         return loss_sum / n, 100 * correct / n
 
-    def where(self, step: int) -> str:
-        """Where step `step` of the epoch in progress is, for messages: 'epoch 3, step 5/40'."""
-        epoch = (f"ticket epoch {self.method.pretrain_epochs + 1}" if self.method.pretraining
-                 else f"epoch {self.run.epoch + 1}")
-        return f"{epoch}, step {step}/{len(self.batches)}"
+    def where(self, step: int) -> str:  # for messages: 'epoch 3, step 5/40'
+        m = self.method
+        stage = f"ticket epoch {m.pretrain_epochs + 1}" if m.pretraining else f"epoch {self.run.epoch + 1}"
+        return f"{stage}, step {step}/{len(self.batches)}"
 
     def start_afresh(self):
-        """Robust Bird adopted its ticket: rank 0's masks on every rank (a channel ticket: the thin network, the
-        same on every rank since DDP keeps the BatchNorm scales equal), stage 1's cost recorded, and AT starts
-        with a fresh optimizer and schedule."""
+        """Robust Bird adopted its ticket: rank 0's masks on every rank (a channel ticket's thin network is alike
+        on all: DDP keeps the BatchNorm scales equal), stage 1's cost recorded, a fresh optimizer and schedule."""
         self.dist.share_masks(self.method.mask)
         if self.method.model is not self.net:
             self.adopt(self.method.model)
@@ -2319,25 +2310,22 @@ class Trainer:
         self.fwd = None
 
     def adopt(self, net: nn.Module):
-        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again; the caller
-        makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only)."""
+        """Train `net` (slim's thinner network) from now on (the caller makes a new optimizer); the FLOPs per weight
+        stay (a conv's depend on its output size only)."""
         self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
                                                     self.dist)
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
-        """SA and RA (%) and losses on the val, test or gap batches (all ranks' shards), of the weight average
-        when there is one (--ema-decay), else of the model; in fp32 (evaluate_examples)."""
+        """SA, RA (%) and losses on the val, test or gap batches (all shards) of the average (--ema-decay) or model."""
         (eps, alpha), b = self.cfg.eps(train=False), self.eval_batches[split]
         start = lambda x: b.start(x, eps=eps, norm=self.cfg.norm, generator=self.generator)  # noqa: E731
         return evaluate(self.average.model if self.average is not None else self.core, b, eps=eps, alpha=alpha,
                         steps=self.cfg.test_steps, norm=self.cfg.norm, start=start, reduce=self.dist.sum_)
 
-    def share_buffers(self):
-        """Rank 0's BatchNorm statistics (of the model and of its average) on every rank."""
-        for net in (self.net, self.average.model if self.average is not None else None):
-            if net is not None:
-                self.dist.share_buffers(net)
+    def share_buffers(self):  # rank 0's BatchNorm statistics (the model's and its average's) on every rank
+        for net in [self.net] + ([self.average.model] if self.average is not None else []):
+            self.dist.share_buffers(net)
 
 
 def record(t: Trainer, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
@@ -2493,8 +2481,9 @@ def stopped(stop: StopRequest | None, where: str) -> RunError:
                     f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
 
 
-def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) -> RunError:
-    kept = "last.pt and best.pt hold the last good checkpoint" if checkpointed else "no checkpoint had been written yet"
+def diverged(loss: float, where: str, run_dir: Path | None, lr: float, amp: bool) -> RunError:
+    kept = ("last.pt and best.pt hold the last good checkpoint" if run_dir is not None and (run_dir / "last.pt").exists()
+            else "no checkpoint had been written yet")
     return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
                     + (" or --no-amp" if amp else ""), DIVERGED)
 
