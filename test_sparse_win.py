@@ -24,13 +24,16 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
 import subprocess
 import symtable
 import sys
+import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +258,57 @@ def test_library_above_the_banner_refers_to_nothing_below_it():
     library = {}  # and the part above the banner, alone, defines the library that README documents
     exec(compile("\n".join(lines[:banner[0] - 1]), "library", "exec"), library)
     for name in ("SparseMask", "Dense", "RobustBird", "FlyingBird", "FlyingBirdPlus", "pgd", "fgsm_rs", "evaluate",
-                 "model_flops", "forward_flops", "FlopLedger", "EarlyBird", "build_model", "fbplus_decision"):
+                 "model_flops", "forward_flops", "FlopLedger", "EarlyBird", "build_model", "fbplus_decision",
+                 "adversarial_step", "save_model", "load_model"):
         assert name in library, name
+
+
+COPIED = """
+import sys
+for name in ("torchvision", "tqdm", "matplotlib"):
+    sys.modules[name] = None  # as if not installed: importing it fails
+import torch
+import mylib as sw
+
+arch = dict(arch="resnet18", num_classes=10, in_channels=1, width=0.0625)
+x, y = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+for loss, method in (("trades", sw.FlyingBirdPlus(start_epoch=0, window=1, threshold=0.0, density=0.3, interval=2,
+                                                  interval_late=2)), ("ce", None)):
+    torch.manual_seed(0)
+    net = sw.build_model(**arch)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    if method is not None:
+        method.start(net, total_steps=4, epochs=4)
+    gen, updates = torch.Generator().manual_seed(1), []
+    for epoch in range(4):  # one step per epoch; FB+ records a widening gap and a rising loss after each
+        out = sw.adversarial_step(net, x, y, opt, method, eps=0.1, alpha=0.025, steps=2, loss=loss, epoch=epoch,
+                                  generator=gen)
+        updates += [out["update"]] if out["update"] else []
+        if method is not None:
+            method.end_epoch(50.0 + epoch, dict(ra=40.0, adv_loss=1.0 + epoch))
+    sw.save_model(f"{loss}.pt", net, architecture=arch, mask=method.mask if method else None)
+    back = sw.load_model(f"{loss}.pt")
+    same = torch.equal(back(x), net.eval()(x))
+    print(loss, same, [(u["step"], u["extra_prune"] > 0, u["density"]) for u in updates],
+          method.mask.density if method else 1.0, round(out["loss"].item(), 4) > 0)
+"""
+
+
+def test_the_copied_library_trains_saves_and_loads_alone(tmp_path):
+    """The file down to '# === program', copied into another project, trains with adversarial_step (Flying Bird+
+    with TRADES, and plain PGD-AT), saves with save_model and loads with its own load_model to the same logits,
+    in a process where torchvision, tqdm and matplotlib cannot be imported."""
+    lines = Path(sw.__file__).read_text().splitlines(keepends=True)
+    (tmp_path / "mylib.py").write_text("".join(lines[:next(i for i, s in enumerate(lines) if s.startswith("# ==="))]))
+    (tmp_path / "copied.py").write_text(COPIED)
+    p = subprocess.run([sys.executable, "copied.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    trades, ce = p.stdout.splitlines()
+    # FB+ updates at steps 2 and 4; at step 4 the gap rose in the window: extra pruning (density below 0.3)
+    assert trades.startswith("trades True [(2, False, 0.3") and ", (4, True, 0." in trades, trades
+    assert float(trades.split("] ")[1].split()[0]) < 0.3
+    assert ce == "ce True [] 1.0 True"
 
 
 # ----------------------------------------------------------------------------- 2. models
@@ -442,8 +494,8 @@ def test_pgd_l2_one_step_closed_form_linear(d, k, b, seed, eps, ratio):
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(3, 7), world=st.integers(2, 3), seed=SEEDS, norm=st.sampled_from(["linf", "l2"]))
 def test_pgd_on_a_shard_equals_the_slice_of_the_full_batch(b, world, seed, norm):
-    """rows = (lo, hi, n): a rank's PGD on its shard draws the random start of the whole batch and keeps its
-    rows, so it gives what one process gives for those rows (a linear model: per-example gradients)."""
+    """A rank's PGD on its rows lo:hi, started from the slice of the whole batch's random start (attack_start),
+    gives what one process gives for those rows (a linear model: per-example gradients)."""
     model, x, y = linear_problem(6, 3, b, seed)
     eps = 0.1 if norm == "linf" else 0.5
     kw = dict(eps=eps, alpha=eps / 4, steps=2, norm=norm)
@@ -452,8 +504,8 @@ def test_pgd_on_a_shard_equals_the_slice_of_the_full_batch(b, world, seed, norm)
     for rank in range(world):
         lo = rank * q + min(rank, r)
         hi = lo + q + (rank < r)
-        part = sw.pgd(model, x[lo:hi], y[lo:hi], rows=(lo, hi, b), generator=torch.Generator().manual_seed(seed),
-                      **kw)
+        start = sw.attack_start(x.shape, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
+        part = sw.pgd(model, x[lo:hi], y[lo:hi], start=start[lo:hi], **kw)
         # loosened for L2 only: the mean loss scales gradients by 1/len(batch); sign() drops it exactly,
         # the L2 normalization up to rounding
         torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0 if norm == "linf" else 1e-12)
@@ -1017,6 +1069,45 @@ def test_every_method_answers_density_and_flops(make):
         assert method.forward_flops(per_weight, constant) == sw.forward_flops(per_weight, counts, constant) < dense
 
 
+def test_names_are_checked_and_methods_used_before_start_say_so():
+    """A misspelled name is a ValueError naming the choices (never a silent fallback); a method used before
+    start() says to call it."""
+    model, x, y = linear_problem(4, 3, 2, 0)
+    for make, words in ((lambda: sw.FlyingBird(growth="gradiant"), "unknown growth 'gradiant'; choose from random, "
+                         "gradient"), (lambda: sw.FlyingBirdPlus(start_epoch=0, allocation="igg"), "unknown allocation"),
+                        (lambda: sw.EarlyBird(density=0.5, kind="chanel"), "unknown ticket 'chanel'"),
+                        (lambda: sw.build_model("resnet19"), "unknown arch 'resnet19'"),
+                        (lambda: sw.pgd(model, x, y, eps=0.1, alpha=0.1, steps=1, norm="l3"), "unknown norm 'l3'"),
+                        (lambda: sw.perturb(model, x, y, kind="fgsm", eps=0.1, alpha=0.1, steps=1), "unknown attack"),
+                        (lambda: sw.layer_densities([(4, 4)], 0.5, "ERK"), "unknown allocation 'ERK'"),
+                        (lambda: sw.adversarial_step(model, x, y, None, eps=0.1, alpha=0.1, steps=1, loss="mart"),
+                         "unknown loss 'mart'; choose from ce, trades")):
+        with pytest.raises(ValueError, match=words):
+            make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for method in (sw.Dense(), sw.RobustBird(density=0.5), sw.FlyingBird(), sw.FlyingBirdPlus(start_epoch=0)):
+        with pytest.raises(sw.SparseWinError, match=re.escape(f"{method.name}: call start(model, total_steps=, epochs=)")):
+            method.after_step(opt, 0)
+
+
+@pytest.mark.parametrize("interval, late, warns", [(20, 30, False), (21, 40, False), (21, 41, True),
+                                                   (900, 1200, True)])
+def test_flying_bird_warns_when_no_topology_update_would_happen(interval, late, warns):
+    """40 steps in 2 epochs: T = interval for steps 1-20, T = late for 21-40 (as after_step switches); a run
+    that no update would reach warns at start() and carries on (the mask stays as drawn)."""
+    model = tiny_cnn(torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fb = sw.FlyingBird(interval=interval, interval_late=late)
+        fb.start(model, total_steps=40, epochs=2)
+    assert [str(w.message) for w in caught] == ([f"Flying Bird: no topology update in 40 steps (T = {interval}, "
+                                                 f"then {late}): the mask stays as drawn; choose shorter intervals"]
+                                                if warns else [])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    updates = [s for s in range(40) if fb.after_step(opt, s // 20) is not None]
+    assert bool(updates) != warns
+
+
 # ----------------------------------------------------------------------------- 9. Robust Bird: the early-bird ticket
 
 @settings(max_examples=30, deadline=None)
@@ -1362,6 +1453,16 @@ def test_robust_bird_channel_ticket_adopts_a_thinner_network():
     assert rb.state_dict()["channels"] == rb.channels
 
 
+def test_early_bird_rule_at_its_boundary():
+    """As released: a mask distance exactly equal to the threshold counts as settled."""
+    a = {"w": torch.tensor([True, True, False, False])}
+    b = {"w": torch.tensor([True, False, True, False])}  # distance 2 / 4
+    for threshold, emerged in ((0.5, True), (0.49, False)):
+        eb, masks = sw.EarlyBird(density=0.5, queue=2, threshold=threshold), [a, b]
+        eb.current = lambda model: masks.pop(0)
+        assert [eb.record(None), eb.record(None)] == [False, emerged] and eb.distances == [1.0, 0.5]
+
+
 # ----------------------------------------------------------------------------- 10. Flying Bird: the cosine death rate
 
 @settings(max_examples=30, deadline=None)
@@ -1608,7 +1709,7 @@ def test_awp_keeps_batchnorm_statistics_and_restores_after_an_error():
             raise RuntimeError("boom")
     assert all(torch.equal(v_, before[k]) for k, v_ in model.state_dict().items())
     twice = sw.awp_perturbation(model, lambda f: F.cross_entropy(f(x), y), gamma=0.01,
-                                all_reduce=lambda t: t.mul_(2))  # a sum over 2 equal ranks: the same v
+                                reduce=lambda t: t.mul_(2))  # a sum over 2 equal ranks: the same v
     assert all(torch.allclose(twice[n], v[n], rtol=1e-6, atol=0) for n in v)
 
 
@@ -2031,8 +2132,8 @@ def test_batches_shards_are_the_rows_of_one_process(n, batch, world, seed, shuff
     y = torch.arange(n)  # the labels name the rows
 
     def epoch(rank, w):
-        b = sw.Batches(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
-                       rank=rank, world=w)
+        b = sw.Shards(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                      rank=rank, world=w)
         return [(yb.clone(), b.rows) for _, yb in b]
     one, shards = epoch(0, 1), [epoch(r, world) for r in range(world)]
     assert all(len(s) == len(one) for s in shards)
@@ -2488,14 +2589,14 @@ def test_paper_defaults():
     (["--fbplus-window", "0"], ["--fbplus-window"]),
     (["--gap-subset", "-1"], ["subset"]),
     (["--ticket", "channel", "--mode", "dynamic"], ["--ticket channel", "--mode static", "dynamic"]),
-    (["--ticket", "filters", "--mode", "static"], ["filters", "unstructured, channel"]),
+    (["--ticket", "filters", "--mode", "static"], ["filters", "'unstructured', 'channel'"]),
     (["--mode", "static", "--bn-l1", "-1"], ["--bn-l1"]),
     (["--eb-threshold", "-0.5"], ["--eb-threshold"]),
-    (["--loss", "mart"], ["mart", "ce or trades"]),
+    (["--loss", "mart"], ["mart", "'ce', 'trades'"]),
     (["--loss", "trades", "--train-attack", "fgsm-rs"], ["--loss trades", "--train-attack"]),
     (["--trades-beta", "-1"], ["--trades-beta", ">= 0"]),
     (["--awp-gamma", "-0.005"], ["--awp-gamma"]),
-    (["--ema-decay", "1"], ["--ema-decay", "(0, 1)"]),
+    (["--ema-decay", "1"], ["--ema-decay", "[0, 1)"]),
     (["--ema-decay", "-0.1"], ["--ema-decay"]),
 ])
 def test_cli_bad_options(capsys, tmp_path, args, words):
@@ -3267,6 +3368,13 @@ def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path, data_dir, mo
     assert "not evaluated" in sw.epoch_line(recs[0], 5)
 
 
+def test_cli_says_in_one_line_when_no_topology_update_would_happen(capsys, tmp_path, data_dir):
+    run_ok(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--epochs", 1, "--update-interval-late", 5))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "topology update" in line]
+    assert lines == ["warning: Flying Bird: no topology update in 4 steps (T = 2, then 5): the mask stays as "
+                     "drawn; choose shorter intervals"]  # one epoch: all of it is the late half
+
+
 # ----------------------------------------------------------------------------- 5. resume
 
 def assert_same_run(a: Path, b: Path):
@@ -3665,28 +3773,34 @@ def test_checkpoints_load_weights_only(dense_run, static_run, fbplus_run):
             torch.load(d / name, map_location="cpu", weights_only=True)  # raises on anything but data
 
 
-def test_checkpoints_of_format_1_still_load_and_newer_ones_are_refused(capsys, tmp_path, data_dir, fbplus_run):
-    """Format 2 stores the mask once (under 'mask') with a 'format' key; checkpoints written before it
-    (format 1: no key, last.pt's mask also under 'method') load in --eval, load_model and --resume."""
-    d = copy_run(fbplus_run, tmp_path / "run")
-    for name in ("best.pt", "last.pt"):
-        ck = load_ck(d / name)
-        assert ck["format"] == sw.CHECKPOINT_FORMAT == 2 and "mask" not in ck.get("method", {})
-        old = {k: v for k, v in ck.items() if k != "format"}
-        if "method" in old:
-            old["method"] = dict(old["method"], mask=old["mask"])
-        torch.save(old, d / name)
+def test_checkpoints_of_formats_1_and_2_still_load_and_newer_ones_are_refused(capsys, tmp_path, data_dir, fbplus_run):
+    """Format 3 adds build_model's arguments ('architecture'); format 2 has a 'format' key and the mask once;
+    format 1 neither (last.pt's mask also under 'method'). Older checkpoints load in --eval and --resume; the
+    library's load_model (no dataset table) reads them given architecture= and refuses them in one line
+    otherwise."""
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sw.load_model(d)(x), sw.load_model(fbplus_run)(x))
-    assert sw.main(["--eval", str(d / "last.pt"), "--attack", "pgd", *map(str, QUICK)]) == 0
-    assert eval_json(d)["epoch"] == 3
-    (d / "summary.json").unlink()
-    assert sw.main(smoke(d, data_dir, *FBPLUS, "--resume")) == 0  # finished: only the final evaluation runs again
-    assert strip(read_run(d)) == strip(read_run(fbplus_run))  # FB+'s history and events restored
+    for fmt in (1, 2):
+        d = copy_run(fbplus_run, tmp_path / f"run{fmt}")
+        for name in ("best.pt", "last.pt"):
+            ck = load_ck(d / name)
+            assert ck["format"] == sw.CHECKPOINT_FORMAT == 3 and "mask" not in ck.get("method", {})
+            arch = ck.pop("architecture")
+            old = dict(ck, format=2) if fmt == 2 else {k: v for k, v in ck.items() if k != "format"}
+            if fmt == 1 and "method" in old:
+                old["method"] = dict(old["method"], mask=old["mask"])
+            torch.save(old, d / name)
+        with pytest.raises(sw.SparseWinError, match=f"checkpoint format {fmt} does not record its architecture"):
+            sw.load_model(d)
+        assert torch.equal(sw.load_model(d, architecture=arch)(x), sw.load_model(fbplus_run)(x))
+        assert sw.main(["--eval", str(d / "last.pt"), "--attack", "pgd", *map(str, QUICK)]) == 0
+        assert eval_json(d)["epoch"] == 3
+        (d / "summary.json").unlink()
+        assert sw.main(smoke(d, data_dir, *FBPLUS, "--resume")) == 0  # finished: only the final evaluation runs again
+        assert strip(read_run(d)) == strip(read_run(fbplus_run))  # FB+'s history and events restored
     ck = load_ck(d / "best.pt")
-    torch.save(dict(ck, format=3), d / "best.pt")
+    torch.save(dict(ck, format=4), d / "best.pt")
     assert_cli_error(capsys, ["--eval", d, "--attack", "pgd"], "best.pt was written by a newer sparse_win",
-                     "checkpoint format 3")
+                     "checkpoint format 4")
 
 
 # ----------------------------------------------------------------------------- 8. the fast path on the CPU
@@ -4002,7 +4116,7 @@ def state_dict_file(d: Path) -> Path:
     (lambda d: d / "nope", "no such checkpoint or run directory: {d}/nope"),
     (lambda d: d, "{d} holds no best.pt; pass a checkpoint file (best.pt or last.pt)"),
     (bytes_file, "{d}/x.pt is not a sparse_win checkpoint (UnpicklingError)"),
-    (state_dict_file, "{d}/sd.pt is not a sparse_win checkpoint (it lacks config, model or mask)"),
+    (state_dict_file, "{d}/sd.pt is not a sparse_win checkpoint (it lacks model or mask)"),
 ])
 def test_eval_bad_paths(capsys, tmp_path, make, line):
     got = assert_cli_error(capsys, ["--eval", make(tmp_path)])
@@ -4011,9 +4125,9 @@ def test_eval_bad_paths(capsys, tmp_path, make, line):
 
 def test_eval_bad_attack_and_missing_pyautoattack(capsys, tmp_path, monkeypatch, dense_run):
     line = assert_cli_error(capsys, ["--eval", dense_run, "--attack", "fgsm"])
-    assert line == "sparse_win.py: error: unknown attack 'fgsm'; choose pgd, autoattack or all"
+    assert line == "sparse_win.py: error: argument --attack: invalid choice: 'fgsm' (choose from 'pgd', 'autoattack', 'all')"
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # as if not installed
-    want = f"sparse_win.py: error: {sw.AA_MISSING}"
+    want = f"sparse_win.py: error: {sw.AA_MISSING} (or pass --attack pgd)"
     for args in (["--eval", dense_run], ["--eval", dense_run, "--attack", "autoattack"],
                  smoke(tmp_path / "run", tmp_path, "--final-eval", "autoattack")):
         assert assert_cli_error(capsys, args) == want
@@ -4161,14 +4275,15 @@ def test_eval_on_cuda_matches_cpu(tmp_path, dense_run):
 # ----------------------------------------------------------------------------- 13. torchrun (DDP) on the CPU
 # Two gloo processes on this machine stand in for two GPUs: the same code path as NCCL on CUDA.
 
-def eval_shards(world: int, rank: int, all_reduce=None) -> dict:
-    """Sharded evaluation of a fixed model on 100 real test images (batches of 33: the last shard is empty)."""
+def eval_shards(world: int, rank: int, reduce=None) -> dict:
+    """Sharded evaluation of a fixed model on 100 real test images (batches of 33: the last shard is empty),
+    each rank's PGD started from its rows of the global batch's random start."""
     torch.manual_seed(0)
     net = smoke_model()
     x, y = (t[:100] for t in sw.load_fashion_mnist("/nonexistent")["test"])
-    batches = sw.Batches(x, y, batch_size=33, rank=rank, world=world)
-    return sw.evaluate(net, batches, eps=0.1, alpha=0.025, steps=3, generator=torch.Generator().manual_seed(1),
-                       all_reduce=all_reduce)
+    batches, gen = sw.Shards(x, y, batch_size=33, rank=rank, world=world), torch.Generator().manual_seed(1)
+    return sw.evaluate(net, batches, eps=0.1, alpha=0.025, steps=3, generator=gen, reduce=reduce,
+                       start=lambda xb: batches.start(xb, eps=0.1, generator=gen))
 
 
 def ddp_worker(rank: int, world: int, store: str, argv: list[str], out: str):
