@@ -662,91 +662,47 @@ class SparseMask:
 # ----------------------------------------------------------------------------- methods
 
 class Method:
-    """What the four methods share: the interface that train() (or your own loop) calls at fixed points,
-    and the answers about the model as it is now, whether a mask exists or not.
-
-        start(model, total_steps=, epochs=)   once, after the model is built and placed
-        pretraining                           True while a stage before AT runs (Robust Bird's ticket)
-        pretrain_epochs                       the number of such epochs run so far
-        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh (then
-                                              train `model`: a channel ticket makes it a thinner network)
-        before_update()                       after backward, before the optimizer step (Robust Bird's
-                                              channel ticket adds the BatchNorm L1 subgradient in stage 1)
-        after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
-                                              update (returned as a record, else None)
-        end_epoch(train_ra, val)              after every AT epoch's validation
-        density, itop_rate(), layer_counts(), forward_flops(per_weight, constant)
-                                              the model now (dense: 1.0, 1.0, every weight, the dense count)
-        mask (a SparseMask; None while dense), channels (channels kept per channel group of a network
-        thinned by slim(); None if not thinned), summary(), state_dict(), load_state_dict()
-    """
+    """The hooks train() or your loop calls, and the model now (dense while mask is None). end_pretrain_epoch():
+    True when AT starts afresh on `model` (a channel ticket thins it); after_step(): a topology update or None."""
     name = "method"
     milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless the caller's schedule says otherwise
 
     def __init__(self):
-        self.mask: SparseMask | None = None
-        self.model: nn.Module | None = None
-        self.channels: dict[str, int] | None = None
-        self.pretraining = False
+        self.mask, self.model, self.channels, self.pretraining = None, None, None, False  # channels: kept by slim()
 
-    def start(self, model: nn.Module, *, total_steps: int, epochs: int):
-        self.model = model
+    def start(self, model: nn.Module, *, total_steps: int, epochs: int): self.model = model
+    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool: return False
+    def before_update(self): pass
+    def end_epoch(self, train_ra: float, val: dict): pass
+    def summary(self) -> dict: return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
+    @property
+    def pretrain_epochs(self) -> int: return 0
 
     def _started(self) -> nn.Module:
         if self.model is None:
             raise SparseWinError(f"{self.name}: call start(model, total_steps=, epochs=) before using it")
         return self.model
 
-    @property
-    def pretrain_epochs(self) -> int:
-        return 0
-
-    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
-        return False
-
-    def before_update(self):
-        pass
-
     def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
         self._started()
         if self.mask is not None:
             self.mask.step(optimizer)  # masked weights and their momentum back to zero
-        return None
 
-    def end_epoch(self, train_ra: float, val: dict):
-        pass
-
-    # -- the model as it is now
     @property
-    def density(self) -> float:
-        """Fraction of the prunable weights that are active (1.0 while dense)."""
-        return self.mask.density if self.mask is not None else 1.0
+    def density(self) -> float: return self.mask.density if self.mask is not None else 1.0  # active fraction
+    def itop_rate(self) -> float: return self.mask.itop_rate() if self.mask is not None else 1.0  # ever active
 
-    def itop_rate(self) -> float:
-        """Fraction of the prunable weights ever active (SparseMask.itop_rate; 1.0 while dense)."""
-        return self.mask.itop_rate() if self.mask is not None else 1.0
+    def layer_counts(self) -> dict[str, int]:  # active weights per prunable layer
+        return self.mask.layer_counts() if self.mask is not None else weight_counts(self._started())
 
-    def layer_counts(self) -> dict[str, int]:
-        """Active weights per prunable layer (every weight while dense)."""
-        if self.mask is not None:
-            return self.mask.layer_counts()
-        return weight_counts(self._started())
-
-    def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:
-        """Forward FLOPs per image now, from model_flops' (per_weight, constant)."""
+    def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:  # from model_flops()
         return forward_flops(per_weight, self.layer_counts(), constant)
-
-    # -- records and checkpoints
-    def summary(self) -> dict:
-        return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
 
     def state_dict(self) -> dict:
         return dict(mask=self.mask.state_dict() if self.mask is not None else None, channels=self.channels,
                     pretraining=self.pretraining)
 
-    def load_state_dict(self, state: dict):
-        """The state of state_dict(); the model must already be the one it describes (thinned by slim() to
-        `channels`, when given)."""
+    def load_state_dict(self, state: dict):  # into the model it describes (thinned by slim() to `channels`)
         self.pretraining, self.channels = state["pretraining"], state.get("channels")
         if state["mask"] is not None:
             if self.mask is None:  # adopted after start(): Robust Bird's ticket
@@ -754,8 +710,7 @@ class Method:
             self.mask.load_state_dict(state["mask"])
 
 
-class Dense(Method):
-    """Dense PGD adversarial training (Madry et al. 2018): the baseline rows of Table 1."""
+class Dense(Method):  # dense PGD AT (Madry et al. 2018): the baseline rows of Table 1
     name = "dense AT"
 
 
@@ -766,26 +721,21 @@ def magnitude_mask(weights: dict[str, torch.Tensor], density: float) -> dict[str
     flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[flat.topk(round(density * flat.numel()), sorted=False).indices] = True
-    parts = keep.split([w.numel() for w in weights.values()])
-    return {n: k.view(w.shape) for (n, w), k in zip(weights.items(), parts)}
+    return {n: k.view(w.shape) for (n, w), k in zip(weights.items(), keep.split([w.numel() for w in weights.values()]))}
 
 
-def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Normalized Hamming distance: fraction of positions where the two masks differ."""
-    diff = sum(int((a[n] != b[n]).sum()) for n in a)
-    return diff / sum(m.numel() for m in a.values())
+def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:  # normalized Hamming distance
+    return sum(int((a[n] != b[n]).sum()) for n in a) / sum(m.numel() for m in a.values())
 
 
-def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The BatchNorm scaling factors (gamma) of the model's channel groups (channel_groups), by BN name."""
+def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:  # BatchNorm scales of the channel_groups, by BN name
     mods = dict(model.named_modules())
     return {n: mods[n].weight for n in channel_groups(model)}
 
 
 def channel_mask(gammas: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """Network slimming's global threshold (Liu et al. 2017; Early-Bird's channel tickets): keep exactly
-    max(round(density * total), groups) channels with the largest |gamma| over all groups, at least one
-    per group (each group's largest first, then the largest of the rest)."""
+    """Network slimming's global threshold (Liu et al. 2017; Early-Bird's channel tickets): keep the
+    max(round(density * total), groups) largest |gamma| over all groups, each group's largest first."""
     flat = torch.cat([g.detach().abs().float().flatten() for g in gammas.values()])
     sizes = [g.numel() for g in gammas.values()]
     starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
@@ -800,24 +750,15 @@ EB_THRESHOLD = {"unstructured": 0.08, "channel": 0.1}  # released RB; Early-Bird
 
 
 class EarlyBird:
-    """Early-bird ticket detector (You et al. 2020; Robust Bird, Sec. 3.1).
-
-    After every standard-training epoch, record() computes the ticket mask the model would give now
-    and keeps the last `queue` masks; the ticket has emerged when the newest is within `threshold`
-    (normalized Hamming distance) of each older one. kind "unstructured": the global magnitude mask
-    of the conv weights (any conv: weight.dim() >= 3; linear and attention weights left out, as the
-    released code does for its CNNs) at the target density. kind "channel": the channel mask of the
-    BatchNorm scaling factors (channel_mask), `density` = the fraction of channels kept.
-    """
+    """Early-bird ticket detector (You et al. 2020; Sec. 3.1): emerged when the newest of the last `queue` masks
+    is within `threshold` (normalized Hamming) of each older one; masks of conv magnitudes (as released) or channels."""
 
     def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, kind: str = "unstructured"):
         check_choice("ticket", kind, TICKETS)
         self.density, self.queue, self.threshold, self.kind = density, queue, threshold, kind
-        self.masks: list[dict[str, torch.Tensor]] = []
-        self.distances: list[float] = []  # max distance newest-to-older, per record
+        self.masks, self.distances = [], []  # the last `queue` masks; max distance newest-to-older, per record
 
-    def current(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The mask record() compares: conv magnitudes, or BatchNorm channels."""
+    def current(self, model: nn.Module) -> dict[str, torch.Tensor]:  # the mask record() compares
         if self.kind == "channel":
             return channel_mask(bn_gammas(model), self.density)
         return magnitude_mask({n: w for n, w in prunable(model).items() if w.dim() >= 3}, self.density)
@@ -829,36 +770,18 @@ class EarlyBird:
         return self.emerged
 
     @property
-    def emerged(self) -> bool:
-        return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
+    def emerged(self) -> bool: return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
 
-    def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The ticket to train: the global magnitude mask over every prunable weight (conv *and* linear),
-        or for kind "channel" the channel mask, as record() computes it."""
+    def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:  # magnitude over conv *and* linear; or channels
         return self.current(model) if self.kind == "channel" else magnitude_mask(prunable(model), self.density)
 
-    def state_dict(self) -> dict:
-        return dict(masks=self.masks, distances=self.distances)
-
-    def load_state_dict(self, state: dict):
-        self.masks, self.distances = list(state["masks"]), list(state["distances"])
+    def state_dict(self) -> dict: return dict(masks=self.masks, distances=self.distances)
+    def load_state_dict(self, state: dict): self.masks, self.distances = list(state["masks"]), list(state["distances"])
 
 
 class RobustBird(Method):
-    """Robust Bird (Sec. 3.1): an early-bird ticket found by cheap *standard* training, then AT of
-    that fixed sparse subnetwork.
-
-    Stage 1 trains the dense model without an attack and, after every epoch, records the global
-    magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
-    is within `threshold` (None: 0.08, normalized Hamming) of each older one, or after `max_epochs`,
-    the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
-    start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
-
-    ticket="channel" (Early-Bird's own kind, You et al. 2020): stage 1 adds the L1 penalty `bn_l1` on the
-    channel groups' BatchNorm scales (network slimming), the detector compares channel masks (threshold
-    None: 0.1), `density` is the fraction of channels kept, and adoption rebuilds `model` physically
-    without the pruned channels (slim): AT then trains a smaller dense network, no mask.
-    """
+    """Robust Bird (Sec. 3.1): dense training, no attack (counted in the FLOPs), until EarlyBird's ticket emerges; then
+    AT of that subnetwork, weights kept. ticket="channel": L1 `bn_l1` on BN scales (network slimming), then slim()."""
     name = "Robust Bird"
     milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
 
@@ -883,15 +806,10 @@ class RobustBird(Method):
                     g.grad.add_(torch.sign(g.detach()), alpha=self.bn_l1)
 
     @property
-    def density(self) -> float:
-        """Active fraction of the prunable weights; for a channel ticket, the thin network's weights as a
-        fraction of the full network's."""
-        if self.channels is None:
-            return super().density
-        return sum(weight_counts(self.model).values()) / self.full_weights
+    def density(self) -> float:  # a channel ticket: the thin network's weights over the full network's
+        return super().density if self.channels is None else sum(weight_counts(self.model).values()) / self.full_weights
 
-    def itop_rate(self) -> float:
-        return self.density if self.channels is not None else super().itop_rate()
+    def itop_rate(self) -> float: return self.density if self.channels is not None else super().itop_rate()
 
     def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
         self.ticket_epochs += 1
@@ -920,8 +838,7 @@ class RobustBird(Method):
         self.ticket_epochs = state["ticket_epochs"]
 
     @property
-    def pretrain_epochs(self) -> int:
-        return self.ticket_epochs
+    def pretrain_epochs(self) -> int: return self.ticket_epochs
 
 
 # ----------------------------------------------------------------------------- Flying Bird (Sec. 3.2)
@@ -933,23 +850,16 @@ def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: 
 
 
 class FlyingBird(Method):
-    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
-
-    A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
-    steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
-    ceil(p * nnz) smallest |w| and regrows as many among all positions then inactive (random, or by
-    |grad| as RigL); p decays on a cosine from 0.5 to 0.005 over all steps. Regrown weights and their
-    momentum start at zero.
-    """
+    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density from a random mask (IGQ, as released): every T
+    steps each layer not full drops its ceil(p * nnz) smallest |w| and regrows as many (random, or |grad|: RigL)."""
     name = "Flying Bird"
 
     def __init__(self, *, density: float = 0.2, allocation: str = "igq", growth: str = "random", seed: int = 0,
                  death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
                  interval_late: int = 1200):
         super().__init__()
-        check_choice("allocation", allocation, ALLOCATIONS)
+        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
         self.target_density, self.growth, self.seed = density, check_choice("growth", growth, GROWTHS), seed
-        self.allocation = allocation
         self.death_rate, self.death_rate_final = death_rate, death_rate_final
         self.interval, self.interval_late = interval, interval_late
 
@@ -962,9 +872,7 @@ class FlyingBird(Method):
             warnings.warn(f"{self.name}: no topology update in {total_steps} steps (T = {self.interval}, then "
                           f"{self.interval_late}): the mask stays as drawn; choose shorter intervals", stacklevel=2)
 
-    def decide(self, epoch: int, step: int) -> dict:
-        """update() keyword arguments for the topology update at this step: none for FB (FB+ adds some)."""
-        return {}
+    def decide(self, epoch: int, step: int) -> dict: return {}  # update()'s extra arguments at this step: FB+'s
 
     def after_step(self, optimizer, epoch) -> dict | None:
         self._started()
@@ -982,30 +890,19 @@ class FlyingBird(Method):
 
 def fbplus_decision(gaps: list[float], losses: list[float], *, window: int = 4,
                     threshold: float = 0.5) -> tuple[bool, bool]:
-    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth) from per-epoch histories.
-
-    Extra pruning when at least threshold * window of the last `window` differences of the
-    robust gap (train RA - val RA) are increases; extra growth when at least as many of the
-    val adversarial loss's differences are not decreases. Too short a history: neither.
-    """
+    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth): whether >= threshold * window of the last `window` changes
+    of the robust gap (train RA - val RA) are rises / of the val adversarial loss not falls. Short history: neither."""
     def count(h, rising):
-        if len(h) < window + 1:
-            return -1
         tail = h[-window - 1:]
-        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:]))
+        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:])) if len(h) > window else -1
     enough = threshold * window
     return count(gaps, True) >= enough, count(losses, False) >= enough
 
 
 class FlyingBirdPlus(FlyingBird):
-    """Flying Bird+ (Sec. 3.2): Flying Bird whose sparsity adapts from `start_epoch` (half of training).
-
-    After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
-    topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
-    least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
-    k + ceil(growth_ratio * k) instead of k = ceil(p * nnz) (the normal prune count, as released) when the
-    val adversarial loss did not fall in as many.
-    """
+    """Flying Bird+ (Sec. 3.2): from `start_epoch` (half of training) a topology update prunes ceil(p * prune_ratio
+    * nnz) more per layer when the robust gap rose, and regrows k + ceil(growth_ratio * k), k = ceil(p * nnz) (as
+    released), when the val adversarial loss did not fall, each in >= threshold x window of the last `window` epochs."""
     name = "Flying Bird+"
 
     def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5, prune_ratio: float = 0.4,
@@ -1013,27 +910,22 @@ class FlyingBirdPlus(FlyingBird):
         super().__init__(**flying_bird)
         self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
         self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
-        self.gaps: list[float] = []
-        self.losses: list[float] = []
-        self.events: list[dict] = []
+        self.gaps, self.losses, self.events = [], [], []  # per epoch: gap, val adv loss; the fired FB+ events
 
     def record(self, gap: float, val_adv_loss: float):
         self.gaps.append(gap)
         self.losses.append(val_adv_loss)
 
-    def end_epoch(self, train_ra, val):
-        self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
+    def end_epoch(self, train_ra, val): self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train - val RA
 
     def decide(self, epoch: int, step: int) -> dict:
-        """FB+'s extra pruning and growth for this topology update (fbplus_decision); fired events are recorded."""
         prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
                        if epoch >= self.start_epoch else (False, False))
         if prune or grow:
             self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
         return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
 
-    def summary(self) -> dict:
-        return dict(super().summary(), fbplus_events=self.events)
+    def summary(self) -> dict: return dict(super().summary(), fbplus_events=self.events)
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), gaps=self.gaps, losses=self.losses, events=self.events)
@@ -1044,14 +936,11 @@ class FlyingBirdPlus(FlyingBird):
 
 
 # ----------------------------------------------------------------------------- regularizers, with every method
-# The paper's abstract: sparsity "can be organically combined with existing regularizers". These are the three
-# most robust models are trained with; each takes the masks, so a sparse model stays exactly as sparse.
+# The abstract: sparsity "can be organically combined with existing regularizers"; these three keep the masks.
 
 def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                   generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
-    """TRADES' inner maximization (Zhang et al. 2019): from x + 0.001 N(0, I) (start: that offset, default
-    drawn by attack_start), PGD steps that maximize KL(f(x) || f(x')) (the clean distribution computed
-    once, a constant), in the eps-ball and [0, 1]."""
+    """TRADES' inner maximization (Zhang et al. 2019): PGD on KL(f(x) || f(x')) from x + start (attack_start's)."""
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
     if start is None:
@@ -1061,9 +950,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, alpha: float
 
 
 def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *, beta: float):
-    """TRADES' objective: CE(f(x), y) + beta * KL(f(x) || f(x')), the KL summed over classes and averaged
-    over the batch (as the reference code). model: a module or any callable x -> logits. Returns (loss,
-    the adversarial logits)."""
+    """TRADES' objective CE(f(x), y) + beta * KL(f(x) || f(x')), batchmean as the reference: (loss, adv logits)."""
     logits, adv_logits = model(x), model(x_adv)
     kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * kl, adv_logits
@@ -1071,11 +958,8 @@ def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
 
 def awp_perturbation(model: nn.Module, loss_fn, *, gamma: float, masks: dict[str, torch.Tensor] | None = None,
                      reduce=None) -> dict[str, torch.Tensor]:
-    """AWP's weight perturbation (Wu et al. 2020): for every conv and linear weight w_l, v_l = gamma * ||w_l||
-    * g_l / ||g_l||, g the gradient of the adversarial loss loss_fn(forward) w.r.t. the weights (one ascent
-    step, scaled layer by layer, as the reference's proxy model computes it). The forward runs on copies of
-    the buffers, so BatchNorm statistics stay as they were. masks: v is zero on pruned weights. reduce: applied
-    to the flat gradient first (e.g. a sum over processes, so that all get one perturbation)."""
+    """AWP (Wu et al. 2020): v_l = gamma ||w_l|| g_l / ||g_l|| per prunable weight, g the gradient of loss_fn(forward)
+    (one ascent step, as the reference) with copied buffers (BN statistics stay), 0 where masks prune; reduce: on g."""
     weights = prunable(model)
     state = {**dict(model.named_parameters()), **{n: b.clone() for n, b in model.named_buffers()}}
     loss = loss_fn(lambda x: torch.func.functional_call(model, state, (x,)))
@@ -1083,16 +967,12 @@ def awp_perturbation(model: nn.Module, loss_fn, *, gamma: float, masks: dict[str
     if reduce is not None:
         flat = reduce(torch.cat([g.flatten() for g in grads]))
         grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-    v = {}
-    for (n, w), g in zip(weights.items(), grads):
-        g = g * masks[n] if masks is not None and n in masks else g
-        v[n] = gamma * w.detach().norm() * g / (g.norm() + 1e-20)  # reference EPS 1e-20
-    return v
+    grads = {n: g * masks[n] if masks is not None and n in masks else g for n, g in zip(weights, grads)}
+    return {n: gamma * weights[n].detach().norm() * g / (g.norm() + 1e-20) for n, g in grads.items()}  # ref. EPS 1e-20
 
 
 class perturbed:
-    """with perturbed(model, v): the weights moved by v inside the block, then restored exactly (from a
-    saved copy, not by subtracting v, which can round), also when the block raises. v None: nothing."""
+    """with perturbed(model, v): weights at w + v inside, restored from a copy (w + v - v can round), also on raise."""
 
     def __init__(self, model: nn.Module, v: dict[str, torch.Tensor] | None):
         self.weights, self.v = prunable(model), v or {}
@@ -1110,36 +990,25 @@ class perturbed:
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm statistics;
-    integer buffers copied): avg <- decay * avg + (1 - decay) * w after every update() (weight averaging,
-    as in Gowal et al. 2020 and Rebuffi et al. 2021). With masks, the averaged weights are multiplied by the
-    current masks, so the average is exactly as sparse as the trained model: a weight Flying Bird prunes
-    leaves the average at once, a regrown one enters it from zero. `model` is the averaged network."""
+    """avg <- decay * avg + (1 - decay) * w for weights and float buffers, integer buffers copied (Gowal et al. 2020;
+    Rebuffi et al. 2021); masks keep it exactly as sparse as the model (regrown at zero). `model`: the average."""
 
     def __init__(self, model: nn.Module, *, decay: float):
-        self.decay, self.model = decay, copy.deepcopy(model)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.decay, self.model = decay, copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, masks: dict[str, torch.Tensor] | None = None):
         for a, p in zip(self.model.parameters(), model.parameters()):
             a.lerp_(p.detach(), 1 - self.decay)
         for a, b in zip(self.model.buffers(), model.buffers()):
-            if a.is_floating_point():
-                a.lerp_(b, 1 - self.decay)
-            else:
-                a.copy_(b)
+            a.lerp_(b, 1 - self.decay) if a.is_floating_point() else a.copy_(b)
         if masks is not None:
             weights = prunable(self.model)
             for n, m in masks.items():
                 weights[n].mul_(m)
 
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict):
-        self.model.load_state_dict(state)
+    def state_dict(self) -> dict: return self.model.state_dict()
+    def load_state_dict(self, state: dict): self.model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- the adversarial training step
@@ -1149,13 +1018,10 @@ def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = 
                      awp_gamma: float = 0.0, average: WeightAverage | None = None, epoch: int = 0, generator=None,
                      start=None, bf16: bool = False, before_backward=None, reduce=None, attack_model=None,
                      update_model=None) -> dict:
-    """One optimizer step of the paper's AT (Sec. 2) on (x, y): the attack `kind` (pgd | fgsm-rs | none =
-    standard training; TRADES' KL attack for loss "trades"), the objective (CE on x_adv, or TRADES with beta)
-    at the weights moved by AWP (awp_gamma > 0), backward, optimizer.step(), method.after_step (re-mask; every
-    T steps a topology update), the weight average. before_backward(loss) may raise: a bad step never touches
-    the weights. attack_model / update_model: the attack's and the update's forward, where they are not model
-    (compiled; DistributedDataParallel). Returns loss, logits (of x_adv), update (the topology update or
-    None), passes and forwards (FlopLedger.charge's)."""
+    """One optimizer step of the paper's AT (Sec. 2): attack `kind` (none: standard training; loss "trades": TRADES'
+    KL attack), the loss at the AWP-moved weights, backward, step, method.after_step, the average. before_backward(loss)
+    may raise: a bad step never touches the weights. attack_model / update_model: those forwards if not model (compiled,
+    DDP). Returns loss, logits (of x_adv), update (topology update or None), passes, forwards (FlopLedger.charge's)."""
     trades = check_choice("attack", kind, ATTACKS) != "none" and check_choice("loss", loss, LOSSES) == "trades"
     awp, masks = kind != "none" and awp_gamma > 0, method.mask.masks if method and method.mask else None
     attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
@@ -1169,7 +1035,8 @@ def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = 
         logits = f(x_adv)
         return F.cross_entropy(logits, y), logits
     with autocast(x.device.type, bf16):
-        v = awp_perturbation(model, lambda f: objective(f)[0], gamma=awp_gamma, masks=masks, reduce=reduce) if awp else None
+        v = (awp_perturbation(model, lambda f: objective(f)[0], gamma=awp_gamma, masks=masks, reduce=reduce)
+             if awp else None)
     with perturbed(model, v):  # AWP: the gradient at w + v, then w restored exactly
         with autocast(x.device.type, bf16):
             value, logits = objective(update_model or model)
@@ -1189,16 +1056,14 @@ def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:
-    """FLOPs per weight of one call of a conv or linear layer: 2 (multiply + add) x its uses."""
+def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:  # per weight of a call: 2 (mul + add) x uses
     if isinstance(m, CONV_TRANSPOSES):  # each input position scatters through the whole kernel
         return 2 * inp[0].numel() // m.in_channels
     return 2 * out.numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
 
 def _attention_flops(m: nn.MultiheadAttention, prefix: str, args: tuple, kwargs: dict) -> tuple[dict, int]:
-    """One nn.MultiheadAttention call: FLOPs per weight of its projections, and the FLOPs of its
-    weight-free matmuls Q K^T and softmax(.) V (dense whatever the sparsity or attention mask)."""
+    """One nn.MultiheadAttention call: (FLOPs per projection weight, FLOPs of Q K^T and softmax(.) V, always dense)."""
     q, k = (args[i] if len(args) > i else kwargs[key] for i, key in enumerate(("query", "key")))
     b = 1 if q.dim() == 2 else q.shape[0 if m.batch_first else 1]  # q: (L, E), (B, L, E) or (L, B, E)
     lq, lk = q.numel() // (b * q.shape[-1]), k.numel() // (b * k.shape[-1])  # query, key tokens
@@ -1214,24 +1079,15 @@ def _attention_flops(m: nn.MultiheadAttention, prefix: str, args: tuple, kwargs:
 
 @torch.no_grad()
 def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], int]:
-    """Forward FLOPs per image, from one forward pass: (per active weight of each prunable layer,
-    the rest as a dense constant).
-
-    A conv weight is used once per output position, a transposed conv weight once per input
-    position, a linear or attention-projection weight once per token: 2 FLOPs (multiply + add)
-    per use. Dense FLOPs of a layer = value x weight.numel(); with nnz active weights it costs
-    value x nnz, so sparse counts are exact integers. The constant is what no weight owns, the
-    attention matmuls of every nn.MultiheadAttention; density does not scale it. Together they
-    count what torch.utils.flop_counter.FlopCounterMode counts (convolutions and matmuls), when
-    every matmul runs inside these modules (a hand-written F.scaled_dot_product_attention is not seen).
-    """
-    per_weight, constant = dict.fromkeys(prunable(model), 0), [0]  # a layer that never runs costs 0
+    """Forward FLOPs per image: (per active weight of each prunable layer, a dense constant: MultiheadAttention's
+    matmuls). A weight costs 2 FLOPs per use (output position of a conv, input position of a transposed conv, token),
+    so exactly value x nnz; together FlopCounterMode's count if every matmul runs in these modules (not in raw SDPA)."""
+    per_weight, constant, hooks = dict.fromkeys(prunable(model), 0), [0], []  # a layer that never runs costs 0
 
     def add(flops: dict[str, int], unowned: int = 0):  # accumulate: a layer may run more than once
         for n, f in flops.items():
             per_weight[n] += f
         constant[0] += unowned
-    hooks = []
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         if isinstance(m, nn.MultiheadAttention):  # with_kwargs: key may be passed by name
@@ -1240,11 +1096,9 @@ def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], i
         elif _weight_names(m):
             hook = lambda mod, i, o, n=pre + "weight": add({n: _weight_flops(mod, i, o)})  # noqa: E731
             hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    p = next(model.parameters())
+    was_training, p = model.training, next(model.parameters())
     try:
-        model.eval()
-        # eval fast paths: MHA's still calls its own hook; TransformerEncoderLayer's is off while hooks are on
+        model.eval()  # eval fast paths: MHA's still calls its hook; TransformerEncoderLayer's is off with hooks on
         model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
@@ -1254,36 +1108,26 @@ def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], i
 
 
 def forward_flops(per_weight: dict[str, int], counts: dict[str, int], constant: int = 0) -> int:
-    """Forward FLOPs per image of a model with `counts` active weights per layer, plus the dense
-    `constant` that no weight owns (model_flops)."""
+    """Forward FLOPs per image with `counts` active weights per layer, plus model_flops' dense `constant`."""
     return sum(per_weight[n] * counts[n] for n in per_weight) + constant
 
 
 class FlopLedger:
-    """Training FLOPs, charged at every step with the density in force at that step.
+    """Training FLOPs at each step's density. paper: 3 x (K + 1) x forward per image (K attack steps + 1 update, each a
+    forward and a 2x backward; PGD-10 AT = 33x). actual: an attack step 2x (input gradient), the update 3x: 23x.
+    passes: weight forward+backward passes per step (TRADES 2, AWP x2); forwards: with no backward (TRADES 1)."""
 
-    paper:  3 x (K + 1) x forward per image (K attack steps + 1 update, each a forward and a
-            2x backward; PGD-10 AT = 33x, standard training = 3x), as the paper's table counts.
-    actual: what runs: an attack step is a forward and an input-gradient backward (2x), the
-            update a forward and a full backward (3x), so PGD-10 AT = 23x forward.
-    passes: forward+backward passes of the weights per step (1; TRADES 2: clean and adversarial;
-            AWP adds its ascent's); forwards: passes without backward (TRADES' clean target: 1).
-    """
-
-    def __init__(self):
-        self.paper = self.actual = self.images = self.steps = 0
+    def __init__(self): self.paper = self.actual = self.images = self.steps = 0
 
     def charge(self, images: int, forward: int, attack_steps: int, passes: int = 1, forwards: int = 0):
         self.paper += (3 * (attack_steps + passes) + forwards) * forward * images
         self.actual += (2 * attack_steps + 3 * passes + forwards) * forward * images
-        self.images += images
-        self.steps += 1
+        self.images, self.steps = self.images + images, self.steps + 1
 
     def state_dict(self) -> dict:
         return dict(paper=self.paper, actual=self.actual, images=self.images, steps=self.steps)
 
-    def load_state_dict(self, state: dict):
-        self.__dict__.update(state)
+    def load_state_dict(self, state: dict): self.__dict__.update(state)
 
 
 # ----------------------------------------------------------------------------- data on the device
@@ -1291,8 +1135,7 @@ class FlopLedger:
 def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
-    B, C, H, W = x.shape
-    dev = x.device
+    (B, C, H, W), dev = x.shape, x.device
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
         oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
@@ -1312,28 +1155,18 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float =
 
 
 class Batches:
-    """Minibatches of a uint8 dataset held on one device; order and augmentation drawn there.
-
-    No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
-    step never waits on host workers. Yields (x, y): x float pixels in [0, 1].
-    """
+    """Minibatches (x in [0, 1], y) of a uint8 dataset on one device, drawn there: no DataLoader, no host to wait on."""
 
     def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
-        self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.augmentation, self.generator, self.order = augmentation, generator, None  # this epoch's order, to resume
 
-    def __len__(self):
-        return -(-len(self.y) // self.batch_size)
+    def __len__(self): return -(-len(self.y) // self.batch_size)
+    def __iter__(self): return self.epoch()
 
-    def __iter__(self):
-        return self.epoch()
-
-    def epoch(self, order: torch.Tensor | None = None, start: int = 0):
-        """One epoch from batch `start` on; `order` resumes an epoch whose permutation was drawn before."""
-        n, dev = len(self.y), self.y.device
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0):  # from batch `start`; `order` resumes an epoch
         if self.shuffle and order is None:
-            order = torch.randperm(n, device=dev, generator=self.generator)
+            order = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
         self.order = order
         for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
             idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
@@ -1347,16 +1180,9 @@ class Batches:
 
 def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                    seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
-    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) from PGD's accuracy (%) on `batches`.
-
-    Every PGD run draws the same random start (one seed), so two runs differ only in what is varied:
-        eps0_equals_clean    PGD at eps 0 leaves every prediction as it is (no randomness, no attack bug)
-        ra_falls_with_steps  RA(PGD-K) <= RA(PGD-1) + tol: more steps never help the model
-        ra_falls_with_eps    RA(2 eps) <= RA(eps) + tol: a larger ball never helps the model
-        unbounded_ra_zero    RA <= tol with eps = the whole input box: every input can be made wrong
-    Accuracy here is that of PGD's output, not and-ed with clean, so that a model which an "attack"
-    pushes towards the right class shows it. Each check: {'ok': bool, 'detail': the numbers}.
-    """
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on the accuracy (%) of PGD's output (not and-ed with
+    clean, so an "attack" that helps shows), all from one seed's start: eps 0 changes no prediction; more steps or
+    2x eps never raise RA by more than tol; eps = the whole input box leaves RA <= tol. Each: {'ok', 'detail', ...}."""
     x0 = next(iter(batches))[0]
     big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
 
@@ -1388,15 +1214,12 @@ CHECKPOINT_FORMAT = 3  # 1: unversioned, the mask twice; 2: the mask once; 3: an
 
 def save_model(path, model: nn.Module, *, architecture: dict, mask: SparseMask | None = None,
                channels: dict[str, int] | None = None, save=torch.save, **extra):
-    """Write model's weights with all that load_model needs: build_model's keyword arguments (architecture),
-    the mask (SparseMask.state_dict(); None: dense) and, for a network thinned by slim(), its channel counts.
-    extra: stored beside them. save(obj, path) writes the dict (torch.save; the program writes atomically)."""
+    """Write the weights and all load_model needs (build_model's arguments, mask, slim()'s channels), plus extra."""
     save(dict(extra, format=CHECKPOINT_FORMAT, architecture=dict(architecture), model=model.state_dict(),
               mask=mask.state_dict() if mask is not None else None, channels=channels), path)
 
 
-def find_checkpoint(path) -> str:
-    """The checkpoint file a path names: a file as given; a run directory means its best.pt."""
+def find_checkpoint(path) -> str:  # a file as given; a run directory means its best.pt
     if not os.path.exists(path):
         raise SparseWinError(f"no such checkpoint or run directory: {path}")
     if os.path.isdir(path):
@@ -1407,8 +1230,7 @@ def find_checkpoint(path) -> str:
 
 
 def read_checkpoint(path) -> dict:
-    """A checkpoint (save_model's, the program's best.pt and last.pt), read on the CPU with torch's weights-only
-    unpickler (no code in the file runs); format 1 loses its second copy of the mask; a newer format is refused."""
+    """A checkpoint, read on the CPU by the weights-only unpickler; format 1's second mask dropped, newer refused."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1424,15 +1246,13 @@ def read_checkpoint(path) -> dict:
     return ck
 
 
-def build_thin(architecture: dict, channels: dict[str, int] | None = None) -> nn.Module:
-    """build_model(**architecture), rebuilt by slim() to the recorded channel counts when given (a channel ticket)."""
+def build_thin(architecture: dict, channels: dict[str, int] | None = None) -> nn.Module:  # slim()'d to channels
     net = build_model(**architecture)
     return slim(net, channels) if channels else net
 
 
 def model_from_checkpoint(ck: dict, path="checkpoint", architecture: dict | None = None):
-    """(the checkpoint's model on the CPU in eval mode, its masks or None); every masked weight must be zero.
-    architecture: build_model's arguments, for a checkpoint older than format 3 (which does not record them)."""
+    """(the model on the CPU in eval mode, masks or None), masked weights checked zero; architecture: for format < 3."""
     arch = ck.get("architecture") or architecture
     if arch is None:
         raise SparseWinError(f"{path}: checkpoint format {ck.get('format', 1)} does not record its architecture; "
@@ -1448,16 +1268,14 @@ def model_from_checkpoint(ck: dict, path="checkpoint", architecture: dict | None
         weights = prunable(net)
         if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
             raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
-        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
-        if alive:
+        if alive := sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights):
             raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
     return net.eval(), masks
 
 
 def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Module:
-    """The trained model of a checkpoint (best.pt, last.pt, a run directory = its best.pt, or save_model's),
-    for attacks: eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits
-    out (the RobustBench / torchattacks convention)."""
+    """The trained model of a checkpoint file or run directory (its best.pt), for attacks: eval mode, masked
+    weights checked to be zero, inputs in [0, 1], logits out (the RobustBench / torchattacks convention)."""
     path = find_checkpoint(path)
     return model_from_checkpoint(read_checkpoint(path), path, architecture)[0].to(device)
 
