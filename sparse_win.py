@@ -2,26 +2,19 @@
 
 PGD adversarial training (AT) of a *sparse* network narrows the robust generalization gap and robust overfitting
 while saving training and inference FLOPs. The methods (--mode):
-    dense AT (dense)                 the baseline
-    Robust Bird (RB, static)         early-bird ticket from cheap standard training, then AT of that fixed sparse
-                                     subnetwork (Sec. 3.1); --ticket channel: a BatchNorm-channel ticket, then AT
-                                     of a physically thinner network
-    Flying Bird (FB, dynamic)        random sparse start; every T steps prune the smallest |w| and regrow as
-                                     many, constant density (Sec. 3.2)
-    Flying Bird+ (dynamic+)          FB plus extra pruning when the robust gap widens and extra growth when the
-                                     val adversarial loss stalls (Sec. 3.2)
+    dense       dense AT, the baseline
+    static      Robust Bird (Sec. 3.1): an early-bird ticket from cheap standard training, then AT of that fixed
+                sparse subnetwork (--ticket channel: a BatchNorm-channel ticket, a physically thinner network)
+    dynamic     Flying Bird (Sec. 3.2): random sparse start; every T steps prune the smallest |w|, regrow as many
+    dynamic+    Flying Bird+ (Sec. 3.2): FB, plus extra pruning when the robust gap widens and extra growth when
+                the val adversarial loss stalls
 Symbols as in the paper: eps (attack budget), alpha (step size), K (attack steps), d = 1 - sparsity (density),
-p (death rate, cosine 0.5 -> 0.005), T (update interval, 900 then 1200 steps), FB+'s window 4, prune ratio 0.4,
+p (death rate, cosine 0.5 -> 0.005), T (update interval, 900 then 1200 steps); FB+: window 4, prune ratio 0.4,
 growth ratio 0.05, threshold 0.5.
 
-Part one, the library (torch only; nothing in it refers to anything below it; copy the file down to the line
-"# === program" into your project): models (build_model, slim) -> attack (pgd, fgsm_rs, evaluate) -> masks
-(SparseMask) -> the methods in the paper's order, each with its machinery (Method, Dense; EarlyBird, RobustBird;
-cosine_death_rate, FlyingBird; fbplus_decision, FlyingBirdPlus) -> regularizers (TRADES, AWP, WeightAverage) ->
-adversarial_step -> FLOPs (model_flops, FlopLedger) -> data on the device (Batches) -> masking_checks ->
-checkpoints (save_model, load_model). Part two, the program, in the order the data flows: config -> data ->
-the configured run -> distributed (torchrun) -> run directory -> train -> report -> evaluate a checkpoint ->
-benchmark -> main.
+The library (torch only) is the file down to "# === program": models, attack, masks, the methods in the paper's
+order each with its machinery (Dense; EarlyBird, RobustBird; FlyingBird; FlyingBirdPlus), regularizers,
+adversarial_step, FLOPs, data on the device, checkpoints. The program below it follows the data.
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
@@ -45,8 +38,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- errors and constants
 
 class SparseWinError(ValueError):
-    """Bad input (an unknown name, a mismatched state, a missing package): the CLI prints it as one line
-    and exits with status 2."""
+    """Bad input (unknown name, mismatched state, missing package): the CLI prints one line, exits with 2."""
 
 
 ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")  # build_model
@@ -59,22 +51,18 @@ TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
 
 
 def check_choice(what: str, value, choices):
-    """value, if it is one of choices; else a ValueError (SparseWinError) that names them."""
     if value not in choices:
         raise SparseWinError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}")
     return value
 
 
-def autocast(device_type: str, bf16: bool):
-    """bf16 autocast on the device type, or nothing (fp32): the one mixed-precision context."""
+def autocast(device_type: str, bf16: bool):  # the one mixed-precision context: bf16 autocast, or nothing (fp32)
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- models
 
-class Normalize(nn.Module):
-    """Per-channel normalization inside the model, so attacks work on pixels in [0, 1]."""
-
+class Normalize(nn.Module):  # per-channel normalization inside the model: attacks work on pixels in [0, 1]
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -88,25 +76,20 @@ def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
 
-class BasicBlock(nn.Module):
-    """ResNet v1 block: conv-bn-relu-conv-bn, plus (projected) shortcut, relu."""
-
+class BasicBlock(nn.Module):  # ResNet v1 block: conv-bn-relu-conv-bn, plus (projected) shortcut, relu
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Sequential())
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class PreActBlock(nn.Module):
-    """Pre-activation block (He et al. 2016), also the WideResNet block: bn-relu-conv twice."""
-
+class PreActBlock(nn.Module):  # pre-activation block (He et al. 2016), also WideResNet's: bn-relu-conv twice
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
@@ -116,18 +99,14 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        return self.conv2(F.relu(self.bn2(out))) + skip
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
 
 
-class ResNet(nn.Module):
-    """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool; stages halve the resolution."""
-
+class ResNet(nn.Module):  # CIFAR-style: 3x3 stride-1 stem, no max-pool; stages halve the resolution
     def __init__(self, *, block, num_blocks, widths, stem, num_classes, in_channels, mean, std):
         super().__init__()
         self.preact = block is PreActBlock
-        self.normalize = Normalize(mean, std)
-        self.conv1 = conv3x3(in_channels, stem)
+        self.normalize, self.conv1 = Normalize(mean, std), conv3x3(in_channels, stem)
         self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(stem)
         blocks, cin = [], stem
         for i, (n, w) in enumerate(zip(num_blocks, widths)):
@@ -146,8 +125,7 @@ class ResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))  # (B, classes)
 
 
-class VGG(nn.Module):
-    """VGG-16 with BN; pools use ceil_mode so 28x28 inputs work too (28-14-7-4-2-1)."""
+class VGG(nn.Module):  # VGG-16 with BN; pools use ceil_mode so 28x28 inputs work too (28-14-7-4-2-1)
     CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
     def __init__(self, *, num_classes, in_channels, width, mean, std):
@@ -158,9 +136,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 cout = max(1, round(v * width))
-                conv = nn.Conv2d(cin, cout, 3, padding=1)  # with a bias, as released
-                layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-                cin = cout
+                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                cin = cout  # the conv has a bias, as released
         self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
 
@@ -170,14 +147,12 @@ class VGG(nn.Module):
 
 def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                 mean=(0.5,), std=(0.5,), wrn_depth: int = 34, wrn_widen: int = 10) -> nn.Module:
-    """resnet18 | preact_resnet18 | vgg16 | wrn; width multiplies every channel count."""
     check_choice("arch", arch, ARCHS)
-    w = lambda c: max(1, round(c * width))  # noqa: E731
+    w = lambda c: max(1, round(c * width))  # noqa: E731 (width multiplies every channel count)
     common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     if arch in ("resnet18", "preact_resnet18"):
-        block = BasicBlock if arch == "resnet18" else PreActBlock
-        return ResNet(block=block, num_blocks=(2, 2, 2, 2), widths=[w(c) for c in (64, 128, 256, 512)],
-                      stem=w(64), **common)
+        return ResNet(block=BasicBlock if arch == "resnet18" else PreActBlock, num_blocks=(2, 2, 2, 2),
+                      widths=[w(c) for c in (64, 128, 256, 512)], stem=w(64), **common)
     if arch == "vgg16":
         return VGG(width=width, **common)
     if arch == "wrn":  # Zagoruyko & Komodakis 2016: 3 groups of (depth-4)/6 pre-activation blocks
@@ -193,10 +168,8 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width
 
 
 def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """The channels a channel ticket may prune, as {BatchNorm name: (producing conv, consuming layer)}: each
-    residual block's inner channels (BasicBlock conv1 -> bn1 -> conv2; PreActBlock and WideResNet conv1 ->
-    bn2 -> conv2) and every conv of VGG-16 (conv -> bn -> the next conv, the last one -> linear). The
-    residual stream (stem, block outputs, shortcuts) stays whole: its channels are tied across the sums."""
+    """What a channel ticket may prune: {BN name: (producing conv, consuming layer)} for each residual block's inner
+    channels and every VGG-16 conv. The residual stream stays whole: its channels are tied across the sums."""
     groups = {}
     for name, m in model.named_modules():
         p = f"{name}." if name else ""
@@ -215,8 +188,7 @@ def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def _keep_only(m: nn.Module, names: tuple[str, ...], idx: torch.Tensor, dim: int):
-    """Replace m's tensors `names` (parameters or buffers) by their slices idx along dim."""
-    for n in names:
+    for n in names:  # parameters or buffers, sliced to idx along dim
         t = getattr(m, n)
         if t is not None:
             new = t.detach().index_select(dim, idx).clone()
@@ -224,13 +196,9 @@ def _keep_only(m: nn.Module, names: tuple[str, ...], idx: torch.Tensor, dim: int
 
 
 def slim(model: nn.Module, keep: dict[str, torch.Tensor | int]) -> nn.Module:
-    """A physically smaller copy of `model` without the pruned channels of channel_groups(model).
-
-    keep maps a group's BatchNorm name to the bool mask of its kept channels, or to a count n (the first
-    n: a checkpoint's thin architecture, whose weights are loaded next); groups left out stay whole. The
-    copy keeps the surviving weights, biases and BatchNorm statistics, and in eval mode computes what
-    `model` computes with the pruned channels' BatchNorm scale and shift set to zero (ReLU(0) = 0, so
-    the consumer reads nothing from them). `model` is left as it was."""
+    """A physically thinner copy of `model` (left as it was). keep: BN name -> bool mask of its kept channels, or
+    n (the first n: a checkpoint's thin architecture); groups left out stay whole. In eval mode the copy computes
+    what `model` computes with the pruned channels' BN scale and shift zeroed (ReLU(0) = 0: nothing is read)."""
     groups, thin = channel_groups(model), copy.deepcopy(model)
     mods = dict(thin.named_modules())
     for bn_name, k in keep.items():
@@ -245,17 +213,13 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor | int]) -> nn.Module:
         _keep_only(bn, ("weight", "bias", "running_mean", "running_var"), idx, 0)
         _keep_only(consumer, ("weight",), idx, 1)  # conv (out, in, k, k) or linear (out, in): its inputs
         producer.out_channels = bn.num_features = len(idx)
-        if isinstance(consumer, nn.Linear):
-            consumer.in_features = len(idx)
-        else:
-            consumer.in_channels = len(idx)
+        setattr(consumer, "in_features" if isinstance(consumer, nn.Linear) else "in_channels", len(idx))
     return thin
 
 
 # ----------------------------------------------------------------------------- attack
 
-def _project(adv, x, eps, norm):
-    """Back into the eps-ball around x and into [0, 1] (same op order as torchattacks)."""
+def _project(adv, x, eps, norm):  # back into the eps-ball around x and [0, 1] (op order as in torchattacks)
     if norm == "linf":
         delta = torch.clamp(adv - x, min=-eps, max=eps)
     else:
@@ -267,9 +231,8 @@ def _project(adv, x, eps, norm):
 
 def attack_start(shape, *, eps: float, norm: str = "linf", kind: str = "pgd", generator=None, device=None,
                  dtype=None) -> torch.Tensor:
-    """An attack's random start, as an offset from x of the given shape: uniform in the L-inf ball, or a
-    uniform radius along a Gaussian direction in the L2 ball (as torchattacks.PGDL2); kind "trades":
-    TRADES' 0.001 N(0, I). Draw it for a larger batch and slice it to split a batch over processes."""
+    """A random start, as an offset from x: uniform in the L-inf ball; in the L2 ball a uniform radius along a
+    Gaussian direction (torchattacks.PGDL2); kind "trades": 0.001 N(0, I). Slice it to split a batch."""
     if kind == "trades":
         return 0.001 * torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator)
     if check_choice("norm", norm, NORMS) == "linf":
@@ -283,20 +246,13 @@ def attack_start(shape, *, eps: float, norm: str = "linf", kind: str = "pgd", ge
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: bool = True, generator: torch.Generator | None = None,
         loss_fn=F.cross_entropy, start: torch.Tensor | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Projected gradient descent (Madry et al. 2018) on the loss of model(x) against y.
-
-    Serves training (model in train mode) and evaluation (eval mode): the mode is left as it is, and
-    only the input gradient is computed (torch.autograd.grad), so parameters' .grad stay untouched.
-    Returns detached adversarial inputs within the eps-ball (L-inf or L2) and [0, 1]. start: the random
-    start's offset (default: drawn by attack_start from generator); init: begin there instead, unclamped
-    (TRADES' x + 0.001 N(0, I)); the ball stays centred on x.
-    """
+    """PGD (Madry et al. 2018), returning detached inputs in the eps-ball (L-inf or L2) and [0, 1]. For training and
+    evaluation: the model's mode is left as it is, only the input gets a gradient. start: the random start's offset
+    (default: attack_start from generator); init: begin there instead, unclamped (TRADES; the ball stays on x)."""
     check_choice("norm", norm, NORMS)
     x = x.detach()
-    adv = x.clone()
-    if init is not None:
-        adv = init.detach().clone()
-    elif random_start and steps > 0:
+    adv = init.detach().clone() if init is not None else x.clone()
+    if init is None and random_start and steps > 0:
         if start is None:
             start = attack_start(x.shape, eps=eps, norm=norm, generator=generator, device=x.device, dtype=x.dtype)
         adv = torch.clamp(adv + start, min=0, max=1).detach()
@@ -314,21 +270,17 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
             generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
-    """FGSM from a random start ("Fast is better than free", Wong et al. 2020): a uniform start
-    in the eps-ball, one signed-gradient step of 1.25 eps, clamped to the eps-ball and [0, 1].
-    It is PGD with one step, so it shares pgd's code and costs one attack step."""
+    """FGSM-RS ("Fast is better than free", Wong et al. 2020): PGD-1 from a uniform start, step 1.25 eps."""
     return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, generator=generator, start=start)
 
 
-def attack_cost(kind: str, steps: int) -> int:
-    """Attack steps per example that the FLOP ledger charges: PGD-K = K, FGSM-RS = 1, none = 0."""
+def attack_cost(kind: str, steps: int) -> int:  # attack steps per example, for the FLOP ledger
     return {"none": 0, "fgsm-rs": 1, "pgd": steps}[check_choice("attack", kind, ATTACKS)]
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, eps: float, alpha: float,
             steps: int, norm: str = "linf", generator: torch.Generator | None = None,
-            start: torch.Tensor | None = None) -> torch.Tensor:
-    """The training attack `kind`: pgd (PGD-K) | fgsm-rs | none (x itself)."""
+            start: torch.Tensor | None = None) -> torch.Tensor:  # the training attack; none: x itself
     if not attack_cost(kind, steps):
         return x
     if kind == "fgsm-rs":
@@ -338,19 +290,13 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, ep
 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                      restarts: int = 1, random_start: bool = True, generator=None, start=None) -> dict[str, torch.Tensor]:
-    """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
-    ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
-
-    With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
-    robust only if every run fails, adv_loss the largest. start: a function x -> PGD's random start for the
-    batch x (default: drawn from generator). Everything runs under no_grad except pgd's
-    input gradient; parameters get no gradient. Always in fp32, even inside an autocast region: a
-    bf16 attack can be weaker and inflate RA (training may use bf16, evaluation never does).
-    """
-    was_training = model.training
+                      restarts: int = 1, random_start: bool = True, generator=None,
+                      start=None) -> dict[str, torch.Tensor]:
+    """Per example, in eval mode, (N,) tensors: 'clean', 'robust' (correct), 'loss', 'adv_loss' (cross-entropy);
+    with restarts, the worst case over PGD runs. start: x -> PGD's random start (default: drawn from generator).
+    Always fp32, even inside autocast: a bf16 attack can be weaker and inflate RA."""
+    was_training, parts = model.training, []
     model.eval()
-    parts = []
     device = next(model.parameters()).device.type
     with torch.autocast(device, enabled=False):  # fp32, whatever autocast region the caller is in
         for x, y in batches:
@@ -371,11 +317,8 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
 
 def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
              generator=None, start=None, reduce=None) -> dict:
-    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
-
-    reduce: applied to the float64 sums (correct, losses, count) before they become accuracies, e.g. a
-    sum over processes that each evaluated a shard; start as evaluate_examples'.
-    """
+    """Clean (SA) and PGD (RA) accuracy in % and mean losses, in eval mode. reduce: applied to the float64
+    sums (correct, losses, count), e.g. a sum over processes that each evaluated a shard."""
     ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
                            start=start)
     sums = torch.stack([ex[k].double().sum() for k in ex] + [torch.tensor(float(len(ex["clean"])))
@@ -392,7 +335,6 @@ CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _weight_names(m: nn.Module) -> tuple[str, ...]:
-    """Attribute names of m's prunable weights (none for modules that own no matmul weight)."""
     if isinstance(m, nn.MultiheadAttention):  # out_proj is an nn.Linear child, covered on its own
         packed = m.in_proj_weight is not None  # separate q/k/v weights when kdim or vdim != embed_dim
         return ("in_proj_weight",) if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -400,15 +342,13 @@ def _weight_names(m: nn.Module) -> tuple[str, ...]:
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights that sparsity covers, in module order: every conv (1-3d, transposed too), linear
-    and attention input-projection weight (biases, norms, embeddings stay dense)."""
+    """The weights sparsity covers, in module order: conv (1-3d, transposed), linear, attention in_proj weights."""
     return {f"{name}.{a}" if name else a: getattr(m, a) for name, m in model.named_modules()
             for a in _weight_names(m)}
 
 
 def weight_counts(model: nn.Module) -> dict[str, int]:
-    """Every prunable weight counted, by layer: a dense model's active weights."""
-    return {n: p.numel() for n, p in prunable(model).items()}
+    return {n: p.numel() for n, p in prunable(model).items()}  # a dense model's active weights
 
 
 def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq") -> list[float]:
@@ -442,8 +382,7 @@ def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq"
 
 
 def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq") -> list[int]:
-    """Active weights per layer: they sum to max(round(density * total), layers) exactly,
-    with 1 <= count <= size in every layer (largest-remainder rounding)."""
+    """Active weights per layer: max(round(density * total), layers) in all, 1 <= count <= size (largest remainder)."""
     sizes = [math.prod(s) for s in shapes]
     ideal = [d * n for d, n in zip(layer_densities(shapes, density, allocation), sizes)]
     target = min(sum(sizes), max(len(sizes), round(density * sum(sizes))))
@@ -459,11 +398,7 @@ def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq"
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D *view* of t in memory order: contiguous, channels_last(_3d), any dense layout of any rank.
-
-    Masks are allocated like their weights (same strides), so equal flat positions are the
-    same weight whatever the memory format.
-    """
+    """A 1-D *view* of t in memory order, any dense layout (masks share their weights' strides)."""
     if t.is_contiguous():
         return t.view(-1)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dim first: (0, 2, 3, 1) for NHWC
@@ -471,11 +406,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Positions in _flat(t) (memory order) of the logical (row-major) flat indices idx of t.
-
-    Topology updates choose weights in logical order, so that a channels_last model gets the
-    same masks as a contiguous one; they write through the memory-order view.
-    """
+    """Positions in _flat(t) of logical (row-major) flat indices: channels_last gets the masks contiguous gets."""
     if t.is_contiguous():
         return idx
     coords = torch.unravel_index(idx, t.shape)  # one (k,) tensor per dim
@@ -483,15 +414,11 @@ def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _like(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Bool copy of mask m on p's device with p's memory layout."""
-    return torch.empty_like(p, dtype=torch.bool).copy_(m)
+    return torch.empty_like(p, dtype=torch.bool).copy_(m)  # bool, on p's device, in p's memory layout
 
 
 def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest entries of a 1-D tensor (ties broken by position).
-
-    A selection (kthvalue, O(n)) instead of a sort: the hot part of a topology update.
-    """
+    """Indices of the k smallest entries of a 1-D v, ties by position: kthvalue (O(n)), not a sort (the hot part)."""
     if k >= len(v):
         return torch.arange(len(v), device=v.device)
     if k <= 0:
@@ -504,11 +431,7 @@ def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct integers drawn uniformly from range(n), without an O(n) permutation when k << n.
-
-    Distinct values of i.i.d. draws form a uniformly random set given its size; a random
-    k-subset of it is a uniformly random k-subset of range(n).
-    """
+    """A uniform k-subset of range(n), no O(n) permutation when k << n (distinct i.i.d. draws: a uniform set)."""
     if 4 * k > n:
         return torch.randperm(n, generator=generator)[:k]
     picked = torch.empty(0, dtype=torch.long)
@@ -519,31 +442,24 @@ def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 class SparseMask:
-    """One boolean mask per prunable weight (conv, linear, attention in_proj) of any nn.Module, and
-    the rules that change them.
+    """One bool mask per prunable weight (conv, linear, attention in_proj) of any nn.Module, and the rules
+    that change them. counts[i], layer i's active weights, is a Python int: FLOP accounting never syncs.
 
         mask = SparseMask(model, density=0.2, allocation="igq", seed=0)  # random, exact counts
         ... optimizer.step(); mask.apply(optimizer)       # after every step: weights + momentum
         mask.update(death_rate=p)                           # every T steps: prune and regrow
-
-    Masks are bool (one byte per weight). counts[i] is the number of active weights of layer i,
-    kept as a Python int so that FLOP accounting never syncs with the device.
     """
-
     def __init__(self, model: nn.Module, *, density: float = 1.0, allocation: str = "igq", seed: int = 0,
                  masks: dict[str, torch.Tensor] | None = None):
         self.params = prunable(model)
         self.names = list(self.params)
-        # CPU generator: identical draws on every device. Masks are drawn and updated in logical
-        # (row-major) order, so channels_last and contiguous weights get the same masks.
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         if masks is None:
-            shapes = [tuple(self.params[n].shape) for n in self.names]
-            counts = allocate_counts(shapes, density, allocation)
+            counts = allocate_counts([tuple(self.params[n].shape) for n in self.names], density, allocation)
             masks = {}
             for name, k in zip(self.names, counts):
                 shape = self.params[name].shape
-                m = torch.zeros(shape.numel(), dtype=torch.bool)  # drawn in logical order: same on every layout
+                m = torch.zeros(shape.numel(), dtype=torch.bool)  # logical order: same on every memory layout
                 m[torch.randperm(shape.numel(), generator=self.generator)[:k]] = True
                 masks[name] = m.view(shape)
         self.masks = {n: _like(self.params[n], masks[n]) for n in self.names}
@@ -552,15 +468,12 @@ class SparseMask:
         self._refresh()
         self.apply()
 
-    # -- bookkeeping
-    def _refresh(self):
-        """Recount after a topology change; build the multipliers apply() uses."""
+    def _refresh(self):  # after a topology change
         self.counts = [int(self.masks[n].sum()) for n in self.names]
         self.sizes = [self.masks[n].numel() for n in self.names]
         self._build_multipliers()
 
-    def _build_multipliers(self):
-        # CUDA: one fused _foreach kernel needs masks in the weights' dtype; CPU multiplies by bool.
+    def _build_multipliers(self):  # CUDA: one fused _foreach kernel needs the weights' dtype; CPU: bool
         self._mult = [m.to(self.params[n].dtype) if m.is_cuda else m for n, m in self.masks.items()]
 
     @property
@@ -570,46 +483,30 @@ class SparseMask:
     def layer_counts(self) -> dict[str, int]:
         return dict(zip(self.names, self.counts))
 
-    def itop_rate(self) -> float:
-        """In-time over-parameterization (Liu et al. 2021): fraction of weights ever active."""
+    def itop_rate(self) -> float:  # in-time over-parameterization (Liu et al. 2021): fraction ever active
         return sum(int(m.sum()) for m in self.ever_active.values()) / sum(self.sizes)
 
-    def _state_of(self, optimizer, p) -> list[torch.Tensor]:
-        """Per-weight optimizer state of p (SGD momentum, Adam moments): what must be masked too."""
-        if optimizer is None:
-            return []
-        return [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+    def _state_of(self, optimizer, p) -> list[torch.Tensor]:  # per-weight state (momentum, Adam moments)
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
 
-    # -- every step
     @torch.no_grad()
-    def apply(self, optimizer: torch.optim.Optimizer | None = None):
-        """Zero masked weights and their optimizer state (momentum), in place."""
-        tensors, mults = [], []
-        for name, mult in zip(self.names, self._mult):
-            p = self.params[name]
-            for t in [p, *self._state_of(optimizer, p)]:
-                tensors.append(t)
-                mults.append(mult)
-        torch._foreach_mul_(tensors, mults)
+    def apply(self, optimizer: torch.optim.Optimizer | None = None):  # zero masked weights and their momentum
+        pairs = [(t, mult) for name, mult in zip(self.names, self._mult)
+                 for t in [self.params[name], *self._state_of(optimizer, self.params[name])]]
+        torch._foreach_mul_([t for t, _ in pairs], [mult for _, mult in pairs])
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None):
-        """Call after optimizer.step(): re-apply the masks and count the step."""
+    def step(self, optimizer: torch.optim.Optimizer | None = None):  # after optimizer.step(): apply, count
         self.apply(optimizer)
         self.steps += 1
 
-    # -- every T steps
     @torch.no_grad()
     def update(self, death_rate: float, *, growth: str = "random", extra_prune: float = 0.0,
                extra_growth: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Prune and regrow every layer (Flying Bird, Sec. 3.2), as the released code does.
-
-        Per layer that is not fully dense (a dense layer is left alone), with nnz active weights:
-        prune k = ceil(p * nnz) active weights of smallest |w| (FB+: ceil(p * extra_prune * nnz)
-        more), then regrow k (FB+: k + ceil(extra_growth * k)) among *all* positions inactive after
-        pruning, the just-pruned ones included, at random or by largest |grad| (RigL; uses p.grad),
-        capped only by the positions available. Regrown weights and their momentum start at zero
-        (the released code can keep stale values). Returns {'pruned': n, 'grown': n} over all layers.
-        """
+        """Flying Bird's prune and regrow (Sec. 3.2), as released, in each layer not fully dense (nnz active): prune
+        the k = ceil(p * nnz) of smallest |w| (FB+: ceil(p * extra_prune * nnz) more), regrow k (FB+: k +
+        ceil(extra_growth * k)) among *all* positions then inactive, at random or by largest |grad| (RigL), as many
+        as there are, at zero with zero momentum (released code can keep stale values). -> {'pruned', 'grown'}"""
         check_choice("growth", growth, GROWTHS)
         pruned = grown = 0
         for i, name in enumerate(self.names):
@@ -642,7 +539,6 @@ class SparseMask:
         self._build_multipliers()
         return dict(pruned=pruned, grown=grown)
 
-    # -- checkpoints
     def state_dict(self) -> dict:
         return dict(masks={n: m.cpu() for n, m in self.masks.items()},
                     ever_active={n: m.cpu() for n, m in self.ever_active.items()},
