@@ -1072,37 +1072,6 @@ class Batches:
             yield x, self.y[idx]
 
 
-# ----------------------------------------------------------------------------- robust evaluation
-
-def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
-    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on the accuracy (%) of PGD's output (not and-ed with
-    clean, so an "attack" that helps shows), all from one seed's start: eps 0 changes no prediction; more steps or
-    2x eps never raise RA by more than tol; eps = the whole input box leaves RA <= tol. Each: {'ok', 'detail', ...}."""
-    x0 = next(iter(batches))[0]
-    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
-
-    def run(e, a, k):
-        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
-                               generator=torch.Generator(x0.device).manual_seed(seed))
-        return ex, 100 * ex["robust"].double().mean().item()
-    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
-        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
-        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
-    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
-    n = len(zero["clean"])
-    return dict(
-        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
-                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
-        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
-                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
-        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
-                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
-        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
-                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
-    )
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FORMAT = 3  # 1: unversioned, the mask twice; 2: the mask once; 3: and build_model's arguments
@@ -2430,6 +2399,35 @@ def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
         aa.logger.removeHandler(handler)
         model.train(was_training)
     return result
+
+
+def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on the accuracy (%) of PGD's output (not and-ed with
+    clean, so an "attack" that helps shows), all from one seed's start: eps 0 changes no prediction; more steps or
+    2x eps never raise RA by more than tol; eps = the whole input box leaves RA <= tol. Each: {'ok', 'detail', ...}."""
+    x0 = next(iter(batches))[0]
+    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
+
+    def run(e, a, k):
+        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
+                               generator=torch.Generator(x0.device).manual_seed(seed))
+        return ex, 100 * ex["robust"].double().mean().item()
+    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
+        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
+        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
+    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
+    n = len(zero["clean"])
+    return dict(
+        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
+                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
+        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
+                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
+        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
+                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
+        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
+                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
+    )
 
 
 def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:

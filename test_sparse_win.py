@@ -697,7 +697,7 @@ def test_sparse_mask_seed_changes_masks():
 def test_allocation_flops_match_spec_table():
     """PAPER_SPEC Sec. 6: ResNet-18 forward FLOPs kept by IGQ / ERK / uniform at d = 0.2, 0.1."""
     net = sw.build_model("resnet18")
-    per_weight = sw.layer_flops(net, (3, 32, 32))
+    per_weight = sw.model_flops(net, (3, 32, 32))[0]
     params = sw.prunable(net)
     shapes = [tuple(p.shape) for p in params.values()]
     dense = sw.forward_flops(per_weight, {n: p.numel() for n, p in params.items()})
@@ -1758,7 +1758,7 @@ def check_flops_against_counter(model, input_shape):
     training = model.training
     per_weight, constant = sw.model_flops(model, input_shape)
     assert model.training == training  # model_flops restores the mode
-    assert sw.layer_flops(model, input_shape) == per_weight
+    assert sw.model_flops(model, input_shape)[0] == per_weight
     model.eval()
     params = sw.prunable(model)
     assert list(per_weight) == list(params)
@@ -1815,9 +1815,9 @@ class SharedNet(nn.Module):
         return self.l(torch.tanh(self.l(x)))  # one weight, used twice per image
 
 
-def test_layer_flops_counts_every_call_of_a_shared_layer():
+def test_model_flops_counts_every_call_of_a_shared_layer():
     model = SharedNet()
-    per_weight = sw.layer_flops(model, (8,))
+    per_weight = sw.model_flops(model, (8,))[0]
     assert sw.forward_flops(per_weight, {"l.weight": 64}) == flop_counter(model, (8,)).get_total_flops()
 
 
@@ -1839,7 +1839,7 @@ def test_conv_flops_closed_form(dims, transposed, cin, cout_g, groups, k, stride
     conv = CONV_KINDS[transposed][dims - 1](cin * groups, cout_g * groups, k, stride=stride, padding=pad,
                                             dilation=dil, groups=groups, **extra)
     model, shape = nn.Sequential(conv), (cin * groups, *[hw] * dims)
-    per_weight = sw.layer_flops(model, shape)
+    per_weight = sw.model_flops(model, shape)[0]
     assert per_weight == {"0.weight": 2 * (hw if transposed else out) ** dims}
     assert per_weight["0.weight"] * conv.weight.numel() == flop_counter(model, shape).get_total_flops()
 
@@ -1849,7 +1849,7 @@ def test_conv_flops_closed_form(dims, transposed, cin, cout_g, groups, k, stride
 def test_sparse_flops_per_layer(density, alloc, seed):
     model = sw.build_model("resnet18", width=0.125)
     mask = sw.SparseMask(model, density=density, allocation=alloc, seed=seed)
-    per_weight = sw.layer_flops(model, (3, 16, 16))
+    per_weight = sw.model_flops(model, (3, 16, 16))[0]
     counts = mask.layer_counts()
     sparse = sw.forward_flops(per_weight, counts)
     assert sparse == sum(per_weight[n] * int(mask.masks[n].sum()) for n in mask.names)
@@ -2922,7 +2922,7 @@ def check_common(d: Path, mode: str, epochs: int):
     assert summary["final_density"] == recs[-1]["density"]
     # FLOPs of the model as built: dense forward cost per image
     net = smoke_model()
-    per_weight = sw.layer_flops(net, (1, 28, 28))
+    per_weight = sw.model_flops(net, (1, 28, 28))[0]
     assert summary["inference_flops_dense"] == sw.forward_flops(per_weight, {n: p.numel() for n, p in
                                                                               sw.prunable(net).items()})
     last = load_ck(d / "last.pt")
