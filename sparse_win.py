@@ -1391,13 +1391,12 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def split_last(x, y, n_val):
-    """(train, val): the last n_val examples are validation (CIFAR: last 5,000 of 50,000)."""
-    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+def splits(x, y, test: tuple) -> dict:  # the last tenth of (x, y) is validation (CIFAR: 5,000 of 50,000)
+    n = len(x) // 10
+    return dict(train=(x[:-n], y[:-n]), val=(x[-n:], y[-n:]), test=test)
 
 
-def torchvision_datasets(why: str):
-    """torchvision.datasets, or one line saying how to get it (the library needs torch alone)."""
+def torchvision_datasets(why: str):  # torchvision.datasets, or how to install it (the library needs torch alone)
     try:
         from torchvision import datasets
     except ImportError:
@@ -1408,47 +1407,36 @@ def torchvision_datasets(why: str):
 
 def load_cifar(name: str, root: str, download: bool = False):
     """CIFAR-10/100 as uint8 (N, 3, 32, 32) tensors: train 45,000 / val 5,000 / test 10,000."""
-    datasets = torchvision_datasets(f"reading {name}")
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    cls = getattr(torchvision_datasets(f"reading {name}"), name.upper())  # CIFAR10, CIFAR100
     try:
         parts = [cls(root, train=t, download=download) for t in (True, False)]
     except Exception as e:  # offline download failure, missing or corrupt files
-        folder = Path(root) / cls.base_folder
         files = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
-        why = (str(e).splitlines() or [""])[0][:80]
-        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {why}); "
-                             f"put the python-version files ({files}) there, or run online with --download")
-    (x, y), (xt, yt) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
-                         torch.tensor(d.targets, dtype=torch.long)) for d in parts]
-    train, val = split_last(x, y, len(x) // 10)
-    return dict(train=train, val=val, test=(xt, yt))
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        raise SparseWinError(f"{name} not found in {Path(root) / cls.base_folder} ({why}); put the python-version "
+                             f"files ({files}) there, or run online with --download")
+    (x, y), test = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                     torch.tensor(d.targets, dtype=torch.long)) for d in parts]
+    return splits(x, y, test)
 
 
-def _read_idx(path) -> torch.Tensor:
-    """An IDX file (MNIST format, optionally gzipped) as a uint8 tensor."""
+def _read_idx(path) -> torch.Tensor:  # an IDX file (MNIST format, optionally gzipped) as a uint8 tensor
     import gzip
     data = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]  # data[3]: ndim
+    return torch.frombuffer(bytearray(data[4 + 4 * len(dims):]), dtype=torch.uint8).view(*dims)
 
 
 def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBIAN_FASHION_MNIST):
-    """Fashion-MNIST (N, 1, 28, 28): train 54,000 / val 6,000 / test 10,000.
-
-    Looks in root (torchvision layout), then in Debian's dataset-fashion-mnist package, then
-    downloads through torchvision.
-    """
+    """Fashion-MNIST (N, 1, 28, 28), 54,000 / 6,000 / 10,000: from root, else Debian's package, else a download."""
     names = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
     for folder in (Path(root) / "FashionMNIST" / "raw", Path(debian_dir)):
-        paths = {(s, k): next((p for p in (folder / (names[s].format(k, n)),
-                                           folder / (names[s].format(k, n) + ".gz")) if p.exists()), None)
-                 for s in names for k, n in (("images", 3), ("labels", 1))}
+        paths = {(s, k): next((p for p in (folder / f, folder / (f + ".gz")) if p.exists()), None)
+                 for s in names for k, n in (("images", 3), ("labels", 1)) for f in [names[s].format(k, n)]}
         if all(paths.values()):
             xs = {s: _read_idx(paths[s, "images"]).unsqueeze(1) for s in names}
             ys = {s: _read_idx(paths[s, "labels"]).long() for s in names}
-            train, val = split_last(xs["train"], ys["train"], len(ys["train"]) // 10)
-            return dict(train=train, val=val, test=(xs["test"], ys["test"]))
+            return splits(xs["train"], ys["train"], (xs["test"], ys["test"]))
     if download:
         datasets = torchvision_datasets("downloading fashion-mnist")
         try:
@@ -1464,11 +1452,7 @@ def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBI
 
 
 def load_tiny_imagenet(root: str):
-    """Tiny-ImageNet from its official layout: train 90,000 / val 10,000 (fixed permutation) / test 10,000.
-
-    root (or root/tiny-imagenet-200) holds train/<wnid>/images/*.JPEG and
-    val/images/*.JPEG with val/val_annotations.txt; the official val set is our test set.
-    """
+    """Tiny-ImageNet's official folder (root or root/tiny-imagenet-200): 90,000 / 10,000 / 10,000 (its val set)."""
     try:
         from PIL import Image
     except ImportError:
@@ -1478,20 +1462,16 @@ def load_tiny_imagenet(root: str):
     if base is None or not (base / "val" / "val_annotations.txt").exists():
         raise SparseWinError(f"tiny-imagenet not found in {root}: put the official tiny-imagenet-200 folder "
                              f"there (train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt)")
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    label = {w: i for i, w in enumerate(wnids)}
+    label = {w: i for i, w in enumerate(sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))}
 
-    def read(paths):
-        return torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
-                            .view(64, 64, 3).permute(2, 0, 1) for p in paths])
-    train = [(p, label[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    def read(items):  # [(JPEG path, label)] -> uint8 (N, 3, 64, 64), int64 labels
+        return (torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
+                             .view(64, 64, 3).permute(2, 0, 1) for p, _ in items]), torch.tensor([c for _, c in items]))
+    train = [(p, label[w]) for w in label for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
     ann = [line.split("\t")[:2] for line in (base / "val" / "val_annotations.txt").read_text().splitlines() if line]
-    test = [(base / "val" / "images" / f, label[w]) for f, w in ann]
-    x, y = read([p for p, _ in train]), torch.tensor([c for _, c in train])
+    (x, y), test = read(train), read([(base / "val" / "images" / f, label[w]) for f, w in ann])
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed, seed-independent split
-    x, y = x[perm], y[perm]
-    train_split, val = split_last(x, y, len(x) // 10)
-    return dict(train=train_split, val=val, test=(read([p for p, _ in test]), torch.tensor([c for _, c in test])))
+    return splits(x[perm], y[perm], test)
 
 
 def load_data(cfg: Config) -> dict:
@@ -1503,13 +1483,15 @@ def load_data(cfg: Config) -> dict:
     return load_fashion_mnist(cfg.data_dir, cfg.download)
 
 
-def subsets(cfg: Config, data: dict) -> dict:
-    """The first --train-subset / --eval-subset images of each split (0 = all)."""
+def subsets(cfg: Config, data: dict) -> dict:  # the first --train-subset / --eval-subset images of each split (0 = all)
     n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
     return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
 
 
 # ----------------------------------------------------------------------------- the configured run
+
+METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
+
 
 def architecture(cfg: Config) -> dict:
     """build_model's arguments for the configured architecture and dataset (what checkpoints record)."""
@@ -1522,45 +1504,37 @@ def model_for(cfg: Config) -> nn.Module:
     return build_model(**architecture(cfg))
 
 
-METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
-
-
 def method_for(cfg: Config) -> Method:
     """The configured method (--mode), with its constants from the config."""
     if cfg.mode == "static":
         return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold_used,
                           max_epochs=cfg.eb_max_epochs, ticket=cfg.ticket, bn_l1=cfg.bn_l1)
-    if cfg.mode in ("dynamic", "dynamic+"):
-        fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
-                  death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
-                  interval_late=cfg.update_interval_late)
-        if cfg.mode == "dynamic":
-            return FlyingBird(**fb)
-        return FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
-                              threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
-                              growth_ratio=cfg.fbplus_grow, **fb)
-    return Dense()
+    if cfg.mode not in ("dynamic", "dynamic+"):
+        return Dense()
+    fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
+              death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
+              interval_late=cfg.update_interval_late)
+    return FlyingBird(**fb) if cfg.mode == "dynamic" else FlyingBirdPlus(
+        start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window, threshold=cfg.fbplus_threshold,
+        prune_ratio=cfg.fbplus_prune, growth_ratio=cfg.fbplus_grow, **fb)
 
 
 def sgd(cfg: Config, net: nn.Module):
-    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
-    (cfg.milestones: setup() has put the method's default there when --milestones was not given)."""
+    """The paper's SGD with momentum and weight decay, lr x0.1 at cfg.milestones (setup() fills in the method's)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
 
 
 class Shards(Batches):
-    """Batches of a torchrun job: batch_size is the global batch; every rank draws the same order and augmentation
-    for all of it and keeps its rows lo:hi (self.rows = (lo, hi, n) of the batch in flight), so the draws do not
-    depend on the number of ranks. drop_small: skip a last batch with fewer examples than ranks (training)."""
+    """Batches of a torchrun job: every rank draws the global batch's order and augmentation and keeps its rows
+    (self.rows = (lo, hi, n)), independent of the world size; drop_small: skip a last batch smaller than the world."""
 
     def __init__(self, x, y, *, rank=0, world=1, drop_small=False, **kw):
         super().__init__(x, y, **kw)
         self.rank, self.world, self.drop_small, self.rows = rank, world, drop_small, None
 
     def __len__(self):
-        n, b = len(self.y), self.batch_size
-        return super().__len__() - (self.drop_small and 0 < n % b < self.world)
+        return super().__len__() - (self.drop_small and 0 < len(self.y) % self.batch_size < self.world)
 
     def epoch(self, order=None, start=0):
         for x, y in super().epoch(order, start):
@@ -1569,8 +1543,7 @@ class Shards(Batches):
             self.rows = (lo, lo + q + (self.rank < r), len(x))
             yield x[lo:self.rows[1]], y[lo:self.rows[1]]
 
-    def start(self, x: torch.Tensor, **attack) -> torch.Tensor:
-        """attack_start(**attack) for this rank's rows x, drawn for the whole global batch."""
+    def start(self, x: torch.Tensor, **attack) -> torch.Tensor:  # attack_start for rows x, drawn for the whole batch
         lo, hi, n = self.rows
         return attack_start((n, *x.shape[1:]), device=x.device, dtype=x.dtype, **attack)[lo:hi]
 
@@ -1586,9 +1559,8 @@ def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist)
 
 
 def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core
-    compiled if asked, for attacks and evaluation (no gradient sync); model for the update step,
-    DistributedDataParallel under torchrun (it all-reduces the gradients)."""
+    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core compiled if
+    asked, for attacks and evaluation (no gradient sync); model for the update step, DDP under torchrun."""
     if cuda if cfg.channels_last is None else cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.sync_bn:
@@ -1607,20 +1579,12 @@ def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.M
 # ----------------------------------------------------------------------------- distributed (torchrun)
 
 class Dist:
-    """This process's place in a torchrun job, and the few collectives train() needs.
-
-    One process is the same code with world = 1 and every collective a no-op. Under torchrun
-    (`torchrun --nproc_per_node=N sparse_win.py ...`) main() joins the process group (NCCL on
-    CUDA, gloo on CPU) with a timeout, so that a rank that dies or hangs fails the job instead
-    of blocking it.
-    """
+    """This process's place in a torchrun job and the collectives train() needs (no-ops in a single process)."""
 
     def __init__(self):
         import torch.distributed as td
-        self.td = td
-        self.on = td.is_available() and td.is_initialized()
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
+        self.td, self.on = td, td.is_available() and td.is_initialized()
+        self.rank, self.world = (td.get_rank(), td.get_world_size()) if self.on else (0, 1)
         self.main = self.rank == 0
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -1628,53 +1592,44 @@ class Dist:
             self.td.all_reduce(t)
         return t
 
-    def any(self, flags: list[bool], device) -> list[bool]:
-        """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
-        if not self.on:
-            return [bool(f) for f in flags]
-        t = torch.tensor(flags, dtype=torch.float32, device=device)
-        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.on:
             self.td.broadcast(t, src)
         return t
 
-    def share_masks(self, mask: SparseMask | None):
-        """Rank 0's masks on every rank, the weights masked again (a dense model has none to share)."""
-        if not self.on or mask is None:
-            return
-        for name in mask.names:
-            m = mask.masks[name].to(torch.uint8)
-            mask.masks[name].copy_(self.broadcast_(m).bool())
-        mask._refresh()
-        mask.apply()
+    def _max(self, t: torch.Tensor) -> torch.Tensor:
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return t
 
-    def check_masks(self, mask: SparseMask, where: str):
-        """Stop the run when the masks differ between ranks (a checksum all-reduce)."""
+    def any(self, flags: list[bool], device) -> list[bool]:  # per flag: raised on any rank? (all branch alike)
         if not self.on:
-            return
-        dev = next(iter(mask.masks.values())).device
-        sums = torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
-                            for i, m in enumerate(mask.masks.values())]).sum()
-        both = torch.stack([sums, -sums]).to(dev)
-        self.td.all_reduce(both, op=self.td.ReduceOp.MAX)  # max and -min of the checksums
-        if both[0] != -both[1]:
+            return [bool(f) for f in flags]
+        return [bool(v) for v in self._max(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
+
+    def _differs(self, v: torch.Tensor) -> bool:  # whether the scalar v differs between ranks: max and -min at once
+        both = self._max(torch.stack([v, -v]))
+        return bool(both[0] != -both[1])
+
+    def check_masks(self, mask: SparseMask, where: str):  # stop the run when the masks differ between ranks
+        if self.on and self._differs(torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
+                                                  for i, m in enumerate(mask.masks.values())]).sum()):
             raise RunError(f"the masks differ between ranks after the topology update at {where}; "
                            f"stopping (rank {self.rank})", DESYNC)
 
-    def agree(self, flag: bool, device, what: str) -> bool:
-        """flag, checked to be the same on every rank (a mismatch stops the run)."""
-        if self.on:
-            t = torch.tensor([float(flag), -float(flag)], device=device)
-            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-            if t[0] != -t[1]:
-                raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
+    def agree(self, flag: bool, device, what: str) -> bool:  # flag, checked to be the same on every rank
+        if self.on and self._differs(torch.tensor(float(flag), device=device)):
+            raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
         return flag
 
-    def share_buffers(self, net: nn.Module):
-        """Rank 0's buffers (BatchNorm statistics) on every rank."""
+    def share_masks(self, mask: SparseMask | None):  # rank 0's masks on every rank, the weights masked again
+        if not self.on or mask is None:
+            return
+        for name in mask.names:
+            mask.masks[name].copy_(self.broadcast_(mask.masks[name].to(torch.uint8)).bool())
+        mask._refresh()
+        mask.apply()
+
+    def share_buffers(self, net: nn.Module):  # rank 0's buffers (BatchNorm statistics) on every rank
         for b in net.buffers():
             self.broadcast_(b)
 
@@ -1684,7 +1639,7 @@ class Dist:
 
 
 def init_distributed(cfg: Config):
-    """Join the torchrun job named by the environment (WORLD_SIZE > 1), once per process."""
+    """Join the torchrun job (WORLD_SIZE > 1) once, with a timeout: a rank that dies or hangs fails the job."""
     import datetime
     import torch.distributed as td
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
@@ -1697,27 +1652,25 @@ def init_distributed(cfg: Config):
 
 # ----------------------------------------------------------------------------- run directory and checkpoints
 
-def _finite(obj):
-    """obj with every non-finite float replaced by None (JSON null), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
+               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
+               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
+               "final_eval"}  # may differ between a run and its resume
 
 
 def strict_json(obj, **kw) -> str:
     """JSON that strict readers (jq, JavaScript, pyarrow) accept: NaN and Infinity are written as null."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
+    def finite(o):
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+    return json.dumps(finite(obj), allow_nan=False, **kw)
 
 
 def write_atomic(path: Path, data: bytes):
-    """Write path.tmp, fsync, rename over path: the old file stays whole until the new one is.
-
-    An OSError (disk full, no permission, I/O error) removes the .tmp and becomes one line (exit 74).
-    """
+    """Write path.tmp, fsync, rename: the old file stays whole until the new one is (an OSError: one line, exit 74)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1726,10 +1679,8 @@ def write_atomic(path: Path, data: bytes):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise _io_error(path, e) from None
 
 
@@ -1751,12 +1702,6 @@ def atomic_save(obj, path: Path):
 
 def write_text_atomic(path: Path, text: str):
     write_atomic(path, text.encode())
-
-
-RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
-               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
-               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
-               "final_eval"}  # may differ between a run and its resume
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -1783,9 +1728,7 @@ def make_run_dir(d: Path) -> Path:
 class StopRequest:
     """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
     after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
+    signal: int | None = None  # the signal received
 
     def __call__(self, signum, frame):
         if signum == signal.SIGINT and self.signal is not None:
@@ -1803,22 +1746,18 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class RunLock:
-    """One training process per run directory: an exclusive OS lock (flock) on <run>/.lock, held for
-    the run's lifetime. The kernel drops it when the process ends, killed or not, so no stale lock
-    survives a crash; the file itself (the holder's pid) is ignored by git."""
-
-    def __init__(self):
-        self.fd = None
+class RunLock(contextlib.AbstractContextManager):
+    """One training process per run directory: an exclusive flock on <run>/.lock (holding the holder's pid),
+    held for the run's lifetime. The kernel drops it when the process ends, so no stale lock survives a crash."""
+    fd: int | None = None
 
     def acquire(self, run_dir: Path):
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock
             return
-        path = run_dir / ".lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
         try:
@@ -1832,16 +1771,10 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
-    def release(self):
+    def __exit__(self, *exc):
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def check_resume(ck: dict, path: Path, config: dict, world: int):
@@ -1850,9 +1783,8 @@ def check_resume(ck: dict, path: Path, config: dict, world: int):
     if not {"run", "method", "optimizer"} <= set(ck):
         raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
     defaults = dataclasses.asdict(Config())
-    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]]
-    if changed:
-        k = changed[0]
+    k = next((k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]), None)
+    if k is not None:
         raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
                              f"{config[k]!r}); resume with the same options")
     if ck["run"].get("world", 1) != world:
@@ -1861,8 +1793,7 @@ def check_resume(ck: dict, path: Path, config: dict, world: int):
 
 
 def write_metrics(run_dir: Path, history: list[dict]):
-    """metrics.jsonl, one strict-JSON record per epoch; the whole file atomically (an append cut short
-    by a full disk would leave half a record)."""
+    """metrics.jsonl, one strict-JSON record per epoch, rewritten whole (an append cut short leaves half a record)."""
     write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
 
 
@@ -2191,16 +2122,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, flops: tuple, train_final_ra: float) -> dict:
-    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios; flops: model_flops' (per
-    weight, constant) and the dense network's forward FLOPs."""
-    per_weight, unowned, dense_fwd = flops
-    final_fwd = method.forward_flops(per_weight, unowned)
-    h = run.history
-    best, final = h[run.best_epoch - 1], h[-1]
+def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, flops: tuple, train_ra: float):
+    """The paper's Table 1 row plus density, ITOP rate and FLOP ratios; flops: (per_weight, unowned, dense forward)."""
+    final_fwd, dense_fwd = method.forward_flops(*flops[:2]), flops[2]
+    best, final = run.history[run.best_epoch - 1], run.history[-1]
     return dict(
         method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
-        best_epoch=run.best_epoch, epochs=len(h), milestones=list(cfg.milestones),
+        best_epoch=run.best_epoch, epochs=len(run.history), milestones=list(cfg.milestones),
         ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
@@ -2208,30 +2136,24 @@ def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, fl
         train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
                                                 * dense_fwd * (ledger.images - run.ticket_images)),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
-        robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
+        robust_gap=train_ra - final["test_ra"], train_ra_final=train_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
         ticket_flops=run.ticket_flops, topology_updates=len(run.updates),
         ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
         thin=run.thin,  # channel ticket: the thin network's size and measured speed (thin_report)
         updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
-        **method.summary(),
-        wall_seconds=run.wall)
-
-
-def sync(device: torch.device):
-    """Wait for the device's queued work (CUDA); nothing on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        **method.summary(), wall_seconds=run.wall)
 
 
 def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
     """Median wall time of fn() over `reps` calls, after two warm-up calls (CUDA: synchronized)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    for i in range(reps + 2):
-        sync(device)
+    for _ in range(reps + 2):
+        sync()
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[reps // 2]
 
@@ -2240,34 +2162,26 @@ def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: di
     """(seconds of one PGD AT step, seconds of one inference forward) of `net` on the batch (x, y), measured on
     a copy (its weights, BatchNorm statistics and the caller's random streams are left alone)."""
     net, dev = copy.deepcopy(net), x.device
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    gen = torch.Generator(dev).manual_seed(0)
-    at_step = lambda: adversarial_step(net.train(), x, y, opt, generator=gen, bf16=amp, **attack)  # noqa: E731
-
-    def inference():
-        with torch.no_grad(), autocast(dev.type, amp):
-            net.eval()(x)
-    return seconds(at_step, device=dev), seconds(inference, device=dev)
+    opt, gen = torch.optim.SGD(net.parameters(), lr=0.0), torch.Generator(dev).manual_seed(0)
+    at_step = seconds(lambda: adversarial_step(net.train(), x, y, opt, generator=gen, bf16=amp, **attack), device=dev)
+    with torch.no_grad(), autocast(dev.type, amp):
+        return at_step, seconds(lambda: net.eval()(x), device=dev)
 
 
 def thin_report(cfg: Config, method: Method, net: nn.Module, batches: Batches, amp: bool, flops: tuple) -> dict:
-    """A channel ticket's thin network against the full dense one, in the run: channels kept, weight density,
-    parameters and forward FLOPs (model_flops) as fractions of dense, and the measured seconds of one PGD-10 AT
-    step and of one inference forward at the run's batch size, device and precision (step_seconds)."""
+    """A channel ticket's thin network against the full dense one: channels kept, weight density, parameters and
+    FLOPs as fractions of dense, seconds of a PGD-10 AT step and an inference at the run's batch, device, precision."""
     full = model_for(cfg).to(batches.x.device)
     if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
         full = full.to(memory_format=torch.channels_last)  # both in the layout the run trains in
-    groups = bn_gammas(full)
-    kept, total = sum(method.channels.values()), sum(g.numel() for g in groups.values())
+    kept, total = sum(method.channels.values()), sum(g.numel() for g in bn_gammas(full).values())
     x, y = batches.x[:cfg.batch_size].float().div(255), batches.y[:cfg.batch_size]
-    eps, alpha = cfg.eps(train=True)
-    attack = dict(eps=eps, alpha=alpha, norm=cfg.norm, steps=10)  # PGD-10, the paper's
+    attack = dict(zip(("eps", "alpha"), cfg.eps(train=True)), norm=cfg.norm, steps=10)  # PGD-10, the paper's
     thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=amp) for n in (net, full))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    per_weight, unowned, dense_fwd = flops
     return dict(channels=dict(method.channels), channel_sparsity=1 - kept / total,
                 weight_density=method.density, params_ratio=count(net) / count(full),
-                flops_ratio=method.forward_flops(per_weight, unowned) / dense_fwd, batch=len(y),
+                flops_ratio=method.forward_flops(*flops[:2]) / flops[2], batch=len(y),
                 at_step_s=thin_s[0], at_step_dense_s=dense_s[0], at_speedup=dense_s[0] / thin_s[0],
                 inference_s=thin_s[1], inference_dense_s=dense_s[1], inference_speedup=dense_s[1] / thin_s[1])
 
@@ -2280,12 +2194,10 @@ def thin_line(r: dict) -> str:
             f"vs {r['inference_dense_s'] * 1e3:.1f} ms ({r['inference_speedup']:.2f}x)")
 
 
-def objective_name(cfg: Config) -> str:
-    """The AT objective and regularizers of a run, e.g. 'TRADES (beta 6) + AWP (gamma 0.005 from epoch 10)'."""
-    parts = [f"TRADES (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else "PGD-AT"]
-    parts += [f"AWP (gamma {cfg.awp_gamma:g} from epoch {cfg.awp_warmup})"] if cfg.awp_gamma else []
-    parts += [f"EMA ({cfg.ema_decay:g})"] if cfg.ema_decay else []
-    return " + ".join(parts)
+def objective_name(cfg: Config) -> str:  # the AT objective and regularizers, e.g. 'TRADES (beta 6) + EMA (0.999)'
+    return " + ".join([f"TRADES (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else "PGD-AT"]
+                      + ([f"AWP (gamma {cfg.awp_gamma:g} from epoch {cfg.awp_warmup})"] if cfg.awp_gamma else [])
+                      + ([f"EMA ({cfg.ema_decay:g})"] if cfg.ema_decay else []))
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -2295,8 +2207,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference); below it,
-    for a channel ticket's run, what its thin network measured (thin_line)."""
+    """Markdown, the paper's layout (accuracies %, FLOPs real, inference per image); below, any thin network's line."""
     aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
     head = ["method", "RA best", "RA final", "diff", "SA best", "SA final", "diff", "train FLOPs",
             "inference FLOPs (x dense)", "robust gen. gap", "density", "ITOP"] + (["AA best", "AA final"] if aa else [])
@@ -2321,19 +2232,16 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_ra", "train RA"), ("test_sa", "test SA"), ("test_ra", "test RA")):
-        points = [(r["epoch"], r[key]) for r in history if r[key] is not None]  # --eval-every: evaluated epochs
-        ax.plot(*zip(*points), label=label)
+        ax.plot(*zip(*[(r["epoch"], r[key]) for r in history if r[key] is not None]), label=label)  # --eval-every
     for i, e in enumerate(events):
-        color = "tab:red" if e["prune"] else "tab:green"
-        ax.axvline(e["epoch"] + 0.5, color=color, ls=":", lw=1,
+        ax.axvline(e["epoch"] + 0.5, color="tab:red" if e["prune"] else "tab:green", ls=":", lw=1,
                    label=None if i else "FB+ extra prune (red) / grow (green)")
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.legend()
     save_figure(fig, path)
 
 
-def save_figure(fig, path: Path):
-    """The figure as a PNG, rendered in memory and written with write_atomic; the figure is closed."""
+def save_figure(fig, path: Path):  # as a PNG rendered in memory, written with write_atomic; the figure is closed
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.tight_layout()
@@ -2345,10 +2253,10 @@ def save_figure(fig, path: Path):
 # ----------------------------------------------------------------------------- evaluate a checkpoint
 
 AA_MISSING = "AutoAttack needs the pyautoattack package: pip install pyautoattack"
+EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
 
 
-def _import_autoattack():
-    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
+def _import_autoattack():  # pyautoattack's AutoAttack: an optional dependency, imported only when asked for
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -2359,33 +2267,25 @@ def _import_autoattack():
 def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
                     version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
                     batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
-    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
-
-    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
-    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
-    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
-    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
-    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
-    seeds torch's global generator.
-    """
+    """AutoAttack (Croce & Hein 2020) through pyautoattack on x in [0, 1]: {'robust': per-example flags, 'flags': its
+    warnings}. 'standard' runs APGD-CE, APGD-T, FAB-T and Square, 'custom' `attacks`; iters > 0 replaces their
+    iterations and queries (quick checks). `done`, an interrupted call's result, skips the batches it covers;
+    on_batch(result so far) runs after each batch. pyautoattack seeds torch's global generator."""
     import logging
     aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
                               attacks=attacks, seed=seed, device=x.device)
     if iters:
-        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+        aa.fab.n_iter = aa.fab.n_iter_orig = aa.square.n_queries = iters
+        for attack in (aa.apgd, aa.apgd_targeted):  # and the step-size checkpoints, as APGD's constructor sets them
             attack.n_iter = attack.n_iter_orig = iters
-        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
-            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
-            attack.size_decr = max(int(0.03 * iters), 1)
-        aa.square.n_queries = iters
+            attack.n_iter_2, attack.n_iter_min, attack.size_decr = (max(int(f * iters), 1) for f in (0.22, 0.06, 0.03))
     result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
 
     class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
         def emit(self, record):
             if record.getMessage() not in result["flags"]:
                 result["flags"].append(record.getMessage())
-    handler = Flags(logging.WARNING)
-    aa.logger.addHandler(handler)
+    aa.logger.addHandler(handler := Flags(logging.WARNING))
     was_training = model.training
     model.eval()
     try:
@@ -2442,13 +2342,9 @@ def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: 
         autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
 
 
-EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
-
-
 def config_of(ck: dict, **overrides) -> Config:
     """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in ck["config"].items() if k in names}
+    values = {k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
 
 
@@ -2462,44 +2358,34 @@ def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float
 
 
 class EvalProgress:
-    """The finished parts of one evaluation, saved atomically after each part (and each AutoAttack
-    batch), so that the same --eval after an interruption continues where it stopped."""
+    """The finished parts of one --eval, saved after each (and each AutoAttack batch) for a rerun to continue."""
 
     def __init__(self, path: Path, key: dict, log=print):
         self.path, self.key, self.done = path, key, {}
-        try:
-            state = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            state = {}
-        if state.get("key") == key:
-            self.done = state["done"]
-            log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
+        with contextlib.suppress(OSError, ValueError):  # none saved, or unreadable: from the start
+            state = json.loads(path.read_text())
+            if state.get("key") == key:
+                self.done = state["done"]
+                log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
 
-    def save(self):
+    def put(self, name: str, value):
+        self.done[name] = value
         write_text_atomic(self.path, strict_json(dict(key=self.key, done=self.done), indent=1))
 
-    def part(self, name: str, compute):
+    def part(self, name: str, compute):  # done[name], computed once; compute may save done[name + "_partial"]
         if name not in self.done:
-            self.done[name] = compute()
-            self.save()
+            value = compute()
+            self.done.pop(name + "_partial", None)
+            self.put(name, value)
         return self.done[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def eval_filename(ck_path: Path, *, split, subset, steps, restarts, attack, aa_version, aa_iters, overrides) -> str:
+def eval_filename(ck_path: Path, key: dict, overrides: dict) -> str:
     """eval-<checkpoint>-<split>-<images>-<attacks>[-<overridden eps, alpha, norm>].json"""
-    parts = [ck_path.stem, split, f"n{subset}" if subset else "all"]
-    if attack != "autoattack":
-        parts.append(f"pgd{steps}x{restarts}")
-    if attack != "pgd":
-        parts.append(f"aa-{aa_version}" + (f"-i{aa_iters}" if aa_iters else ""))
+    parts = [ck_path.stem, key["split"], f"n{key['subset']}" if key["subset"] else "all"]
+    parts += [f"pgd{key['steps']}x{key['restarts']}"] if key["attack"] != "autoattack" else []
+    if key["attack"] != "pgd":
+        parts.append(f"aa-{key['aa_version']}" + (f"-i{key['aa_iters']}" if key["aa_iters"] else ""))
     parts += [f"{k.removeprefix('test_')}{overrides[k]:g}" for k in ("test_eps", "test_alpha") if k in overrides]
     parts += [overrides["norm"]] if "norm" in overrides else []
     return "eval-" + "-".join(parts) + ".json"
@@ -2509,23 +2395,19 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
                         attack: str = "all", aa_version: str = "standard", aa_iters: int = 0,
                         check_subset: int = 1000, seed: int = 0, device: str = "auto", force: bool = False,
                         reuse: bool = False, overrides: dict | None = None, log=print) -> dict:
-    """--eval: clean accuracy, PGD with restarts, AutoAttack and the gradient-masking checks of a checkpoint.
-
-    Model, data, eps, step size and norm come from the checkpoint's config; `overrides` replaces
-    config fields (EVAL_OVERRIDES). Writes eval-<checkpoint>-<options>.json beside the checkpoint
-    (refused when it exists, unless force; reuse returns it when made from the same checkpoint and
-    options) and returns its content. Progress goes to the same name with .partial.json.
-    """
+    """--eval: SA, PGD with restarts, AutoAttack and gradient-masking checks of a checkpoint, set up by its config
+    (`overrides`: EVAL_OVERRIDES fields replaced). Writes eval-<checkpoint>-<options>.json beside it (an existing
+    one: force overwrites it, reuse returns it when of the same checkpoint and options) and returns its content."""
     t0, ck_path = time.time(), Path(find_checkpoint(path))
     ck = read_checkpoint(ck_path)
     overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
     cfg = config_of(ck, device=device, **overrides)
-    out = ck_path.with_name(eval_filename(ck_path, split=split, subset=subset, steps=steps, restarts=restarts,
-                                          attack=attack, aa_version=aa_version, aa_iters=aa_iters, overrides=overrides))
     (eps, alpha), dev = cfg.eps(train=False), resolve_device(cfg.device)
-    key = dict(checkpoint_sha256=_sha256(ck_path), split=split, subset=subset, steps=steps, restarts=restarts,
-               attack=attack, aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed,
+    opts = dict(steps=steps, restarts=restarts, attack=attack, aa_version=aa_version, aa_iters=aa_iters,
+                check_subset=check_subset, seed=seed)
+    key = dict(checkpoint_sha256=hashlib.sha256(ck_path.read_bytes()).hexdigest(), split=split, subset=subset, **opts,
                eps=eps, alpha=alpha, norm=cfg.norm)
+    out = ck_path.with_name(eval_filename(ck_path, key, overrides))
     if out.exists() and reuse and json.loads(out.read_text()).get("key") == key:
         return json.loads(out.read_text())
     if out.exists() and not (force or reuse):
@@ -2543,8 +2425,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     x, y = (t[:subset or None].to(dev) for t in data[split])
     bs = overrides.get("batch_size") or cfg.eval_batch_size  # as train() evaluates: the same SA, bit for bit
     progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
-    first, checks, aa = eval_parts(net, x, y, progress, cfg, bs=bs, steps=steps, restarts=restarts, attack=attack,
-                                   aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed)
+    first, checks, aa = eval_parts(net, x, y, progress, cfg, bs=bs, **opts)
     pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
     ra_pgd, ra_aa = pct(first["robust"]) if attack != "autoattack" else None, pct(aa["robust"]) if aa else None
     checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
@@ -2561,7 +2442,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
         checks=checks, warnings=failed, wall_seconds=time.time() - t0)
     write_text_atomic(out, strict_json(result, indent=1))
     progress.path.unlink(missing_ok=True)
-    for w in failed + [format_eval_table([result]), f"wrote {out}"]:
+    for w in failed + [format_eval_table(result), f"wrote {out}"]:
         log(w)
     return result
 
@@ -2582,43 +2463,31 @@ def eval_parts(net, x, y, progress: EvalProgress, cfg: Config, *, bs, steps, res
     n = check_subset or len(y)
     checks = progress.part("checks", lambda: masking_checks(
         net, Batches(x[:n], y[:n], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm, seed=seed))
-
-    def aa_part():
-        def save(partial):
-            progress.done["autoattack_partial"] = partial
-            progress.save()
-        result = autoattack_eval(net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version,
-                                 iters=aa_iters, batch_size=bs, seed=seed,
-                                 done=progress.done.get("autoattack_partial"), on_batch=save)
-        progress.done.pop("autoattack_partial", None)
-        return result
-    return first, checks, progress.part("autoattack", aa_part) if attack != "pgd" else None
+    if attack == "pgd":
+        return first, checks, None
+    return first, checks, progress.part("autoattack", lambda: autoattack_eval(
+        net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version, iters=aa_iters, batch_size=bs, seed=seed,
+        done=progress.done.get("autoattack_partial"), on_batch=lambda r: progress.put("autoattack_partial", r)))
 
 
-def format_eval_table(rows: list[dict]) -> str:
-    """Markdown table of --eval results (accuracies in %)."""
-    def cells(r):
-        pgd, aa, failed = r["pgd"], r["autoattack"], [k for k, c in r["checks"].items() if c["ok"] is False]
-        aa_cell = f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" \
-            if aa else "-"
-        return [f"{Path(r['checkpoint']).name} (epoch {r['epoch']})", r["split"], r["examples"],
-                f"{r['density']:.4f}", f"{r['sa']:.2f}",
-                f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-", aa_cell,
-                "failed: " + ", ".join(failed) if failed else "passed"]
+def format_eval_table(r: dict) -> str:  # an --eval result as a Markdown table (accuracies in %)
+    pgd, aa, failed = r["pgd"], r["autoattack"], [k for k, c in r["checks"].items() if c["ok"] is False]
+    aa_cell = f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" if aa else "-"
     head = ["checkpoint", "split", "images", "density", "SA", "PGD RA", "AutoAttack RA", "gradient-masking checks"]
-    return markdown_table(head, [cells(r) for r in rows])
+    return markdown_table(head, [[f"{Path(r['checkpoint']).name} (epoch {r['epoch']})", r["split"], r["examples"],
+                                  f"{r['density']:.4f}", f"{r['sa']:.2f}",
+                                  f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-", aa_cell,
+                                  "failed: " + ", ".join(failed) if failed else "passed"]])
 
 
-def eval_options(cfg: Config) -> dict:
-    """evaluate_checkpoint() keyword arguments from the --eval flags."""
+def eval_options(cfg: Config) -> dict:  # evaluate_checkpoint's keyword arguments from the --eval flags
     return dict(split=cfg.split, subset=cfg.eval_subset, steps=cfg.eval_steps, restarts=cfg.restarts,
                 attack=cfg.attack, aa_version=cfg.aa_version, aa_iters=cfg.aa_iters, check_subset=cfg.check_subset,
                 seed=cfg.seed, device=cfg.device, force=cfg.force)
 
 
 def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
-    """--final-eval autoattack: the --eval path on best.pt and on the final model (last.pt) when training
-    ends; returns the fields for summary.json (ra_aa_best, ra_aa_final and the results files)."""
+    """--final-eval autoattack: --eval of best.pt and last.pt when training ends; the fields for summary.json."""
     if cfg.final_eval == "none":
         return {}
     out = {}
@@ -2634,18 +2503,10 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4
 
 
 def benchmark(cfg: Config, log=print) -> list[dict]:
-    """AT throughput (images/s) of a dense and a sparse model at the dataset's input shape: the time of
-    Trainer.step, the very step train() runs (attack, update, re-mask, FLOP ledger, divergence check).
-
-    Rows: fp32 eager (the baseline), then the fast path (bf16 autocast + channels_last [+ compile]) on
-    CUDA. Models: dense; sparse = Flying Bird at --sparsity (Flying Bird+ with --mode dynamic+), whose
-    unstructured masks run dense kernels; thin = a channel ticket's network at channel sparsity --sparsity
-    (the same fraction of every channel group kept, as slim() builds it), physically smaller. Prints
-    inference images/s, forward FLOPs as a fraction of dense, projected epoch time and the fraction of
-    bf16 peak.
-    """
-    device = resolve_device(cfg.device)
-    info = DATASETS[cfg.dataset]
+    """AT throughput (images/s) at the dataset's input shape, timing Trainer.step (the very step train() runs): fp32
+    eager, then on CUDA bf16 autocast + channels_last (+ compile); models dense, sparse (Flying Bird (+) at --sparsity,
+    unstructured: dense kernels) and thin (a channel ticket's network, --sparsity of each channel group removed)."""
+    device, info = resolve_device(cfg.device), DATASETS[cfg.dataset]
     shape = (info["channels"], info["size"], info["size"])
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x = torch.randint(0, 256, (cfg.batch_size, *shape), dtype=torch.uint8, device=device, generator=gen)
@@ -2676,19 +2537,15 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
             executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * forward_flops(
                 t.per_weight, weight_counts(t.net), t.unowned)  # the kernels that run, masked weights included
             ips = cfg.batch_size / step
-            rows.append(dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
-                             flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
-                             epoch_s=45000 / ips, tflops=executed * ips / 1e12,
-                             peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
-            log(benchmark_line(rows[-1]))
+            rows.append(r := dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
+                                  flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
+                                  epoch_s=45000 / ips, tflops=executed * ips / 1e12,
+                                  peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
+            log(f"{label:28s} {model:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  FLOPs "
+                f"{r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
+                + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
+                + (f"  peak mem {memory / 2**30:.2f} GiB" if memory else ""))
     return rows
-
-
-def benchmark_line(r: dict) -> str:
-    return (f"{r['variant']:28s} {r['model']:6s} AT {r['images_per_s']:9.1f} img/s  inference {r['inference_per_s']:9.1f} "
-            f"img/s  FLOPs {r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
-            + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if r["peak_fraction"] else "")
-            + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
 
 
 # ----------------------------------------------------------------------------- main
@@ -2699,20 +2556,17 @@ def _parser() -> argparse.ArgumentParser:
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
     def flag(name, v):  # a preset's value as the flags that set it
-        f = "--" + name.replace("_", "-")
-        return (f if v else f"--no-{f[2:]}") if isinstance(v, bool) else f"{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+        f, v = "--" + name.replace("_", "-"), " ".join(map(str, v)) if isinstance(v, tuple) else v
+        return (f if v else f"--no-{f[2:]}") if isinstance(v, bool) else f"{f} {v}"
     presets = "; ".join(f"{k}: " + " ".join(flag(*kv) for kv in p.items()) for k, p in PRESETS.items())
     parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
                     epilog=f"presets: {presets}")
     for f in dataclasses.fields(Config):
         kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch", "valid")}
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool) or "switch" in f.metadata:  # --x / --no-x; a switch defaults by device
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
-        else:
-            kw.setdefault("type", type(f.default))
-            parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)
+        switch = isinstance(f.default, bool) or "switch" in f.metadata  # --x / --no-x; a switch defaults by device
+        kw = dict(action=argparse.BooleanOptionalAction) if switch else {"type": type(f.default), **kw}
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw,
+                            help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
     return parser
 
 
@@ -2741,30 +2595,26 @@ def main(argv: list[str] | None = None) -> int:
             init_distributed(cfg)  # under torchrun: join the job (WORLD_SIZE > 1)
             with StopRequest() as stop:
                 train(cfg, stop=stop)
+        return 0
     except SparseWinError as e:
-        print(f"sparse_win.py: error: {e}", file=sys.stderr)
-        return 2
+        message, code = f"error: {e}", 2
     except RunError as e:
-        print(f"sparse_win.py: {'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", file=sys.stderr)
-        return e.code
+        message, code = f"{'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", e.code
     except torch.cuda.OutOfMemoryError as e:
         kept = ("" if cfg is None or cfg.eval or cfg.benchmark else
                 "; --resume continues from last.pt, if one was written")
-        print(f"sparse_win.py: error: CUDA out of memory ({(str(e).splitlines() or [''])[0][:100]}); try a smaller "
-              f"--batch-size (under torchrun the global batch) or --amp{kept}", file=sys.stderr)
-        return OUT_OF_MEMORY
+        message, code = (f"error: CUDA out of memory ({(str(e).splitlines() or [''])[0][:100]}); try a smaller "
+                         f"--batch-size (under torchrun the global batch) or --amp{kept}"), OUT_OF_MEMORY
     except KeyboardInterrupt:
         then = ("the same --eval continues from its .partial.json" if cfg is not None and cfg.eval
                 else "last.pt holds the last checkpoint (--resume)")
-        print(f"sparse_win.py: interrupted; {then}", file=sys.stderr)
-        return INTERRUPTED
+        message, code = f"interrupted; {then}", INTERRUPTED
     finally:
-        import torch.distributed as td
-        if td.is_available() and td.is_initialized():
-            td.destroy_process_group()
-    return 0
+        if (dist := Dist()).on:
+            dist.td.destroy_process_group()
+    print(f"sparse_win.py: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
