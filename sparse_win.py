@@ -1146,8 +1146,7 @@ def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Mo
 
 
 # === program: everything above this line is the library (torch only; copy the file down to here to use it)
-# Below, the training program (python sparse_win.py ...), in the order the data flows: config, data, the
-# configured run, distributed, run directory and checkpoints, train, report, evaluate a checkpoint, benchmark, main.
+# Below, the program (python sparse_win.py ...) as the data flows: config, data, run, distributed, files, train, report.
 
 import argparse  # noqa: E402 (the program's imports sit with the program)
 import dataclasses  # noqa: E402
@@ -1179,8 +1178,6 @@ DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 u
 }
 
 
-
-
 # Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
 DIVERGED, DESYNC, OUT_OF_MEMORY, IO_ERROR, INTERRUPTED, TERMINATED = 3, 4, 5, 74, 130, 143  # 74 EX_IOERR; 128 + signal
 
@@ -1199,7 +1196,8 @@ def option(default, help: str, *, valid=None, **kw):
     return field(default=default, metadata={"help": help, "valid": valid, **kw})
 
 
-POSITIVE, AT_LEAST_0, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0")  # option(valid=...)
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
@@ -1215,15 +1213,13 @@ class Config:
     wrn_widen: int = option(10, "WideResNet widen factor")
     mode: str = option("dense", "dense AT | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)",
                        choices=MODES)
-    sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1); with --ticket "
-                             "channel, the fraction of the prunable channels removed (the weight density that results "
-                             "is reported beside it)", valid=FRACTION)
+    sparsity: float = option(0.8, "s = 1 - d: the fraction of conv+linear weights that are zero (--ticket channel: of "
+                             "the prunable channels removed; the weight density is reported)", valid=FRACTION)
     allocation: str = option("igq", "layer-wise density for FB/FB+ (igq: released default)", choices=ALLOCATIONS)
     growth: str = option("random", "FB regrowth (random: released default; gradient: RigL-style)", choices=GROWTHS)
     death_rate: float = option(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
     death_rate_final: float = option(0.005, "p at the last step")
-    update_interval: int = option(900, "T: steps between topology updates in the first half of training",
-                                 valid=POSITIVE)
+    update_interval: int = option(900, "T: steps between topology updates (first half of training)", valid=POSITIVE)
     update_interval_late: int = option(1200, "T in the second half of training", valid=POSITIVE)
     fbplus_start: int = option(-1, "FB+: first epoch of adaptive pruning/growth (-1 = epochs // 2)")
     fbplus_window: int = option(4, "FB+: number of consecutive differences looked at")
@@ -1232,10 +1228,8 @@ class Config:
     fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
     ticket: str = option("unstructured", "RB: unstructured (weights, the paper) | channel (BatchNorm channels, "
                          "Early-Bird: AT then trains a physically thinner network)", choices=TICKETS)
-    bn_l1: float = option(1e-4, "RB --ticket channel: L1 penalty on the BatchNorm scales in stage 1 (network slimming)",
-                         valid=AT_LEAST_0)
-    eb_threshold: float = option(-1.0, "RB: mask distance below which the early bird has emerged (-1 = the ticket's "
-                                 "default: unstructured 0.08, channel 0.1)")
+    bn_l1: float = option(1e-4, "RB channel ticket: stage 1's L1 on BN scales (network slimming)", valid=AT_LEAST_0)
+    eb_threshold: float = option(-1.0, "RB: mask distance at which the early bird emerged (-1: 0.08; channel 0.1)")
     eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
     eb_max_epochs: int = option(50, "RB: cap on stage-1 (standard training) epochs")
     epochs: int = option(200, "adversarial training epochs", valid=POSITIVE)
@@ -1253,59 +1247,46 @@ class Config:
     test_alpha: float = option(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
     test_steps: int = option(20, "evaluation PGD steps (PGD-20)", valid=AT_LEAST_0)
     train_subset: int = option(0, "use only the first N training images (0 = all)", valid=AT_LEAST_0)
-    augment: bool = option(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
-                              "--no-augment trains on the images as they are")
-    eval_every: int = option(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
-                             "evaluated epochs, FB+ looks at their history", valid=POSITIVE)
+    augment: bool = option(True, "augment training images: random crop + flip (+ 15-degree rotation on CIFAR-100)")
+    eval_every: int = option(1, "evaluate val/test every N epochs and the last (best, FB+ see those)", valid=POSITIVE)
     eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)", valid=AT_LEAST_0)
-    gap_subset: int = option(5000, "training images for the final robust generalization gap (0 = all)",
-                             valid=AT_LEAST_0)
+    gap_subset: int = option(5000, "training images for the final robust gap (0 = all)", valid=AT_LEAST_0)
     device: str = option("auto", "where to run (auto: CUDA when there is one)", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
     resume: bool = option(False, "continue the run in --out from its last.pt")
     stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
-    checkpoint_every: int = option(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
-                                   "at epoch ends only)", valid=AT_LEAST_0)
+    checkpoint_every: int = option(0, "also write last.pt every N optimizer steps (0: at epoch ends)", valid=AT_LEAST_0)
     amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
     compile: bool = option(False, "torch.compile the model")
     sync_bn: bool = option(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
-    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks before the job fails",
-                               valid=POSITIVE)
+    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks", valid=POSITIVE)
     channels_last: bool | None = option(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = option(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = option(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
-    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
-    train_attack: str = option("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
-                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)",
-                               choices=ATTACKS[:2])
+    train_attack: str = option("pgd", "pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one 1.25 eps step from a "
+                                      "random start)", choices=ATTACKS[:2])
     loss: str = option("ce", "AT objective: ce (PGD-AT, Madry et al. 2018) | trades (Zhang et al. 2019: CE(f(x), y) + "
                        "beta KL(f(x) || f(x')), x' from its own KL attack)", choices=LOSSES)
     trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term", valid=AT_LEAST_0)
     awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
                               "layer's norm (0 = off; 0.005 = the reference's)", valid=AT_LEAST_0)
-    awp_warmup: int = option(10, "AWP: the first epoch (counted from 1) with the weight perturbation, as the "
-                                 "reference's 'epoch >= awp_warmup'", valid=AT_LEAST_0)
-    ema_decay: float = option(0.0, "weight averaging: EMA decay of weights and BatchNorm buffers per step (0 = off; "
-                              "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded",
-                           valid=FRACTION)
+    awp_warmup: int = option(10, "AWP's first epoch (from 1; the reference's 'epoch >= awp_warmup')", valid=AT_LEAST_0)
+    ema_decay: float = option(0.0, "weight averaging: EMA decay per step (0 = off; e.g. 0.999); the average is what "
+                              "is evaluated, chosen as best and saved", valid=FRACTION)
     ticket_attack: str = option("none", "Robust Bird stage 1 (none: standard training, the paper)", choices=ATTACKS)
     eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
     split: str = option("test", "--eval: the images (train: the run's training images, in eval mode, no "
                              "augmentation: for the robust gap)", choices=("test", "val", "train"))
     eval_steps: int = option(50, "--eval: PGD steps", valid=POSITIVE)
-    restarts: int = option(5, "--eval: PGD random restarts; an example is robust only if every restart fails",
-                           valid=POSITIVE)
+    restarts: int = option(5, "--eval: PGD restarts (robust only if every one fails)", valid=POSITIVE)
     attack: str = option("all", "--eval: the attacks (AutoAttack needs the pyautoattack package)", choices=EVAL_ATTACKS)
     aa_version: str = option("standard", "--eval: AutoAttack version", choices=("standard", "rand", "plus"))
-    aa_iters: int = option(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
-                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)",
-                         valid=AT_LEAST_0)
-    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)",
-                               valid=AT_LEAST_0)
+    aa_iters: int = option(0, "--eval: AutoAttack's iterations and Square's queries (0: 100 / 5000; others are "
+                           "quick checks, not standard AutoAttack)", valid=AT_LEAST_0)
+    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all)", valid=AT_LEAST_0)
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
-    final_eval: str = option("none", "autoattack: when training ends, run --eval on best.pt and the final model",
-                             choices=("none", "autoattack"))
+    final_eval: str = option("none", "--eval best.pt and last.pt at the end", choices=("none", "autoattack"))
 
     @property
     def density(self) -> float:
@@ -1804,20 +1785,18 @@ NOT_EVALUATED = dict(sa=None, ra=None, adv_loss=None)  # an epoch that --eval-ev
 
 @dataclass
 class RunState:
-    """The run's record, which last.pt resumes (as a dict): the epoch, the best validation RA and its epoch, one
-    history row per epoch, the topology updates, wall time, the epoch in progress at a mid-epoch save (partial:
-    step, sums, order), the number of processes, Robust Bird's stage 1 cost and a channel ticket's thin report."""
+    """The run's record, as last.pt holds it (a dict)."""
     epoch: int = 0
     best_val_ra: float = -1.0
     best_epoch: int = -1
-    history: list = field(default_factory=list)
-    updates: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # one metrics.jsonl row per epoch
+    updates: list = field(default_factory=list)  # the topology updates
     wall: float = 0.0
-    partial: dict | None = None
-    world: int = 1
-    ticket_flops: int = 0
+    partial: dict | None = None  # the epoch in progress at a mid-epoch save: step, sums, order
+    world: int = 1  # processes
+    ticket_flops: int = 0  # Robust Bird's stage 1
     ticket_images: int = 0
-    thin: dict | None = None
+    thin: dict | None = None  # a channel ticket's thin_report
 
 
 class Trainer:
@@ -1924,8 +1903,7 @@ class Trainer:
         self.fwd = None
 
     def adopt(self, net: nn.Module):
-        """Train `net` (slim's thinner network) from now on (the caller makes a new optimizer); the FLOPs per weight
-        stay (a conv's depend on its output size only)."""
+        """Train slim's thinner `net` from now on (the caller makes a new optimizer); FLOPs per weight stay."""
         self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
                                                     self.dist)
         self.method.model = self.net
@@ -1955,8 +1933,7 @@ def record(t: Trainer, lr: float, train_loss: float, train_ra: float, val: dict,
 
 
 def save(t: Trainer, name: str, **obj):
-    """A checkpoint (rank 0 writes): save_model's, the weight average's weights when there is one (what
-    --eval and load_model read), with the config and `obj`."""
+    """A checkpoint (rank 0 writes): save_model's, of the average if any (what --eval reads), config and obj."""
     if t.dist.main:
         save_model(t.run_dir / name, t.average.model if t.average is not None else t.net,
                    architecture=architecture(t.cfg), mask=t.method.mask, channels=t.method.channels, save=atomic_save,
@@ -2000,11 +1977,8 @@ def resume(t: Trainer):
     t.ledger.load_state_dict(ck["ledger"])
     t.generator.set_state(ck["generator"])
     torch.set_rng_state(ck["torch_rng"])
-    t.run = RunState(**{k: v for k, v in ck["run"].items() if k in RUN_FIELDS})
+    t.run = RunState(**{k: v for k, v in ck["run"].items() if k in RunState.__dataclass_fields__})
     t.log(f"resumed {t.run_dir} at epoch {t.run.epoch}" + (f", step {t.run.partial['step']}" if t.run.partial else ""))
-
-
-RUN_FIELDS = {f.name for f in dataclasses.fields(RunState)}
 
 
 def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
@@ -2096,8 +2070,8 @@ def stopped(stop: StopRequest | None, where: str) -> RunError:
 
 
 def diverged(loss: float, where: str, run_dir: Path | None, lr: float, amp: bool) -> RunError:
-    kept = ("last.pt and best.pt hold the last good checkpoint" if run_dir is not None and (run_dir / "last.pt").exists()
-            else "no checkpoint had been written yet")
+    kept = ("last.pt and best.pt hold the last good checkpoint" if run_dir is not None and
+            (run_dir / "last.pt").exists() else "no checkpoint had been written yet")
     return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
                     + (" or --no-amp" if amp else ""), DIVERGED)
 

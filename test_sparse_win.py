@@ -1740,6 +1740,30 @@ def test_weight_average_closed_form_and_masks():
     assert all(torch.equal(other.model.state_dict()[k], v) for k, v in out.items())
 
 
+def test_adversarial_step_stops_a_bad_step_before_it_touches_the_weights():
+    """before_backward(loss) runs before backward(): when it raises (the program's non-finite check), the weights,
+    their gradients and the optimizer's momentum are as they were."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen, bn=True)
+    x, y = torch.rand(6, 3, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = lambda check=None: sw.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.025, steps=2,  # noqa: E731
+                                                  generator=gen, before_backward=check)
+    step()  # momentum exists
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    grads, seen = {n: p.grad.clone() for n, p in model.named_parameters()}, []
+
+    def refuse(loss):
+        seen.append(loss.item())
+        raise FloatingPointError("not finite")
+    with pytest.raises(FloatingPointError):
+        step(refuse)
+    assert len(seen) == 1 and all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, weights[n]) and torch.equal(opt.state[p]["momentum_buffer"], momentum[n])
+               for n, p in model.named_parameters())
+
+
 # ----------------------------------------------------------------------------- 12. FLOPs
 
 def flop_counter(model, input_shape):
