@@ -14,7 +14,7 @@ growth ratio 0.05, threshold 0.5.
 
 The library (torch only) is the file down to "# === program": models, attack, masks, the methods in the paper's
 order each with its machinery (Dense; EarlyBird, RobustBird; FlyingBird; FlyingBirdPlus), regularizers,
-adversarial_step, FLOPs, data on the device, checkpoints. The program below it follows the data.
+adversarial_step, FLOPs, checkpoints. The program below it follows the data.
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
@@ -395,6 +395,29 @@ def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq"
                 counts[i] += step
                 diff -= step
     return counts
+
+
+def small_dense_width(arch: str, sparsity: float, *, width: float = 1.0, **model) -> float:
+    """The width of the dense `arch` whose conv + linear weights are nearest in number to the active weights of a
+    `sparsity` model of `width` (model: build_model's other arguments): the capacity-matched control (as the
+    released SmallDenseResNet18). Counts grow with width in steps (rounded channels): bisect; the step's shortest
+    decimal."""
+    def count(w):  # conv + linear weights of the dense network of width w, built without memory
+        with torch.device("meta"):
+            return sum(weight_counts(build_model(arch, width=w, **model)).values())
+    with torch.device("meta"):
+        layers, net = len(prunable(build_model(arch, width=width, **model))), build_model(arch, **model)
+    target = min(total := count(width), max(layers, round((1 - sparsity) * total)))  # as allocate_counts
+    edges = sorted({(j + 0.5) / m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)
+                    for j in range(math.ceil(m.out_channels * width) + 1)} | {0.0, width})
+    steps = [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi <= width]
+    lo, hi = 0, len(steps) - 1  # the first step whose count reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(sum(steps[mid]) / 2) < target else (lo, mid)
+    near = min(steps[max(lo - 1, 0):lo + 1], key=lambda st: abs(count(sum(st) / 2) - target))  # ties: narrower
+    return next((w for d in range(1, 7) if (w := math.ceil(near[0] * 10 ** d) / 10 ** d) < near[1]
+                 and count(w) == count(sum(near) / 2)), sum(near) / 2)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -1026,52 +1049,6 @@ class FlopLedger:
     def load_state_dict(self, state: dict): self.__dict__.update(state)
 
 
-# ----------------------------------------------------------------------------- data on the device
-
-def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
-    (B, C, H, W), dev = x.shape, x.device
-    if pad:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
-        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
-                   rows, cols]
-    if flip:
-        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
-    if rotate:
-        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
-        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
-                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
-        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
-                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
-    return x
-
-
-class Batches:
-    """Minibatches (x in [0, 1], y) of a uint8 dataset on one device, drawn there: no DataLoader, no host to wait on."""
-
-    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None):
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.augmentation, self.generator, self.order = augmentation, generator, None  # this epoch's order, to resume
-
-    def __len__(self): return -(-len(self.y) // self.batch_size)
-    def __iter__(self): return self.epoch()
-
-    def epoch(self, order: torch.Tensor | None = None, start: int = 0):  # from batch `start`; `order` resumes an epoch
-        if self.shuffle and order is None:
-            order = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
-        self.order = order
-        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
-            x = self.x[idx].float().div_(255)
-            if self.augmentation is not None:
-                x = augment(x, **self.augmentation, generator=self.generator)
-            yield x, self.y[idx]
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FORMAT = 3  # 1: unversioned, the mask twice; 2: the mask once; 3: and build_model's arguments
@@ -1151,6 +1128,7 @@ def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Mo
 import argparse  # noqa: E402 (the program's imports sit with the program)
 import dataclasses  # noqa: E402
 import errno  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
@@ -1164,7 +1142,7 @@ from pathlib import Path  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
-MODES = ("dense", "static", "dynamic", "dynamic+")
+MODES = ("dense", "static", "dynamic", "dynamic+", "small-dense")
 EVAL_ATTACKS = ("pgd", "autoattack", "all")
 DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
     "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
@@ -1211,8 +1189,8 @@ class Config:
     width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)", valid=POSITIVE)
     wrn_depth: int = option(34, "WideResNet depth (6n+4)")
     wrn_widen: int = option(10, "WideResNet widen factor")
-    mode: str = option("dense", "dense AT | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)",
-                       choices=MODES)
+    mode: str = option("dense", "dense AT | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+) | "
+                       "small-dense (dense AT, narrowed to a --sparsity model's weights)", choices=MODES)
     sparsity: float = option(0.8, "s = 1 - d: the fraction of conv+linear weights that are zero (--ticket channel: of "
                              "the prunable channels removed; the weight density is reported)", valid=FRACTION)
     allocation: str = option("igq", "layer-wise density for FB/FB+ (igq: released default)", choices=ALLOCATIONS)
@@ -1471,14 +1449,22 @@ def subsets(cfg: Config, data: dict) -> dict:  # the first --train-subset / --ev
 
 # ----------------------------------------------------------------------------- the configured run
 
-METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
+METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name,
+          "small-dense": "small dense AT"}
 
 
-def architecture(cfg: Config) -> dict:
-    """build_model's arguments for the configured architecture and dataset (what checkpoints record)."""
+def architecture(cfg: Config, matched: bool = True) -> dict:
+    """build_model's arguments for the configured architecture and dataset (what checkpoints record); --mode
+    small-dense: at the width whose weights match a --sparsity model's (matched=False: at --width)."""
     info = DATASETS[cfg.dataset]
-    return dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
+    arch = dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
                 mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+    return dict(arch, width=_matched_width(cfg.sparsity, **arch)) if cfg.mode == "small-dense" and matched else arch
+
+
+@functools.lru_cache  # a search over widths: once per configuration
+def _matched_width(sparsity: float, *, arch: str, width: float, **model) -> float:
+    return small_dense_width(arch, sparsity, width=width, **model)
 
 
 def model_for(cfg: Config) -> nn.Module:
@@ -1506,37 +1492,74 @@ def sgd(cfg: Config, net: nn.Module):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
 
 
-class Shards(Batches):
-    """Batches of a torchrun job: every rank draws the global batch's order and augmentation and keeps its rows
-    (self.rows = (lo, hi, n)), independent of the world size; drop_small: skip a last batch smaller than the world."""
+def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
+    (B, C, H, W), dev = x.shape, x.device
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
+        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
+                   rows, cols]
+    if flip:
+        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
+    if rotate:
+        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
+        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
+                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
+                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
+    return x
 
-    def __init__(self, x, y, *, rank=0, world=1, drop_small=False, **kw):
-        super().__init__(x, y, **kw)
+
+class Batches:
+    """Minibatches (x in [0, 1], y) of a uint8 dataset on one device, drawn there: no DataLoader, no host to wait on.
+    Under torchrun batch_size is the global batch: every rank draws its order and augmentation and keeps its rows
+    (self.rows = (lo, hi, n)), so the draws do not depend on the world size; drop_small: skip a last batch smaller
+    than the world (training: every rank must step)."""
+
+    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
+                 drop_small=False):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.augmentation, self.generator, self.order = augmentation, generator, None  # this epoch's order, to resume
         self.rank, self.world, self.drop_small, self.rows = rank, world, drop_small, None
 
     def __len__(self):
-        return super().__len__() - (self.drop_small and 0 < len(self.y) % self.batch_size < self.world)
+        n, b = len(self.y), self.batch_size
+        return -(-n // b) - (self.drop_small and 0 < n % b < self.world)
 
-    def epoch(self, order=None, start=0):
-        for x, y in super().epoch(order, start):
+    def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0):  # from batch `start`; `order` resumes an epoch
+        if self.shuffle and order is None:
+            order = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
+        self.order = order
+        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            x = self.x[idx].float().div_(255)
+            if self.augmentation is not None:
+                x = augment(x, **self.augmentation, generator=self.generator)
             q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
             lo = self.rank * q + min(self.rank, r)
             self.rows = (lo, lo + q + (self.rank < r), len(x))
-            yield x[lo:self.rows[1]], y[lo:self.rows[1]]
+            yield x[lo:self.rows[1]], self.y[idx][lo:self.rows[1]]
 
     def start(self, x: torch.Tensor, **attack) -> torch.Tensor:  # attack_start for rows x, drawn for the whole batch
         lo, hi, n = self.rows
         return attack_start((n, *x.shape[1:]), device=x.device, dtype=x.dtype, **attack)[lo:hi]
 
 
-def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Shards, dict]:
+def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
     """Training batches (shuffled, augmented) and the val / test / gap evaluation batches, this rank's shard."""
     info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
     aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
-    train = Shards(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
+    train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
                    drop_small=True, **shard)
     data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
-    return train, {s: Shards(*data[s], batch_size=cfg.eval_batch_size, **shard) for s in ("val", "test", "gap")}
+    return train, {s: Batches(*data[s], batch_size=cfg.eval_batch_size, **shard) for s in ("val", "test", "gap")}
 
 
 def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -1817,7 +1840,7 @@ class Trainer:
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
         self.optimizer, self.scheduler = sgd(cfg, self.net)
         self.ledger, self.run, self.config = FlopLedger(), RunState(world=dist.world), dataclasses.asdict(cfg)
-        self.batches, self.eval_batches = None, {}  # training Shards; val / test / gap Shards
+        self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
         self.average, self.fwd = None, None  # --ema-decay's WeightAverage; forward FLOPs now (None: count again)
         self.t0 = time.time()
 
@@ -2115,8 +2138,22 @@ def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, fl
         ticket_flops=run.ticket_flops, topology_updates=len(run.updates),
         ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
         thin=run.thin,  # channel ticket: the thin network's size and measured speed (thin_report)
+        active_weights=sum(method.layer_counts().values()), **small_dense(cfg, final_fwd),
         updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
         **method.summary(), wall_seconds=run.wall)
+
+
+def small_dense(cfg: Config, fwd: int) -> dict:
+    """--mode small-dense: the width chosen, the weights matched (a --sparsity model's active weights, as
+    allocate_counts counts them) and the forward FLOPs as a fraction of the full-width dense network's."""
+    if cfg.mode != "small-dense":
+        return {}
+    info, full = DATASETS[cfg.dataset], build_model(**architecture(cfg, matched=False))
+    per_weight, unowned = model_flops(full, (info["channels"], info["size"], info["size"]))
+    counts = weight_counts(full)
+    total = sum(counts.values())
+    return dict(width=architecture(cfg)["width"], inference_ratio_full_width=fwd / forward_flops(per_weight, counts,
+                unowned), matched_weights=min(total, max(len(counts), round(cfg.density * total))))
 
 
 def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
@@ -2407,10 +2444,10 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
               if c["ok"] is False]
     result = dict(
         file=out.name, checkpoint=str(ck_path.resolve()), epoch=ck["epoch"] if "epoch" in ck else ck["run"]["epoch"],
-        key=key, method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
-        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
-        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
-        sa=pct(first["clean"]), loss=first["loss"],
+        key=key, method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch,
+        width=architecture(cfg)["width"], sparsity=cfg.sparsity, density=density, nonzero_density=nonzero,
+        masked_weights_zero=True, split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm,
+        seed=seed, sa=pct(first["clean"]), loss=first["loss"],
         pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
         autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
         checks=checks, warnings=failed, wall_seconds=time.time() - t0)
@@ -2496,7 +2533,7 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
         for model, mode in (("dense", "dense"), ("sparse", sparse), ("thin", "dense")):
             run_cfg = dataclasses.replace(cfg, mode=mode, ticket="unstructured", **fast)
             t = Trainer(run_cfg, method_for(run_cfg), device=device, dist=Dist(), input_shape=shape)
-            t.batches = Shards(x, y, batch_size=cfg.batch_size)
+            t.batches = Batches(x, y, batch_size=cfg.batch_size)
             xb, yb = next(iter(t.batches))  # the batch as a step sees it: pixels in [0, 1], t.batches.rows set
             t.method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
             if model == "thin":

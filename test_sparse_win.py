@@ -2156,7 +2156,7 @@ def test_batches_shards_are_the_rows_of_one_process(n, batch, world, seed, shuff
     y = torch.arange(n)  # the labels name the rows
 
     def epoch(rank, w):
-        b = sw.Shards(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+        b = sw.Batches(x, y, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
                       rank=rank, world=w)
         return [(yb.clone(), b.rows) for _, yb in b]
     one, shards = epoch(0, 1), [epoch(r, world) for r in range(world)]
@@ -3099,6 +3099,44 @@ def check_fbplus_decisions(recs, updates, events, *, start, window, threshold):
         if any(want):
             fired.append(dict(epoch=e, step=u["step"], prune=want[0], grow=want[1]))
     assert events == fired
+
+
+@pytest.mark.parametrize("arch", sw.ARCHS)
+def test_small_dense_width_is_the_nearest_weight_count(arch):
+    """small_dense_width: no width gives a weight count nearer to the sparse model's active weights (a grid of
+    widths that reaches every channel step, as a brute-force reference), for every architecture."""
+    kw = dict(num_classes=10, in_channels=3, wrn_depth=10, wrn_widen=2)
+    count = lambda w: sum(sw.weight_counts(sw.build_model(arch, width=w, **kw)).values())  # noqa: E731
+    total = count(0.25)
+    grid = {count(k / 2048): k / 2048 for k in range(1, 513)}  # steps of 1/2048 < 1/(2 x 512 channels)
+    for sparsity in (0.3, 0.8, 0.95):
+        target = round((1 - sparsity) * total)
+        w = sw.small_dense_width(arch, sparsity, width=0.25, **kw)
+        assert 0 < w <= 0.25 and abs(count(w) - target) == min(abs(c - target) for c in grid), (arch, sparsity, w)
+    assert sw.small_dense_width("resnet18", 0.8, width=0.125, num_classes=10, in_channels=1) == 0.056  # the study's
+
+
+def test_small_dense_end_to_end(capsys, tmp_path, data_dir):
+    """--mode small-dense trains the dense network narrowed to a --sparsity model's weights: config.json keeps the
+    base width and sparsity, summary.json the width chosen and both weight counts, FLOPs its own (and x full
+    width); best.pt loads as that network (load_model and --eval, density 1)."""
+    d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "small-dense", "--sparsity", 0.75))
+    cfg, (recs, s) = json.loads((d / "config.json").read_text()), read_run(d)
+    width = sw.small_dense_width("resnet18", 0.75, width=0.0625, num_classes=10, in_channels=1)
+    net, full = smoke_model(width=width), smoke_model()
+    own, base = (sum(sw.weight_counts(m).values()) for m in (net, full))
+    assert (cfg["mode"], cfg["sparsity"], cfg["width"]) == ("small-dense", 0.75, 0.0625) and width < 0.0625
+    assert s["method"] == "small dense AT" and s["width"] == width and s["active_weights"] == own
+    assert s["matched_weights"] == round(0.25 * base) and abs(own - s["matched_weights"]) < 0.1 * own
+    assert s["final_density"] == 1.0 and s["inference_ratio"] == 1.0 and all(r["density"] == 1.0 for r in recs)
+    per_weight, full_weight = (sw.model_flops(m, (1, 28, 28))[0] for m in (net, full))
+    assert s["inference_flops"] == sw.forward_flops(per_weight, sw.weight_counts(net))
+    assert s["inference_ratio_full_width"] == s["inference_flops"] / sw.forward_flops(full_weight,
+                                                                                      sw.weight_counts(full))
+    loaded = sw.load_model(d)
+    assert sum(sw.weight_counts(loaded).values()) == own and load_ck(d / "best.pt")["architecture"]["width"] == width
+    assert sw.main(["--eval", str(d), "--attack", "pgd", *map(str, QUICK)]) == 0
+    assert eval_json(d)["density"] == 1.0 and eval_json(d)["width"] == width
 
 
 def test_static_end_to_end(static_run):
@@ -4305,7 +4343,7 @@ def eval_shards(world: int, rank: int, reduce=None) -> dict:
     torch.manual_seed(0)
     net = smoke_model()
     x, y = (t[:100] for t in sw.load_fashion_mnist("/nonexistent")["test"])
-    batches, gen = sw.Shards(x, y, batch_size=33, rank=rank, world=world), torch.Generator().manual_seed(1)
+    batches, gen = sw.Batches(x, y, batch_size=33, rank=rank, world=world), torch.Generator().manual_seed(1)
     return sw.evaluate(net, batches, eps=0.1, alpha=0.025, steps=3, generator=gen, reduce=reduce,
                        start=lambda xb: batches.start(xb, eps=0.1, generator=gen))
 
