@@ -1232,7 +1232,9 @@ class Config:
     device: str = option("auto", "where to run (auto: CUDA when there is one)", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
-    resume: bool = option(False, "continue the run in --out from its last.pt")
+    resume: str = option("no", "--resume: continue the run in --out from its last.pt; --resume auto: continue it, "
+                         "start it or, if finished, say so and exit 0 (a requeued job's command)", nargs="?",
+                         const="yes", negate="no", choices=("no", "yes", "auto"))
     stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
     checkpoint_every: int = option(0, "also write last.pt every N optimizer steps (0: at epoch ends)", valid=AT_LEAST_0)
     amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
@@ -1265,6 +1267,9 @@ class Config:
     check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all)", valid=AT_LEAST_0)
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
     final_eval: str = option("none", "--eval best.pt and last.pt at the end", choices=("none", "autoattack"))
+
+    def __post_init__(self):  # a config.json of before --resume auto: true / false
+        self.resume = {True: "yes", False: "no"}.get(self.resume, self.resume)
 
     @property
     def density(self) -> float:
@@ -1708,17 +1713,25 @@ def write_text_atomic(path: Path, text: str):
     write_atomic(path, text.encode())
 
 
-def check_run_dir(cfg: Config) -> Path:
-    """Refuse early, before anything is created: never overwrite a previous run without --resume."""
-    d = cfg.run_dir
-    if cfg.resume and not (d / "last.pt").exists():
+class Finished(Exception):
+    """--resume auto on a finished run: nothing to do (exit 0)."""
+
+
+def check_run_dir(cfg: Config, world: int) -> tuple[Path, bool]:
+    """(the run directory, whether to resume), decided before anything is written: never overwrite a run
+    without --resume; --resume auto continues a run, starts one, or raises Finished (this run's summary.json)."""
+    d, held = cfg.run_dir, (cfg.run_dir / "last.pt").exists()
+    if cfg.resume == "auto" and held and (d / "summary.json").exists():
+        check_resume(read_checkpoint(d / "last.pt"), d / "last.pt", dataclasses.asdict(cfg), world)
+        raise Finished(f"finished: {d / 'summary.json'} is there; nothing to do")
+    if cfg.resume == "yes" and not held:
         raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
-    if not cfg.resume and (d / "last.pt").exists():
+    if cfg.resume == "no" and held:
         raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
     parent = next(p for p in [d, *d.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SparseWinError(f"cannot write to run directory {d}: {parent} is not a writable directory")
-    return d
+    return d, held
 
 
 def make_run_dir(d: Path) -> Path:
@@ -1730,8 +1743,8 @@ def make_run_dir(d: Path) -> Path:
 
 
 class StopRequest:
-    """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
-    after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
+    """SIGTERM (Kubernetes, torchrun), SIGUSR1 (Slurm's --signal) and a first Ctrl-C ask the run to stop at the next
+    safe point: after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
     signal: int | None = None  # the signal received
 
     def __call__(self, signum, frame):
@@ -1742,7 +1755,8 @@ class StopRequest:
     def __enter__(self):
         import threading  # signal handlers can only be set from the main thread
         main_thread = threading.current_thread() is threading.main_thread()
-        self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+        kinds = (signal.SIGTERM, signal.SIGINT, *[getattr(signal, "SIGUSR1")] * hasattr(signal, "SIGUSR1"))
+        self._old = {s: signal.signal(s, self) for s in kinds} if main_thread else {}
         return self
 
     def __exit__(self, *exc):
@@ -2001,7 +2015,8 @@ def resume(t: Trainer):
     t.generator.set_state(ck["generator"])
     torch.set_rng_state(ck["torch_rng"])
     t.run = RunState(**{k: v for k, v in ck["run"].items() if k in RunState.__dataclass_fields__})
-    t.log(f"resumed {t.run_dir} at epoch {t.run.epoch}" + (f", step {t.run.partial['step']}" if t.run.partial else ""))
+    step = f", step {t.run.partial['step']}" if t.run.partial else ""
+    t.log(f"continuing {t.run_dir} at epoch {t.run.epoch}{step}")
 
 
 def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
@@ -2013,7 +2028,7 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones,  # recorded as used
                               eb_threshold=cfg.eb_threshold_used)
     log = log if dist.main else (lambda *a, **k: None)
-    run_dir = check_run_dir(cfg)
+    run_dir, resuming = check_run_dir(cfg, dist.world)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
@@ -2034,8 +2049,10 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
         method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
     for w in caught:
         log(f"warning: {w.message}")
-    if cfg.resume:
+    if dist.agree(resuming, device, "whether --out holds a run to continue"):
         resume(t)
+    else:
+        log(f"starting {run_dir}")
     dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
     if dist.main:
         write_metrics(run_dir, t.run.history)
@@ -2089,7 +2106,7 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
 def stopped(stop: StopRequest | None, where: str) -> RunError:
     name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"  # another rank's
     return RunError(f"stopped by {name} at {where}; last.pt holds this step: continue with the same command and "
-                    f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
+                    f"--resume (or --resume auto)", INTERRUPTED if name == "SIGINT" else TERMINATED)
 
 
 def diverged(loss: float, where: str, run_dir: Path | None, lr: float, amp: bool) -> RunError:
@@ -2573,11 +2590,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
                     epilog=f"presets: {presets}")
     for f in dataclasses.fields(Config):
-        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch", "valid")}
+        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch", "valid", "negate")}
         switch = isinstance(f.default, bool) or "switch" in f.metadata  # --x / --no-x; a switch defaults by device
         kw = dict(action=argparse.BooleanOptionalAction) if switch else {"type": type(f.default), **kw}
         parser.add_argument("--" + f.name.replace("_", "-"), **kw,
                             help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
+        if "negate" in f.metadata:  # --no-resume
+            parser.add_argument("--no-" + f.name, dest=f.name, action="store_const", const=f.metadata["negate"])
     return parser
 
 
@@ -2606,6 +2625,9 @@ def main(argv: list[str] | None = None) -> int:
             init_distributed(cfg)  # under torchrun: join the job (WORLD_SIZE > 1)
             with StopRequest() as stop:
                 train(cfg, stop=stop)
+        return 0
+    except Finished as e:
+        print(e)
         return 0
     except SparseWinError as e:
         message, code = f"error: {e}", 2

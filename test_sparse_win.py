@@ -14,6 +14,7 @@ Hypothesis runs the "ci" profile (derandomized) when CI is set, and "mutants" (t
 shrinking) under .ci/mutants.py, the check that these tests catch realistic bugs in sparse_win.py.
 """
 import ast
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -3701,33 +3702,60 @@ def test_io_error_is_one_line_and_loses_nothing(capsys, tmp_path, data_dir, monk
         assert_same_run(full, d)
 
 
-def sigterm_at_pgd_call(monkeypatch, k: int):
-    """Send this process SIGTERM from inside the k-th training PGD call (mid-step, as a scheduler would)."""
+def sigterm_at_pgd_call(monkeypatch, k: int, sig=signal.SIGTERM):
+    """Send this process SIGTERM (or sig) from inside the k-th training PGD call (mid-step, as a scheduler would)."""
     real, calls = sw.pgd, []
 
     def pgd(model, *a, **kw):
         if model.training:
             calls.append(1)
             if len(calls) == k:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
         return real(model, *a, **kw)
     monkeypatch.setattr(sw, "pgd", pgd)
 
 
-def test_sigterm_mid_epoch_then_resume_is_identical(capsys, tmp_path, data_dir, monkeypatch, fbplus_run):
-    args = smoke(tmp_path / "run", data_dir, *FBPLUS)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_mid_epoch_then_the_same_command_is_identical(capsys, tmp_path, data_dir, monkeypatch, fbplus_run,
+                                                                  sig):
+    """SIGTERM (torchrun, Kubernetes) or SIGUSR1 (Slurm's --signal): stop after the step in flight with last.pt
+    written, exit 143; the same command (--resume auto) continues to the records of an uninterrupted run."""
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS, "--resume", "auto")
     steps = N_TRAIN // 64
     with monkeypatch.context() as m:
-        sigterm_at_pgd_call(m, steps + 3)  # epoch 2, step 3
+        sigterm_at_pgd_call(m, steps + 3, sig)  # epoch 2, step 3
         capsys.readouterr()
         assert sw.main(args) == sw.TERMINATED == 143
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "SIGTERM" in err[0] and f"epoch 2, step 3/{steps}" in err[0] and "--resume" in err[0]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    assert len(err) == 1 and sig.name in err[0] and f"epoch 2, step 3/{steps}" in err[0] and "--resume" in err[0]
+    assert signal.getsignal(sig) is signal.SIG_DFL  # the handler is removed again
     ck = load_ck(tmp_path / "run" / "last.pt")
     assert ck["run"]["epoch"] == 1 and ck["run"]["partial"]["step"] == 3 and ck["ledger"]["steps"] == steps + 3
-    run_ok(args + ["--resume"])
+    run_ok(args)
+    assert f"continuing {tmp_path / 'run'} at epoch 1, step 3" in capsys.readouterr().out
     assert_same_run(fbplus_run, tmp_path / "run")
+
+
+def test_resume_auto_starts_continues_finishes_and_refuses(capsys, tmp_path, data_dir, dynamic_run):
+    """--resume auto: an empty folder starts; a stopped run continues (to the uninterrupted run's records); a
+    finished one says so and exits 0 writing nothing; another configuration's run or an unreadable last.pt is
+    refused in one line, as --resume refuses them."""
+    d, out = tmp_path / "run", lambda: capsys.readouterr().out  # noqa: E731
+    args = smoke(d, data_dir, "--mode", "dynamic", "--resume", "auto")
+    run_ok(args + ["--stop-after-epoch", 1])
+    assert f"starting {d}" in out()
+    run_ok(args)
+    assert f"continuing {d} at epoch 1" in out()
+    assert_same_run(dynamic_run, d)
+    before = snapshot(d)
+    assert sw.main(args) == 0 and out() == f"finished: {d / 'summary.json'} is there; nothing to do\n"
+    assert snapshot(d) == before
+    assert_cli_error(capsys, smoke(d, data_dir, "--mode", "dense", "--resume", "auto"), "another config",
+                     "mode: 'dynamic', now 'dense'")
+    (d / "summary.json").unlink()
+    (d / "last.pt").write_bytes(b"torn")
+    assert_cli_error(capsys, args, "last.pt is not a sparse_win checkpoint")
+    assert (d / "last.pt").read_bytes() == b"torn"
 
 
 def test_checkpoint_every_bounds_the_loss_of_a_kill(capsys, tmp_path, data_dir, monkeypatch, fbplus_run):
@@ -3809,7 +3837,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, data_dir):
     resumed = subprocess.run([sys.executable, "sparse_win.py", *args, "--resume", "--stop-after-epoch", str(epoch + 1)],
                              cwd=HERE, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed {tmp_path / 'run'} at epoch {epoch}" in resumed.stdout
+    assert f"continuing {tmp_path / 'run'} at epoch {epoch}" in resumed.stdout
     assert load_ck(tmp_path / "run" / "last.pt")["run"]["epoch"] == epoch + 1
 
 
@@ -4483,6 +4511,102 @@ def test_torchrun_a_rank_that_raises_ends_the_job(tmp_path, data_dir):
     p = torchrun(smoke(tmp_path / "run", data_dir, "--mode", "dynamic", "--dist-timeout", 600),
                  env_extra=dict(PYTHONPATH=str(hook)))
     assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_tree(pid: int):
+    """SIGKILL a process and every process below it (torchrun's workers run in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_torchrun_elastic_restart_after_a_killed_rank_is_identical(tmp_path, data_dir, ddp_run):
+    """torchrun --max-restarts=1 with --resume auto: rank 1 is SIGKILLed in epoch 2 of the first attempt; torchrun
+    restarts the group, which continues from the last checkpoint (--checkpoint-every 3) to the records of an
+    uninterrupted 2-process run. Prints the seconds from the kill to training again and the steps repeated."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, signal, time
+        import torch.nn.functional as F
+        real, calls, attempt = F.cross_entropy, [], os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        def hooked(*a, **kw):  # 8 calls per rank in epoch 1 (4 steps, val and test): call 11 is epoch 2, step 3
+            calls.append(1)
+            if attempt == "0" and os.environ.get("RANK") == "1" and len(calls) == 11:
+                open(r"{tmp_path / 'killed'}", "w").write(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            if attempt == "1" and os.environ.get("RANK") == "0" and len(calls) == 1:
+                open(r"{tmp_path / 'again'}", "w").write(str(time.time()))
+            return real(*a, **kw)
+        F.cross_entropy = hooked
+        """))
+    args = smoke(tmp_path / "run", data_dir, *FBPLUS, "--checkpoint-every", 3, "--resume", "auto")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--max-restarts=1", "sparse_win.py", *map(str, args)], cwd=HERE, capture_output=True,
+                       text=True, timeout=1200, env=dict(ONE_THREAD, PYTHONPATH=str(hook)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    cont = next(line for line in p.stdout.splitlines() if line.startswith("continuing"))
+    assert cont == f"continuing {tmp_path / 'run'} at epoch 1, step 2", p.stdout  # global step 6 of the kill's 7
+    assert_same_run(ddp_run / "run", tmp_path / "run")
+    waited = float((tmp_path / "again").read_text()) - float((tmp_path / "killed").read_text())
+    print(f"elastic restart: {waited:.1f} s from the kill to training again; 0 finished steps repeated "
+          f"(killed in epoch 2, step 3; continued at its step 3); records identical")
+
+
+def node(rank: int, port: int, args) -> subprocess.Popen:
+    """One torchrun agent as node `rank` of 2 (one worker each), c10d rendezvous on localhost."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                             "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                             "--rdzv-id=sparse-win-test", "sparse_win.py", *map(str, args)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_equal_one_node_and_survive_a_killed_node(tmp_path, data_dir, ddp_run):
+    """Two agents (--nnodes=2, one process each) end with the records of one node's two processes. Killing one
+    node (its agent and worker) mid-run ends the other non-zero within --dist-timeout, leaves no half-written
+    file, and the same two commands with --resume auto finish the run with the same records."""
+    t0, args = time.time(), smoke(tmp_path / "two", data_dir, *FBPLUS, "--resume", "auto", "--dist-timeout", 120)
+    port = free_port()
+    nodes = [node(r, port, args) for r in (0, 1)]
+    assert all(n.wait(timeout=1200) == 0 for n in nodes), [n.stderr.read()[-2000:] for n in nodes]
+    two_nodes = time.time() - t0
+    assert_same_run(ddp_run / "run", tmp_path / "two")
+    d, args = tmp_path / "killed", smoke(tmp_path / "killed", data_dir, *FBPLUS, "--resume", "auto", "--dist-timeout", 120)
+    port = free_port()
+    nodes = [node(r, port, args) for r in (0, 1)]
+    wait_for(d / "metrics.jsonl", nodes[0], timeout=600)
+    while "epoch" not in (d / "metrics.jsonl").read_text():  # an epoch done: kill node 0 in epoch 2
+        assert nodes[0].poll() is None and nodes[1].poll() is None
+        time.sleep(0.2)
+    kill_tree(nodes[0].pid)
+    t_kill = time.time()
+    assert nodes[1].wait(timeout=180) != 0
+    ended = time.time() - t_kill
+    assert ended < 120 + 30 and not list(d.glob("*.tmp")) and load_ck(d / "last.pt")["run"]["epoch"] >= 1
+    port = free_port()
+    nodes = [node(r, port, args) for r in (0, 1)]
+    assert all(n.wait(timeout=1200) == 0 for n in nodes), [n.stderr.read()[-2000:] for n in nodes]
+    assert_same_run(ddp_run / "run", d)
+    print(f"two nodes: records identical to one node's two processes ({two_nodes:.0f} s); the other node ended "
+          f"{ended:.0f} s after the kill, non-zero; the same commands with --resume auto: identical records")
 
 
 # ----------------------------------------------------------------------------- 14. README, the demo and the scripts
