@@ -4756,14 +4756,13 @@ README_COMMANDS = {
                                                                          "idle machine",
     "python sparse_win.py --mode static --ticket channel --sparsity 0.5 ...":
         "not run as written (its '...'): test_channel_ticket_end_to_end",
-    "torchrun --standalone --nproc_per_node=4 sparse_win.py --dataset cifar10 --arch wrn --mode dynamic+": "not run: "
-        "4 GPUs",
+    "torchrun --standalone --nproc_per_node=4 sparse_win.py --dataset cifar10 --mode dynamic+ --resume auto": "not "
+        "run: 4 GPUs (test_torchrun_elastic_restart_after_a_killed_rank_is_identical runs --resume auto on 2 CPU "
+        "processes)",
     "torchrun --standalone --nproc_per_node=2 sparse_win.py --preset smoke --device cpu --out runs/smoke-ddp":
         "test_readme_laptop_commands_run_as_written",
     'GPUS="0 1 2 3" bash run_experiments.sh': "not run: 4 GPUs",
     'GPUS="0 1 2 3 4 5 6 7" NPROC=4 bash run_experiments.sh': "not run: 8 GPUs",
-    'GPUS="a b" bash run_experiments.sh --smoke': "test_run_experiments_queue_on_two_slots (the same queue on "
-                                                  "fewer runs)",
     "python -m pytest -q": "CI (.ci/run)",
 }
 
