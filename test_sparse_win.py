@@ -4549,9 +4549,9 @@ def test_torchrun_elastic_restart_after_a_killed_rank_is_identical(tmp_path, dat
         import os, signal, time
         import torch.nn.functional as F
         real, calls, attempt = F.cross_entropy, [], os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        def hooked(*a, **kw):  # 8 calls per rank in epoch 1 (4 steps, val and test): call 11 is epoch 2, step 3
+        def hooked(*a, **kw):  # per rank: 3 a step (PGD-2, the update), 8 evaluating: call 29 is epoch 2, step 3
             calls.append(1)
-            if attempt == "0" and os.environ.get("RANK") == "1" and len(calls) == 11:
+            if attempt == "0" and os.environ.get("RANK") == "1" and len(calls) == 29:
                 open(r"{tmp_path / 'killed'}", "w").write(str(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
             if attempt == "1" and os.environ.get("RANK") == "0" and len(calls) == 1:
