@@ -4562,7 +4562,8 @@ def test_torchrun_elastic_restart_after_a_killed_rank_is_identical(tmp_path, dat
     args = smoke(tmp_path / "run", data_dir, *FBPLUS, "--checkpoint-every", 3, "--resume", "auto")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "--max-restarts=1", "sparse_win.py", *map(str, args)], cwd=HERE, capture_output=True,
-                       text=True, timeout=1200, env=dict(ONE_THREAD, PYTHONPATH=str(hook)))
+                       text=True, timeout=1200, env=dict(ONE_THREAD, PYTHONPATH=str(hook),
+                                                         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0"))  # as torchrun()
     assert p.returncode == 0, p.stderr[-3000:]
     cont = next(line for line in p.stdout.splitlines() if line.startswith("continuing"))
     assert cont == f"continuing {tmp_path / 'run'} at epoch 1, step 2", p.stdout  # global step 6 of the kill's 7
