@@ -1653,10 +1653,16 @@ def init_distributed(cfg: Config):
     import torch.distributed as td
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
         return
-    cuda = resolve_device(cfg.device).type == "cuda"
+    cuda, env = resolve_device(cfg.device).type == "cuda", os.environ
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    store = None  # torchrun's own store outlives an elastic restart: the keys of each attempt under a prefix of its own
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in env:
+        store = td.PrefixStore(f"sparse_win/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", td.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), False, timeout=timeout))
+    td.init_process_group("nccl" if cuda else "gloo", store=store, timeout=timeout,
+                          **dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"])) if store else {})
 
 
 # ----------------------------------------------------------------------------- run directory and checkpoints
