@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import warnings
@@ -397,6 +398,7 @@ def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq"
     return counts
 
 
+@functools.lru_cache  # a search: once per configuration
 def small_dense_width(arch: str, sparsity: float, *, width: float = 1.0, **model) -> float:
     """The width of the dense `arch` whose conv + linear weights are nearest in number to the active weights of a
     `sparsity` model of `width` (model: build_model's other arguments): the capacity-matched control (as the
@@ -1128,7 +1130,6 @@ def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Mo
 import argparse  # noqa: E402 (the program's imports sit with the program)
 import dataclasses  # noqa: E402
 import errno  # noqa: E402
-import functools  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
@@ -1169,8 +1170,7 @@ class RunError(RuntimeError):
 
 
 def option(default, help: str, *, valid=None, **kw):
-    """A Config field: its default, its --help text, its check (valid: (predicate, what it must be); validate()
-    applies it) and any other argparse keywords (choices: argparse refuses others, validate() too)."""
+    """A Config field: default, --help, check (valid=(predicate, what it must be)), argparse keywords (choices=)."""
     return field(default=default, metadata={"help": help, "valid": valid, **kw})
 
 
@@ -1268,21 +1268,15 @@ class Config:
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
     final_eval: str = option("none", "--eval best.pt and last.pt at the end", choices=("none", "autoattack"))
 
-    def __post_init__(self):  # a config.json of before --resume auto: true / false
-        self.resume = {True: "yes", False: "no"}.get(self.resume, self.resume)
-
     @property
     def density(self) -> float:
         return 1.0 - self.sparsity
 
-    def eps(self, train: bool) -> tuple[float, float]:
-        """(eps, alpha) in pixel units for the training or evaluation attack."""
+    def eps(self, train: bool) -> tuple[float, float]:  # (eps, alpha) in pixels, of the training or evaluation attack
         eps = self.train_eps if self.train_eps > 0 else DATASETS[self.dataset]["eps"]
-        alpha = self.train_alpha
-        if not train:
-            eps, alpha = (self.test_eps if self.test_eps > 0 else eps), self.test_alpha
-        alpha = alpha if alpha > 0 else eps / 4
-        return eps / 255, alpha / 255
+        eps, alpha = (eps, self.train_alpha) if train else (self.test_eps if self.test_eps > 0 else eps,
+                                                             self.test_alpha)
+        return eps / 255, (alpha if alpha > 0 else eps / 4) / 255
 
     @property
     def eval_batch_size(self) -> int:  # evaluation: at least 256 (train() and --eval alike: the same SA, bit for bit)
@@ -1324,8 +1318,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate(cfg: Config, *, world: int = 1) -> Config:
-    """cfg, checked: every option in range (its field's choices and check) and consistent; CUDA and
-    pyautoattack present when asked for; the global batch divisible by the `world` processes of torchrun."""
+    """cfg, checked: options in range and consistent, CUDA and pyautoattack there if asked for, batch % world == 0."""
     for f in dataclasses.fields(Config):
         v, valid = getattr(cfg, f.name), f.metadata["valid"]
         if "choices" in f.metadata:
@@ -1438,13 +1431,11 @@ def load_tiny_imagenet(root: str):
     return splits(x[perm], y[perm], test)
 
 
-def load_data(cfg: Config) -> dict:
-    """{'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return load_cifar(cfg.dataset, cfg.data_dir, cfg.download)
+def load_data(cfg: Config) -> dict:  # {'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU
     if cfg.dataset == "tiny-imagenet":
         return load_tiny_imagenet(cfg.data_dir)
-    return load_fashion_mnist(cfg.data_dir, cfg.download)
+    load = load_fashion_mnist if cfg.dataset == "fashion-mnist" else functools.partial(load_cifar, cfg.dataset)
+    return load(cfg.data_dir, cfg.download)
 
 
 def subsets(cfg: Config, data: dict) -> dict:  # the first --train-subset / --eval-subset images of each split (0 = all)
@@ -1459,17 +1450,11 @@ METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.
 
 
 def architecture(cfg: Config, matched: bool = True) -> dict:
-    """build_model's arguments for the configured architecture and dataset (what checkpoints record); --mode
-    small-dense: at the width whose weights match a --sparsity model's (matched=False: at --width)."""
+    """build_model's arguments (what checkpoints record); small-dense: the matched width (matched=False: --width)."""
     info = DATASETS[cfg.dataset]
     arch = dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
                 mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
-    return dict(arch, width=_matched_width(cfg.sparsity, **arch)) if cfg.mode == "small-dense" and matched else arch
-
-
-@functools.lru_cache  # a search over widths: once per configuration
-def _matched_width(sparsity: float, *, arch: str, width: float, **model) -> float:
-    return small_dense_width(arch, sparsity, width=width, **model)
+    return dict(arch, width=small_dense_width(cfg.sparsity, **arch)) if cfg.mode == "small-dense" and matched else arch
 
 
 def model_for(cfg: Config) -> nn.Module:
@@ -1521,9 +1506,8 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float =
 
 class Batches:
     """Minibatches (x in [0, 1], y) of a uint8 dataset on one device, drawn there: no DataLoader, no host to wait on.
-    Under torchrun batch_size is the global batch: every rank draws its order and augmentation and keeps its rows
-    (self.rows = (lo, hi, n)), so the draws do not depend on the world size; drop_small: skip a last batch smaller
-    than the world (training: every rank must step)."""
+    Under torchrun batch_size is global: every rank draws its order and augmentation and keeps rows lo:hi (self.rows
+    = (lo, hi, n)), whatever the world size; drop_small: skip a last batch smaller than the world (training)."""
 
     def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
                  drop_small=False):
@@ -1568,8 +1552,7 @@ def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist)
 
 
 def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core compiled if
-    asked, for attacks and evaluation (no gradient sync); model for the update step, DDP under torchrun."""
+    """(net, core, model): net in channels_last (CUDA), SyncBatchNorm'd if asked; core compiled if asked; model DDP."""
     if cuda if cfg.channels_last is None else cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.sync_bn:
@@ -1724,8 +1707,7 @@ class Finished(Exception):
 
 
 def check_run_dir(cfg: Config, world: int) -> tuple[Path, bool]:
-    """(the run directory, whether to resume), decided before anything is written: never overwrite a run
-    without --resume; --resume auto continues a run, starts one, or raises Finished (this run's summary.json)."""
+    """(run directory, whether to resume), before any write; --resume auto: continue, start, or raise Finished."""
     d, held = cfg.run_dir, (cfg.run_dir / "last.pt").exists()
     if cfg.resume == "auto" and held and (d / "summary.json").exists():
         check_resume(read_checkpoint(d / "last.pt"), d / "last.pt", dataclasses.asdict(cfg), world)
@@ -1740,17 +1722,8 @@ def check_run_dir(cfg: Config, world: int) -> tuple[Path, bool]:
     return d, held
 
 
-def make_run_dir(d: Path) -> Path:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
-    return d
-
-
 class StopRequest:
-    """SIGTERM (Kubernetes, torchrun), SIGUSR1 (Slurm's --signal) and a first Ctrl-C ask the run to stop at the next
-    safe point: after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
+    """SIGTERM, SIGUSR1 (Slurm) or a first Ctrl-C: stop after the step in flight, last.pt written; 2nd Ctrl-C: now."""
     signal: int | None = None  # the signal received
 
     def __call__(self, signum, frame):
@@ -1770,40 +1743,28 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class RunLock(contextlib.AbstractContextManager):
-    """One training process per run directory: an exclusive flock on <run>/.lock (holding the holder's pid),
-    held for the run's lifetime. The kernel drops it when the process ends, so no stale lock survives a crash."""
-    fd: int | None = None
-
-    def acquire(self, run_dir: Path):
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock
-            return
-        try:
-            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SparseWinError(f"{run_dir} is in use by another training process (pid {holder}); wait for it "
-                                 f"to end or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
+def take_run_dir(d: Path, stack: contextlib.ExitStack):
+    """Create the run directory and lock it for the run (stack releases it): one training process per directory.
+    An flock on <run>/.lock (the holder's pid in it): the kernel drops it when the process ends, killed or not."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}") from None
+    stack.callback(os.close, fd)  # closing the descriptor drops the lock
+    fcntl = importlib.util.find_spec("fcntl") and importlib.import_module("fcntl")  # POSIX only: elsewhere, no lock
+    try:
+        fcntl and fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        raise SparseWinError(f"{d} is in use by another training process (pid {holder}); wait for it to end or "
+                             f"stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
 
 def check_resume(ck: dict, path: Path, config: dict, world: int):
-    """Refuse, in one line, to resume from a checkpoint that is not this run's last.pt: a best.pt, other
-    options (an option newer than the checkpoint counts as its default), another number of processes."""
+    """Refuse in one line what is not this run's last.pt: a best.pt, other options, another number of processes."""
     if not {"run", "method", "optimizer"} <= set(ck):
         raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
     defaults = dataclasses.asdict(Config())
@@ -1843,17 +1804,15 @@ class RunState:
 
 
 class Trainer:
-    """One training process and the pieces train() strings together around adversarial_step. net is the model;
-    core attacks and evaluates (compiled if asked); model runs the update (DDP under torchrun), else net."""
+    """One process's run around adversarial_step; net, core (attacks, evaluation), model (the update): fast_path."""
 
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
         self.cfg, self.method, self.device, self.dist = cfg, method, device, dist
         self.stop, self.run_dir, self.log = stop, run_dir, log
         net = model_for(cfg).to(device)
-        self.per_weight, self.unowned = model_flops(net, input_shape)
-        self.dense_fwd = forward_flops(self.per_weight, weight_counts(net), self.unowned)
-        self.flops = (self.per_weight, self.unowned, self.dense_fwd)
+        per_weight, unowned = model_flops(net, input_shape)  # (per weight, constant, the dense network's forward)
+        self.flops = (per_weight, unowned, forward_flops(per_weight, weight_counts(net), unowned))
         self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp  # the fast path: default on CUDA only
         self.net, self.core, self.model = fast_path(cfg, net, device.type == "cuda", dist)
         # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
@@ -1865,9 +1824,8 @@ class Trainer:
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Step i of the epoch: adversarial_step (kind none: Robust Bird's stage 1) plus the program's part (the
-        start drawn for the global batch, AWP's warmup, the stop and non-finite checks over ranks before backward,
-        the ledger, the masks compared after an update). Returns (loss, adversarial logits, stop asked)."""
+        """Step i: adversarial_step (kind none: RB's stage 1) with the global batch's start, AWP's warmup, the checks
+        over ranks before backward, the ledger, the masks compared. Returns (loss, adversarial logits, stop asked)."""
         cfg, (eps, alpha), stopping = self.cfg, self.cfg.eps(train=True), []
         trades, cost = kind != "none" and cfg.loss == "trades", attack_cost(kind, self.cfg.train_steps)
         start = (self.batches.start(x, eps=eps, norm=cfg.norm, kind="trades" if trades else "pgd",
@@ -1880,7 +1838,7 @@ class Trainer:
                 raise diverged(loss.item(), self.where(i), self.run_dir, cfg.lr, self.amp)
             stopping.append(stop)
         # the density in force at this step, counted again only when the masks may have changed
-        self.fwd = self.fwd or self.method.forward_flops(self.per_weight, self.unowned)
+        self.fwd = self.fwd or self.method.forward_flops(*self.flops[:2])
         out = adversarial_step(
             self.net, x, y, self.optimizer, self.method, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm,
             kind=kind, loss=cfg.loss, beta=cfg.trades_beta, epoch=self.run.epoch, generator=self.generator,
@@ -1897,8 +1855,7 @@ class Trainer:
         return out["loss"], out["logits"], stopping[0]
 
     def epoch(self, kind: str, desc: str) -> tuple[float, float]:
-        """One epoch (kind: the attack): the global (loss, acc %); resumes run.partial, if any (the same
-        permutation, the remaining batches, the running sums)."""
+        """One epoch (kind: the attack): the global (loss, acc %); resumes run.partial (order, batches, sums)."""
         self.model.train()
         self.fwd = None  # a resumed or adopted mask: count from the masks in force now
         part = self.run.partial or {}
@@ -1933,8 +1890,7 @@ class Trainer:
         return f"{stage}, step {step}/{len(self.batches)}"
 
     def start_afresh(self):
-        """Robust Bird adopted its ticket: rank 0's masks on every rank (a channel ticket's thin network is alike
-        on all: DDP keeps the BatchNorm scales equal), stage 1's cost recorded, a fresh optimizer and schedule."""
+        """Robust Bird's ticket adopted: rank 0's masks everywhere, stage 1's cost kept, a fresh optimizer, schedule."""
         self.dist.share_masks(self.method.mask)
         if self.method.model is not self.net:
             self.adopt(self.method.model)
@@ -2025,9 +1981,8 @@ def resume(t: Trainer):
     t.log(f"continuing {t.run_dir} at epoch {t.run.epoch}{step}")
 
 
-def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
-    """Everything before the first step: the options checked, the data on the device, the run directory
-    checked and locked (rank 0), model, method and optimizer built; with --resume, last.pt's state."""
+def setup(cfg: Config, log, stop: StopRequest | None, lock: contextlib.ExitStack) -> Trainer:
+    """Everything before the first step: options, data on the device, the run directory locked (rank 0), last.pt."""
     dist = Dist()
     validate(cfg, world=dist.world)
     method = method_for(cfg)
@@ -2042,7 +1997,7 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     refused = None
     if dist.main:
         try:
-            lock.acquire(make_run_dir(run_dir))  # a second process on this directory stops here (exit 2)
+            take_run_dir(run_dir, lock)  # a second process on this directory stops here (exit 2)
         except SparseWinError as e:
             refused = e
     if dist.any([refused is not None], device)[0]:  # every rank stops, not only rank 0
@@ -2068,10 +2023,8 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
 
 
 def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
-    """Run one experiment end to end, the paper's sparse AT loop for the configured method; returns the
-    summary (also written to summary.json). Under torchrun every rank runs this; rank 0 alone logs,
-    writes files and holds the run directory's lock."""
-    with RunLock() as lock:
+    """One run end to end, the paper's sparse AT loop, on every rank (rank 0 logs and writes): summary.json's dict."""
+    with contextlib.ExitStack() as lock:
         t = setup(cfg, log, stop, lock)
         cfg, method, run, dist = t.cfg, t.method, t.run, t.dist
         while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
@@ -2167,8 +2120,7 @@ def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, fl
 
 
 def small_dense(cfg: Config, fwd: int) -> dict:
-    """--mode small-dense: the width chosen, the weights matched (a --sparsity model's active weights, as
-    allocate_counts counts them) and the forward FLOPs as a fraction of the full-width dense network's."""
+    """--mode small-dense: the width, the weights matched (allocate_counts') and forward FLOPs x full width."""
     if cfg.mode != "small-dense":
         return {}
     info, full = DATASETS[cfg.dataset], build_model(**architecture(cfg, matched=False))
@@ -2193,8 +2145,7 @@ def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
 
 
 def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: dict, amp: bool) -> tuple[float, float]:
-    """(seconds of one PGD AT step, seconds of one inference forward) of `net` on the batch (x, y), measured on
-    a copy (its weights, BatchNorm statistics and the caller's random streams are left alone)."""
+    """(seconds of a PGD AT step, of an inference forward) of `net` on (x, y), measured on a copy of it."""
     net, dev = copy.deepcopy(net), x.device
     opt, gen = torch.optim.SGD(net.parameters(), lr=0.0), torch.Generator(dev).manual_seed(0)
     at_step = seconds(lambda: adversarial_step(net.train(), x, y, opt, generator=gen, bf16=amp, **attack), device=dev)
@@ -2203,8 +2154,7 @@ def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: di
 
 
 def thin_report(cfg: Config, method: Method, net: nn.Module, batches: Batches, amp: bool, flops: tuple) -> dict:
-    """A channel ticket's thin network against the full dense one: channels kept, weight density, parameters and
-    FLOPs as fractions of dense, seconds of a PGD-10 AT step and an inference at the run's batch, device, precision."""
+    """A channel ticket's thin network x the full one: channels, weights, parameters, FLOPs, measured seconds."""
     full = model_for(cfg).to(batches.x.device)
     if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
         full = full.to(memory_format=torch.channels_last)  # both in the layout the run trains in
@@ -2290,24 +2240,19 @@ AA_MISSING = "AutoAttack needs the pyautoattack package: pip install pyautoattac
 EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
 
 
-def _import_autoattack():  # pyautoattack's AutoAttack: an optional dependency, imported only when asked for
+def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
+                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
+    """AutoAttack (Croce & Hein 2020, pyautoattack) on x in [0, 1]: {'robust': per example, 'flags': its warnings};
+    'custom' runs `attacks`; iters > 0: their iterations (quick checks). `done` (an interrupted call's result) is
+    skipped, on_batch(result so far) runs after each batch. pyautoattack seeds torch's global generator."""
+    import logging
     try:
         from pyautoattack import AutoAttack
     except ImportError:
         raise SparseWinError(AA_MISSING) from None
-    return AutoAttack
-
-
-def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
-                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
-    """AutoAttack (Croce & Hein 2020) through pyautoattack on x in [0, 1]: {'robust': per-example flags, 'flags': its
-    warnings}. 'standard' runs APGD-CE, APGD-T, FAB-T and Square, 'custom' `attacks`; iters > 0 replaces their
-    iterations and queries (quick checks). `done`, an interrupted call's result, skips the batches it covers;
-    on_batch(result so far) runs after each batch. pyautoattack seeds torch's global generator."""
-    import logging
-    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
-                              attacks=attacks, seed=seed, device=x.device)
+    aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version, attacks=attacks,
+                    seed=seed, device=x.device)
     if iters:
         aa.fab.n_iter = aa.fab.n_iter_orig = aa.square.n_queries = iters
         for attack in (aa.apgd, aa.apgd_targeted):  # and the step-size checkpoints, as APGD's constructor sets them
@@ -2337,9 +2282,8 @@ def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
 def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                    seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
-    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on the accuracy (%) of PGD's output (not and-ed with
-    clean, so an "attack" that helps shows), all from one seed's start: eps 0 changes no prediction; more steps or
-    2x eps never raise RA by more than tol; eps = the whole input box leaves RA <= tol. Each: {'ok', 'detail', ...}."""
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on PGD's output accuracy (%), from one seed's start: eps 0
+    changes nothing; more steps or 2x eps never raise RA by > tol; eps = the whole box leaves RA <= tol."""
     x0 = next(iter(batches))[0]
     big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
 
@@ -2379,12 +2323,12 @@ def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: 
 def config_of(ck: dict, **overrides) -> Config:
     """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
     values = {k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
+    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", "resume": "no",
+                              **overrides}))  # resume: true / false before --resume auto
 
 
 def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float, float]:
-    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too.
-    Both count against `full` weights when given (a thin network against its full architecture)."""
+    """(mask density, fraction of nonzero conv/linear weights), of `full` weights if given (a thin network's)."""
     weights = prunable(net)
     total = sum(w.numel() for w in weights.values())
     active = sum(int(m.sum()) for m in masks.values()) if masks else total
@@ -2429,9 +2373,8 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
                         attack: str = "all", aa_version: str = "standard", aa_iters: int = 0,
                         check_subset: int = 1000, seed: int = 0, device: str = "auto", force: bool = False,
                         reuse: bool = False, overrides: dict | None = None, log=print) -> dict:
-    """--eval: SA, PGD with restarts, AutoAttack and gradient-masking checks of a checkpoint, set up by its config
-    (`overrides`: EVAL_OVERRIDES fields replaced). Writes eval-<checkpoint>-<options>.json beside it (an existing
-    one: force overwrites it, reuse returns it when of the same checkpoint and options) and returns its content."""
+    """--eval: SA, PGD, AutoAttack and gradient-masking checks of a checkpoint, as its config (with EVAL_OVERRIDES)
+    says, into eval-<checkpoint>-<options>.json (force: overwrite; reuse: return one of the same key)."""
     t0, ck_path = time.time(), Path(find_checkpoint(path))
     ck = read_checkpoint(ck_path)
     overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
@@ -2448,8 +2391,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
         raise SparseWinError(f"{out} exists; pass --force to overwrite it")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise SparseWinError(f"cannot write the results to {out.parent}: not a writable directory")
-    if attack != "pgd":
-        _import_autoattack()  # fail now, not after the PGD part
+    need(attack == "pgd" or importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)  # now, not after PGD
     net, masks = model_from_checkpoint(ck, ck_path, architecture(cfg))
     net = net.to(dev)
     density, nonzero = density_of(net, masks, sum(weight_counts(model_for(cfg)).values()))
@@ -2483,8 +2425,7 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
 
 def eval_parts(net, x, y, progress: EvalProgress, cfg: Config, *, bs, steps, restarts, attack, aa_version, aa_iters,
                check_subset, seed) -> tuple[dict, dict, dict | None]:
-    """evaluate_checkpoint's three parts, each saved by `progress` when done: PGD (worst case per example over
-    the restarts and the clean input, as AutoAttack counts), the gradient-masking checks, AutoAttack."""
+    """evaluate_checkpoint's parts, each saved when done: PGD (worst case over restarts), the checks, AutoAttack."""
     (eps, alpha), dev = cfg.eps(train=False), x.device
 
     def pgd_part():
@@ -2537,9 +2478,8 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4
 
 
 def benchmark(cfg: Config, log=print) -> list[dict]:
-    """AT throughput (images/s) at the dataset's input shape, timing Trainer.step (the very step train() runs): fp32
-    eager, then on CUDA bf16 autocast + channels_last (+ compile); models dense, sparse (Flying Bird (+) at --sparsity,
-    unstructured: dense kernels) and thin (a channel ticket's network, --sparsity of each channel group removed)."""
+    """AT images/s of Trainer.step (train()'s): fp32, then on CUDA bf16 + channels_last (+ compile); for dense, sparse
+    (Flying Bird (+) at --sparsity: dense kernels) and thin (--sparsity of every channel group removed) models."""
     device, info = resolve_device(cfg.device), DATASETS[cfg.dataset]
     shape = (info["channels"], info["size"], info["size"])
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -2568,11 +2508,12 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
             memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
             with torch.no_grad(), autocast(device.type, t.amp):
                 inference = seconds(lambda: t.core.eval()(xb), device=device)
+            per_weight, unowned, dense = t.flops  # executed: the kernels that run, masked weights included
             executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * forward_flops(
-                t.per_weight, weight_counts(t.net), t.unowned)  # the kernels that run, masked weights included
+                per_weight, weight_counts(t.net), unowned)
             ips = cfg.batch_size / step
             rows.append(r := dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
-                                  flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
+                                  flops_ratio=t.method.forward_flops(per_weight, unowned) / dense,
                                   epoch_s=45000 / ips, tflops=executed * ips / 1e12,
                                   peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
             log(f"{label:28s} {model:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  FLOPs "
