@@ -176,7 +176,7 @@ MUTATIONS = [
      "test_mask_state_dict_round_trip_through_bytes"),
     ("resume: mid-epoch running sums not restored",
      "if part and self.dist.main:", "if part and not self.dist.main:",
-     "test_sigterm_mid_epoch_then_resume_is_identical"),
+     "test_stop_signal_mid_epoch_then_the_same_command_is_identical"),
     # -- evaluation
     ("eval: best.pt chosen on the last of equal val RAs (>=)",
      'if evaluated and val["ra"] > run.best_val_ra:', 'if evaluated and val["ra"] >= run.best_val_ra:',
