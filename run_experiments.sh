@@ -13,7 +13,8 @@
 # Each run writes runs/<dataset>-<mode>-s0.8-seed<k>/ (metrics.jsonl, summary.json, config.json, last.pt,
 # best.pt, curves.png), the folder `python sparse_win.py` picks for the same options; a missing
 # Tiny-ImageNet is reported before the first run;
-# a run that stopped is continued with --resume. With GPUS, each run's output goes to log.txt there.
+# every run is started with --resume auto: the same command starts it, continues it after any interruption, or
+# skips it when finished, so rerunning this script resumes the queue. With GPUS, each run's output goes to log.txt there.
 # The last step prints every summary as one table.
 #
 # The Fashion-MNIST study on the CPU (README "Does it reproduce?"; results/fashion-mnist/SEARCH.md
@@ -141,12 +142,11 @@ if [ "$TASK" = overfit ]; then
       done
     done
   }
-  run_one() {  # run_one VARIANT SEED: train (skip when finished, --resume when stopped), then evaluate
+  run_one() {  # run_one VARIANT SEED: train (--resume auto: start, continue or skip), then evaluate
     local v=$1 seed=$2 dir="$OUT/$1/seed$2"
-    local args=("${STUDY[@]}" ${VARIANT[$v]} --seed "$seed" --out "$dir")
+    local args=("${STUDY[@]}" ${VARIANT[$v]} --seed "$seed" --out "$dir" --resume auto)
     mkdir -p "$dir"
     if [ ! -f "$dir/summary.json" ]; then
-      [ -f "$dir/last.pt" ] && args+=(--resume)
       echo "== $dir"
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" sparse_win.py "${args[@]}" >> "$dir/log.txt" 2>&1 ||
         { echo "FAILED: $dir (see $dir/log.txt)" >&2; return 1; }
@@ -188,11 +188,10 @@ if [ "$TASK" = study ]; then
          --update-interval 15 --update-interval-late 20)
   [ ${#EXTRA[@]} -gt 0 ] && STUDY=("${EXTRA[@]}")
 
-  run_one() {  # run_one DIR ARGS...: skip when finished, --resume when stopped, stdout to DIR/log.txt
+  run_one() {  # run_one DIR ARGS...: --resume auto (start, continue or skip), stdout to DIR/log.txt
     local dir=$1; shift
     [ -f "$dir/summary.json" ] && { echo "done already: $dir"; return 0; }
-    local args=("${STUDY[@]}" "$@" --out "$dir")
-    [ -f "$dir/last.pt" ] && args+=(--resume)
+    local args=("${STUDY[@]}" "$@" --out "$dir" --resume auto)
     mkdir -p "$dir"
     echo "== $dir"
     if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" sparse_win.py "${args[@]}" >> "$dir/log.txt" 2>&1; then
@@ -239,7 +238,7 @@ for dataset in $DATASETS; do
   done
 done
 
-run_one() {  # run_one "dataset mode seed" [GPU ids]: skip a finished run, --resume a stopped one
+run_one() {  # run_one "dataset mode seed" [GPU ids]: --resume auto starts, continues or skips (finished) the run
   local dataset mode seed
   read -r dataset mode seed <<< "$1"
   local dir="$OUT/$dataset-$mode-s0.8-seed$seed"  # the folder sparse_win.py picks for the same run
@@ -247,8 +246,7 @@ run_one() {  # run_one "dataset mode seed" [GPU ids]: skip a finished run, --res
   if [ ${#EXTRA[@]} -gt 0 ]; then
     args=("${EXTRA[@]}" --mode "$mode" --sparsity 0.8 --seed "$seed" --out "$dir")
   fi
-  [ -f "$dir/summary.json" ] && { echo "done already: $dir"; return 0; }
-  [ -f "$dir/last.pt" ] && args+=(--resume)
+  args+=(--resume auto)
   if [ -z "${2:-}" ]; then
     echo "== $dataset $mode seed $seed"
     "$PYTHON" sparse_win.py "${args[@]}"

@@ -1,46 +1,35 @@
-"""sparse_win: sparse adversarial training, after "Sparsity Winning Twice" (Chen et al., ICLR 2022).
+"""sparse_win: sparse adversarial training, after "Sparsity Winning Twice" (Chen et al., ICLR 2022, arXiv:2202.09844).
 
-Paper: arXiv:2202.09844. PGD adversarial training (AT) of a *sparse* network narrows the
-robust generalization gap and robust overfitting while saving training and inference FLOPs.
+PGD adversarial training (AT) of a *sparse* network narrows the robust generalization gap and robust overfitting
+while saving training and inference FLOPs. The methods (--mode):
+    dense       dense AT, the baseline
+    static      Robust Bird (Sec. 3.1): an early-bird ticket from cheap standard training, then AT of that fixed
+                sparse subnetwork (--ticket channel: a BatchNorm-channel ticket, a physically thinner network)
+    dynamic     Flying Bird (Sec. 3.2): random sparse start; every T steps prune the smallest |w|, regrow as many
+    dynamic+    Flying Bird+ (Sec. 3.2): FB, plus extra pruning when the robust gap widens and extra growth when
+                the val adversarial loss stalls
+Symbols as in the paper: eps (attack budget), alpha (step size), K (attack steps), d = 1 - sparsity (density),
+p (death rate, cosine 0.5 -> 0.005), T (update interval, 900 then 1200 steps); FB+: window 4, prune ratio 0.4,
+growth ratio 0.05, threshold 0.5.
 
-    Robust Bird (RB, --mode static)    early-bird ticket from cheap standard training, then AT
-                                       of that fixed sparse subnetwork (paper Sec. 3.1); --ticket
-                                       channel: Early-Bird's BatchNorm-channel ticket, then AT of a
-                                       physically thinner network (real speed, not only FLOPs)
-    Flying Bird (FB, --mode dynamic)   random sparse start; every T steps prune the smallest
-                                       |w| and regrow as many, constant density (Sec. 3.2)
-    Flying Bird+ (--mode dynamic+)     FB plus extra pruning when the robust gap widens and
-                                       extra growth when val adversarial loss stalls (Sec. 3.2)
-    dense AT (--mode dense)            the baseline
-
-Symbols, as in the paper:  eps (attack budget), alpha (attack step size), K (attack steps),
-d = 1 - sparsity (density), p (death rate, cosine 0.5 -> 0.005), T (update interval,
-900 then 1200 steps), window 4 / prune ratio 0.4 / growth ratio 0.05 / threshold 0.5 (FB+).
-
-Two parts. Part one is the library: torch only, and nothing in it refers to anything below it.
-    errors and constants -> models (build_model; channel_groups, slim: a thinner copy) -> attack (pgd,
-    fgsm_rs, evaluate) -> masks (SparseMask) -> the methods in the paper's order, each with its machinery
-    beside it: Method, Dense; Robust Bird (Sec. 3.1: EarlyBird, channel_mask, RobustBird); Flying Bird
-    (Sec. 3.2: cosine_death_rate, FlyingBird); Flying Bird+ (fbplus_decision, FlyingBirdPlus) -> FLOPs
-    (model_flops, FlopLedger) -> data on the device (augment, Batches) -> robust evaluation
-    (autoattack_eval, masking_checks)
-Cut at the line "# === program": the file down to it is the whole library, to copy into your project.
-Part two is the program, in the order the data flows:
-    config (Config, validate) -> data (loaders) -> the configured run (model_for, method_for) -> distributed
-    (Dist) -> run directory and checkpoints -> train (Trainer, train) -> report -> evaluate a checkpoint
-    (load_model, evaluate_checkpoint) -> benchmark -> main
+The library (torch only) is the file down to "# === program": models, attack, masks, the methods in the paper's
+order each with its machinery (Dense; EarlyBird, RobustBird; FlyingBird; FlyingBirdPlus), regularizers,
+adversarial_step, FLOPs, checkpoints. The program below it follows the data.
 
 Run:     python sparse_win.py --dataset cifar100 --mode dynamic --sparsity 0.9
          python sparse_win.py --preset cpu-demo          # Fashion-MNIST, minutes on a CPU
          torchrun --nproc_per_node=4 sparse_win.py ...    # the same run on 4 GPUs (DDP)
          python sparse_win.py --eval runs/<run>          # clean, PGD-50 x 5 restarts, AutoAttack, checks
-Import:  from sparse_win import SparseMask, FlyingBird, pgd, evaluate, model_flops, FlopLedger, load_model
-         (library parts need torch only; torchvision/tqdm/matplotlib are imported where used)
+Import:  from sparse_win import build_model, FlyingBird, adversarial_step, evaluate, save_model, load_model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
+import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -50,20 +39,31 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- errors and constants
 
 class SparseWinError(ValueError):
-    """Bad input (an unknown name, a mismatched state, a missing package): the CLI prints it as one line
-    and exits with status 2."""
+    """Bad input (unknown name, mismatched state, missing package): the CLI prints one line, exits with 2."""
 
 
 ARCHS = ("resnet18", "preact_resnet18", "vgg16", "wrn")  # build_model
+NORMS = ("linf", "l2")  # attack norms
+ATTACKS = ("pgd", "fgsm-rs", "none")  # training attacks: perturb, adversarial_step
+LOSSES = ("ce", "trades")  # AT objectives: adversarial_step
 ALLOCATIONS = ("igq", "erk", "uniform")  # layer-wise density: layer_densities, SparseMask
-AA_MISSING = "--attack autoattack needs the pyautoattack package: pip install pyautoattack (or pass --attack pgd)"
+GROWTHS = ("random", "gradient")  # Flying Bird's regrowth
+TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
+
+
+def check_choice(what: str, value, choices):
+    if value not in choices:
+        raise SparseWinError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}")
+    return value
+
+
+def autocast(device_type: str, bf16: bool):  # the one mixed-precision context: bf16 autocast, or nothing (fp32)
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- models
 
-class Normalize(nn.Module):
-    """Per-channel normalization inside the model, so attacks work on pixels in [0, 1]."""
-
+class Normalize(nn.Module):  # per-channel normalization inside the model: attacks work on pixels in [0, 1]
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -77,25 +77,20 @@ def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
 
-class BasicBlock(nn.Module):
-    """ResNet v1 block: conv-bn-relu-conv-bn, plus (projected) shortcut, relu."""
-
+class BasicBlock(nn.Module):  # ResNet v1 block: conv-bn-relu-conv-bn, plus (projected) shortcut, relu
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Sequential())
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class PreActBlock(nn.Module):
-    """Pre-activation block (He et al. 2016), also the WideResNet block: bn-relu-conv twice."""
-
+class PreActBlock(nn.Module):  # pre-activation block (He et al. 2016), also WideResNet's: bn-relu-conv twice
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
@@ -105,18 +100,14 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        return self.conv2(F.relu(self.bn2(out))) + skip
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
 
 
-class ResNet(nn.Module):
-    """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool; stages halve the resolution."""
-
+class ResNet(nn.Module):  # CIFAR-style: 3x3 stride-1 stem, no max-pool; stages halve the resolution
     def __init__(self, *, block, num_blocks, widths, stem, num_classes, in_channels, mean, std):
         super().__init__()
         self.preact = block is PreActBlock
-        self.normalize = Normalize(mean, std)
-        self.conv1 = conv3x3(in_channels, stem)
+        self.normalize, self.conv1 = Normalize(mean, std), conv3x3(in_channels, stem)
         self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(stem)
         blocks, cin = [], stem
         for i, (n, w) in enumerate(zip(num_blocks, widths)):
@@ -135,8 +126,7 @@ class ResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))  # (B, classes)
 
 
-class VGG(nn.Module):
-    """VGG-16 with BN; pools use ceil_mode so 28x28 inputs work too (28-14-7-4-2-1)."""
+class VGG(nn.Module):  # VGG-16 with BN; pools use ceil_mode so 28x28 inputs work too (28-14-7-4-2-1)
     CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
     def __init__(self, *, num_classes, in_channels, width, mean, std):
@@ -147,9 +137,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 cout = max(1, round(v * width))
-                conv = nn.Conv2d(cin, cout, 3, padding=1)  # with a bias, as released
-                layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-                cin = cout
+                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                cin = cout  # the conv has a bias, as released
         self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
 
@@ -159,13 +148,12 @@ class VGG(nn.Module):
 
 def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                 mean=(0.5,), std=(0.5,), wrn_depth: int = 34, wrn_widen: int = 10) -> nn.Module:
-    """resnet18 | preact_resnet18 | vgg16 | wrn; width multiplies every channel count."""
-    w = lambda c: max(1, round(c * width))  # noqa: E731
+    check_choice("arch", arch, ARCHS)
+    w = lambda c: max(1, round(c * width))  # noqa: E731 (width multiplies every channel count)
     common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     if arch in ("resnet18", "preact_resnet18"):
-        block = BasicBlock if arch == "resnet18" else PreActBlock
-        return ResNet(block=block, num_blocks=(2, 2, 2, 2), widths=[w(c) for c in (64, 128, 256, 512)],
-                      stem=w(64), **common)
+        return ResNet(block=BasicBlock if arch == "resnet18" else PreActBlock, num_blocks=(2, 2, 2, 2),
+                      widths=[w(c) for c in (64, 128, 256, 512)], stem=w(64), **common)
     if arch == "vgg16":
         return VGG(width=width, **common)
     if arch == "wrn":  # Zagoruyko & Komodakis 2016: 3 groups of (depth-4)/6 pre-activation blocks
@@ -178,14 +166,11 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int = 3, width
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         return net
-    raise SparseWinError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
 def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """The channels a channel ticket may prune, as {BatchNorm name: (producing conv, consuming layer)}: each
-    residual block's inner channels (BasicBlock conv1 -> bn1 -> conv2; PreActBlock and WideResNet conv1 ->
-    bn2 -> conv2) and every conv of VGG-16 (conv -> bn -> the next conv, the last one -> linear). The
-    residual stream (stem, block outputs, shortcuts) stays whole: its channels are tied across the sums."""
+    """What a channel ticket may prune: {BN name: (producing conv, consuming layer)} for each residual block's inner
+    channels and every VGG-16 conv. The residual stream stays whole: its channels are tied across the sums."""
     groups = {}
     for name, m in model.named_modules():
         p = f"{name}." if name else ""
@@ -204,8 +189,7 @@ def channel_groups(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def _keep_only(m: nn.Module, names: tuple[str, ...], idx: torch.Tensor, dim: int):
-    """Replace m's tensors `names` (parameters or buffers) by their slices idx along dim."""
-    for n in names:
+    for n in names:  # parameters or buffers, sliced to idx along dim
         t = getattr(m, n)
         if t is not None:
             new = t.detach().index_select(dim, idx).clone()
@@ -213,13 +197,9 @@ def _keep_only(m: nn.Module, names: tuple[str, ...], idx: torch.Tensor, dim: int
 
 
 def slim(model: nn.Module, keep: dict[str, torch.Tensor | int]) -> nn.Module:
-    """A physically smaller copy of `model` without the pruned channels of channel_groups(model).
-
-    keep maps a group's BatchNorm name to the bool mask of its kept channels, or to a count n (the first
-    n: a checkpoint's thin architecture, whose weights are loaded next); groups left out stay whole. The
-    copy keeps the surviving weights, biases and BatchNorm statistics, and in eval mode computes what
-    `model` computes with the pruned channels' BatchNorm scale and shift set to zero (ReLU(0) = 0, so
-    the consumer reads nothing from them). `model` is left as it was."""
+    """A physically thinner copy of `model` (left as it was). keep: BN name -> bool mask of its kept channels, or
+    n (the first n: a checkpoint's thin architecture); groups left out stay whole. In eval mode the copy computes
+    what `model` computes with the pruned channels' BN scale and shift zeroed (ReLU(0) = 0: nothing is read)."""
     groups, thin = channel_groups(model), copy.deepcopy(model)
     mods = dict(thin.named_modules())
     for bn_name, k in keep.items():
@@ -234,17 +214,13 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor | int]) -> nn.Module:
         _keep_only(bn, ("weight", "bias", "running_mean", "running_var"), idx, 0)
         _keep_only(consumer, ("weight",), idx, 1)  # conv (out, in, k, k) or linear (out, in): its inputs
         producer.out_channels = bn.num_features = len(idx)
-        if isinstance(consumer, nn.Linear):
-            consumer.in_features = len(idx)
-        else:
-            consumer.in_channels = len(idx)
+        setattr(consumer, "in_features" if isinstance(consumer, nn.Linear) else "in_channels", len(idx))
     return thin
 
 
 # ----------------------------------------------------------------------------- attack
 
-def _project(adv, x, eps, norm):
-    """Back into the eps-ball around x and into [0, 1] (same op order as torchattacks)."""
+def _project(adv, x, eps, norm):  # back into the eps-ball around x and [0, 1] (op order as in torchattacks)
     if norm == "linf":
         delta = torch.clamp(adv - x, min=-eps, max=eps)
     else:
@@ -254,37 +230,33 @@ def _project(adv, x, eps, norm):
     return torch.clamp(x + delta, min=0, max=1)
 
 
+def attack_start(shape, *, eps: float, norm: str = "linf", kind: str = "pgd", generator=None, device=None,
+                 dtype=None) -> torch.Tensor:
+    """A random start, as an offset from x: uniform in the L-inf ball; in the L2 ball a uniform radius along a
+    Gaussian direction (torchattacks.PGDL2); kind "trades": 0.001 N(0, I). Slice it to split a batch."""
+    if kind == "trades":
+        return 0.001 * torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator)
+    if check_choice("norm", norm, NORMS) == "linf":
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(-eps, eps, generator=generator)
+    d = torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator)
+    n = d.flatten(1).norm(dim=1).view(-1, *[1] * (len(shape) - 1))
+    r = torch.empty(shape[0], *[1] * (len(shape) - 1), device=device).uniform_(0, 1, generator=generator)
+    return d * r / n * eps
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: bool = True, generator: torch.Generator | None = None,
-        loss_fn=F.cross_entropy, rows: tuple[int, int, int] | None = None,
-        init: torch.Tensor | None = None) -> torch.Tensor:
-    """Projected gradient descent (Madry et al. 2018) on the loss of model(x) against y.
-
-    Serves training (model in train mode) and evaluation (eval mode): the mode is left as
-    it is, and only the input gradient is computed (torch.autograd.grad), so parameters'
-    .grad stay untouched and no weight-gradient FLOPs are spent. Returns detached
-    adversarial inputs within the eps-ball (L-inf or L2) and [0, 1].
-
-    rows = (lo, hi, n): x holds rows lo:hi of a global batch of n (torchrun: each rank its shard);
-    the random start is drawn for all n rows and sliced, so the draws equal one process's. init:
-    start there instead (TRADES' x + 0.001 N(0, I)); the ball stays centred on x.
-    """
+        loss_fn=F.cross_entropy, start: torch.Tensor | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+    """PGD (Madry et al. 2018), returning detached inputs in the eps-ball (L-inf or L2) and [0, 1]. For training and
+    evaluation: the model's mode is left as it is, only the input gets a gradient. start: the random start's offset
+    (default: attack_start from generator); init: begin there instead, unclamped (TRADES; the ball stays on x)."""
+    check_choice("norm", norm, NORMS)
     x = x.detach()
-    adv = x.clone()
-    if init is not None:
-        adv = init.detach().clone()
-    elif random_start and steps > 0:
-        lo, hi, n_all = rows or (0, len(x), len(x))
-        shape = (n_all, *x.shape[1:])
-        if norm == "linf":
-            u = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)
-            adv = adv + u[lo:hi]
-        else:  # uniform radius along a Gaussian direction, as torchattacks.PGDL2
-            d = torch.empty(shape, device=x.device, dtype=x.dtype).normal_(generator=generator)
-            n = d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-            r = torch.empty(n_all, *[1] * (x.dim() - 1), device=x.device).uniform_(0, 1, generator=generator)
-            adv = adv + (d * r / n * eps)[lo:hi]
-        adv = torch.clamp(adv, min=0, max=1).detach()
+    adv = init.detach().clone() if init is not None else x.clone()
+    if init is None and random_start and steps > 0:
+        if start is None:
+            start = attack_start(x.shape, eps=eps, norm=norm, generator=generator, device=x.device, dtype=x.dtype)
+        adv = torch.clamp(adv + start, min=0, max=1).detach()
     with torch.enable_grad():
         for _ in range(steps):
             adv.requires_grad_(True)
@@ -298,44 +270,34 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-            generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """FGSM from a random start ("Fast is better than free", Wong et al. 2020): a uniform start
-    in the eps-ball, one signed-gradient step of 1.25 eps, clamped to the eps-ball and [0, 1].
-    It is PGD with one step, so it shares pgd's code and costs one attack step."""
-    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, random_start=True, generator=generator,
-               rows=rows)
+            generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+    """FGSM-RS ("Fast is better than free", Wong et al. 2020): PGD-1 from a uniform start, step 1.25 eps."""
+    return pgd(model, x, y, eps=eps, alpha=1.25 * eps, steps=1, norm=norm, generator=generator, start=start)
 
 
-def attack_cost(kind: str, steps: int) -> int:
-    """Attack steps per example that the FLOP ledger charges: PGD-K = K, FGSM-RS = 1, none = 0."""
-    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[kind]
+def attack_cost(kind: str, steps: int) -> int:  # attack steps per example, for the FLOP ledger
+    return {"none": 0, "fgsm-rs": 1, "pgd": steps}[check_choice("attack", kind, ATTACKS)]
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: str, eps: float, alpha: float,
             steps: int, norm: str = "linf", generator: torch.Generator | None = None,
-            rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The training attack named by --train-attack / --ticket-attack: pgd | fgsm-rs | none (x itself)."""
+            start: torch.Tensor | None = None) -> torch.Tensor:  # the training attack; none: x itself
     if not attack_cost(kind, steps):
         return x
     if kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator, rows=rows)
-    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, rows=rows)
+        return fgsm_rs(model, x, y, eps=eps, norm=norm, generator=generator, start=start)
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
 
 
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                      restarts: int = 1, random_start: bool = True, generator=None) -> dict[str, torch.Tensor]:
-    """Per example, with the model in eval mode: correct on the clean input ('clean') and under PGD
-    ('robust'), clean and adversarial cross-entropy ('loss', 'adv_loss'); (N,) tensors on the data's device.
-
-    With restarts > 1, PGD runs again from new random starts and the worst case counts per example:
-    robust only if every run fails, adv_loss the largest. Everything runs under no_grad except pgd's
-    input gradient; parameters get no gradient. Always in fp32, even inside an autocast region: a
-    bf16 attack can be weaker and inflate RA (training may use bf16, evaluation never does).
-    """
-    was_training = model.training
+                      restarts: int = 1, random_start: bool = True, generator=None,
+                      start=None) -> dict[str, torch.Tensor]:
+    """Per example, in eval mode, (N,) tensors: 'clean', 'robust' (correct), 'loss', 'adv_loss' (cross-entropy);
+    with restarts, the worst case over PGD runs. start: x -> PGD's random start (default: drawn from generator).
+    Always fp32, even inside autocast: a bf16 attack can be weaker and inflate RA."""
+    was_training, parts = model.training, []
     model.eval()
-    parts = []
     device = next(model.parameters()).device.type
     with torch.autocast(device, enabled=False):  # fp32, whatever autocast region the caller is in
         for x, y in batches:
@@ -345,7 +307,7 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
             for r in range(restarts if steps > 0 else 0):
                 adv_logits = model(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                                        random_start=random_start, generator=generator,
-                                       rows=getattr(batches, "rows", None)))  # a rank's shard of the batch
+                                       start=start(x) if start is not None and random_start else None))
                 hit, hit_loss = adv_logits.argmax(1) == y, F.cross_entropy(adv_logits, y, reduction="none")
                 robust, adv_loss = (hit, hit_loss) if r == 0 else (robust & hit, torch.maximum(adv_loss, hit_loss))
             parts.append((clean, robust, loss, adv_loss))
@@ -355,18 +317,14 @@ def evaluate_examples(model: nn.Module, batches, *, eps: float, alpha: float, st
 
 
 def evaluate(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             generator=None, all_reduce=None) -> dict:
-    """Clean (SA) and PGD (RA) accuracy in % plus mean losses, with the model in eval mode.
-
-    all_reduce (torchrun): sums each rank's counts in place, so that sharded batches give the
-    accuracies of one process, exactly in counts.
-    """
-    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
+             generator=None, start=None, reduce=None) -> dict:
+    """Clean (SA) and PGD (RA) accuracy in % and mean losses, in eval mode. reduce: applied to the float64
+    sums (correct, losses, count), e.g. a sum over processes that each evaluated a shard."""
+    ex = evaluate_examples(model, batches, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator,
+                           start=start)
     sums = torch.stack([ex[k].double().sum() for k in ex] + [torch.tensor(float(len(ex["clean"])))
                                                              .to(ex["clean"].device, torch.float64)])
-    if all_reduce is not None:
-        all_reduce(sums)
-    *totals, n = sums.tolist()  # one host sync
+    *totals, n = (reduce(sums) if reduce is not None else sums).tolist()  # one host sync
     sa, ra, loss, adv_loss = (t / n for t in totals) if n else (0.0,) * 4
     return dict(sa=100 * sa, ra=100 * ra, loss=loss, adv_loss=adv_loss)
 
@@ -378,7 +336,6 @@ CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _weight_names(m: nn.Module) -> tuple[str, ...]:
-    """Attribute names of m's prunable weights (none for modules that own no matmul weight)."""
     if isinstance(m, nn.MultiheadAttention):  # out_proj is an nn.Linear child, covered on its own
         packed = m.in_proj_weight is not None  # separate q/k/v weights when kdim or vdim != embed_dim
         return ("in_proj_weight",) if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -386,14 +343,18 @@ def _weight_names(m: nn.Module) -> tuple[str, ...]:
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights that sparsity covers, in module order: every conv (1-3d, transposed too), linear
-    and attention input-projection weight (biases, norms, embeddings stay dense)."""
+    """The weights sparsity covers, in module order: conv (1-3d, transposed), linear, attention in_proj weights."""
     return {f"{name}.{a}" if name else a: getattr(m, a) for name, m in model.named_modules()
             for a in _weight_names(m)}
 
 
+def weight_counts(model: nn.Module) -> dict[str, int]:
+    return {n: p.numel() for n, p in prunable(model).items()}  # a dense model's active weights
+
+
 def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq") -> list[float]:
     """Layer-wise densities whose weighted mean is `density` (before rounding to counts)."""
+    check_choice("allocation", allocation, ALLOCATIONS)
     sizes = [math.prod(s) for s in shapes]
     target = density * sum(sizes)
     if density >= 1:
@@ -419,12 +380,10 @@ def layer_densities(shapes: list[tuple], density: float, allocation: str = "igq"
             if not over:
                 return [1.0 if i in dense else scale * raw[i] for i in range(len(sizes))]
             dense |= over  # capped at 1; the surplus is spread over the rest
-    raise SparseWinError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
 
 
 def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq") -> list[int]:
-    """Active weights per layer: they sum to max(round(density * total), layers) exactly,
-    with 1 <= count <= size in every layer (largest-remainder rounding)."""
+    """Active weights per layer: max(round(density * total), layers) in all, 1 <= count <= size (largest remainder)."""
     sizes = [math.prod(s) for s in shapes]
     ideal = [d * n for d, n in zip(layer_densities(shapes, density, allocation), sizes)]
     target = min(sum(sizes), max(len(sizes), round(density * sum(sizes))))
@@ -439,12 +398,32 @@ def allocate_counts(shapes: list[tuple], density: float, allocation: str = "igq"
     return counts
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D *view* of t in memory order: contiguous, channels_last(_3d), any dense layout of any rank.
+@functools.lru_cache  # a search: once per configuration
+def small_dense_width(arch: str, sparsity: float, *, width: float = 1.0, **model) -> float:
+    """The width of the dense `arch` whose conv + linear weights are nearest in number to the active weights of a
+    `sparsity` model of `width` (model: build_model's other arguments): the capacity-matched control (as the
+    released SmallDenseResNet18). Counts grow with width in steps (rounded channels): bisect; the step's shortest
+    decimal."""
+    def count(w):  # conv + linear weights of the dense network of width w, built without memory
+        with torch.device("meta"):
+            return sum(weight_counts(build_model(arch, width=w, **model)).values())
+    with torch.device("meta"):
+        layers, net = len(prunable(build_model(arch, width=width, **model))), build_model(arch, **model)
+    target = min(total := count(width), max(layers, round((1 - sparsity) * total)))  # as allocate_counts
+    edges = sorted({(j + 0.5) / m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)
+                    for j in range(math.ceil(m.out_channels * width) + 1)} | {0.0, width})
+    steps = [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi <= width]
+    lo, hi = 0, len(steps) - 1  # the first step whose count reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(sum(steps[mid]) / 2) < target else (lo, mid)
+    near = min(steps[max(lo - 1, 0):lo + 1], key=lambda st: abs(count(sum(st) / 2) - target))  # ties: narrower
+    return next((w for d in range(1, 7) if (w := math.ceil(near[0] * 10 ** d) / 10 ** d) < near[1]
+                 and count(w) == count(sum(near) / 2)), sum(near) / 2)
 
-    Masks are allocated like their weights (same strides), so equal flat positions are the
-    same weight whatever the memory format.
-    """
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D *view* of t in memory order, any dense layout (masks share their weights' strides)."""
     if t.is_contiguous():
         return t.view(-1)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dim first: (0, 2, 3, 1) for NHWC
@@ -452,11 +431,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Positions in _flat(t) (memory order) of the logical (row-major) flat indices idx of t.
-
-    Topology updates choose weights in logical order, so that a channels_last model gets the
-    same masks as a contiguous one; they write through the memory-order view.
-    """
+    """Positions in _flat(t) of logical (row-major) flat indices: channels_last gets the masks contiguous gets."""
     if t.is_contiguous():
         return idx
     coords = torch.unravel_index(idx, t.shape)  # one (k,) tensor per dim
@@ -464,15 +439,11 @@ def _memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _like(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Bool copy of mask m on p's device with p's memory layout."""
-    return torch.empty_like(p, dtype=torch.bool).copy_(m)
+    return torch.empty_like(p, dtype=torch.bool).copy_(m)  # bool, on p's device, in p's memory layout
 
 
 def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest entries of a 1-D tensor (ties broken by position).
-
-    A selection (kthvalue, O(n)) instead of a sort: the hot part of a topology update.
-    """
+    """Indices of the k smallest entries of a 1-D v, ties by position: kthvalue (O(n)), not a sort (the hot part)."""
     if k >= len(v):
         return torch.arange(len(v), device=v.device)
     if k <= 0:
@@ -485,11 +456,7 @@ def _smallest(v: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct integers drawn uniformly from range(n), without an O(n) permutation when k << n.
-
-    Distinct values of i.i.d. draws form a uniformly random set given its size; a random
-    k-subset of it is a uniformly random k-subset of range(n).
-    """
+    """A uniform k-subset of range(n), no O(n) permutation when k << n (distinct i.i.d. draws: a uniform set)."""
     if 4 * k > n:
         return torch.randperm(n, generator=generator)[:k]
     picked = torch.empty(0, dtype=torch.long)
@@ -500,31 +467,24 @@ def _choose(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 class SparseMask:
-    """One boolean mask per prunable weight (conv, linear, attention in_proj) of any nn.Module, and
-    the rules that change them.
+    """One bool mask per prunable weight (conv, linear, attention in_proj) of any nn.Module, and the rules
+    that change them. counts[i], layer i's active weights, is a Python int: FLOP accounting never syncs.
 
         mask = SparseMask(model, density=0.2, allocation="igq", seed=0)  # random, exact counts
         ... optimizer.step(); mask.apply(optimizer)       # after every step: weights + momentum
         mask.update(death_rate=p)                           # every T steps: prune and regrow
-
-    Masks are bool (one byte per weight). counts[i] is the number of active weights of layer i,
-    kept as a Python int so that FLOP accounting never syncs with the device.
     """
-
     def __init__(self, model: nn.Module, *, density: float = 1.0, allocation: str = "igq", seed: int = 0,
                  masks: dict[str, torch.Tensor] | None = None):
         self.params = prunable(model)
         self.names = list(self.params)
-        # CPU generator: identical draws on every device. Masks are drawn and updated in logical
-        # (row-major) order, so channels_last and contiguous weights get the same masks.
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         if masks is None:
-            shapes = [tuple(self.params[n].shape) for n in self.names]
-            counts = allocate_counts(shapes, density, allocation)
+            counts = allocate_counts([tuple(self.params[n].shape) for n in self.names], density, allocation)
             masks = {}
             for name, k in zip(self.names, counts):
                 shape = self.params[name].shape
-                m = torch.zeros(shape.numel(), dtype=torch.bool)  # drawn in logical order: same on every layout
+                m = torch.zeros(shape.numel(), dtype=torch.bool)  # logical order: same on every memory layout
                 m[torch.randperm(shape.numel(), generator=self.generator)[:k]] = True
                 masks[name] = m.view(shape)
         self.masks = {n: _like(self.params[n], masks[n]) for n in self.names}
@@ -533,15 +493,12 @@ class SparseMask:
         self._refresh()
         self.apply()
 
-    # -- bookkeeping
-    def _refresh(self):
-        """Recount after a topology change; build the multipliers apply() uses."""
+    def _refresh(self):  # after a topology change
         self.counts = [int(self.masks[n].sum()) for n in self.names]
         self.sizes = [self.masks[n].numel() for n in self.names]
         self._build_multipliers()
 
-    def _build_multipliers(self):
-        # CUDA: one fused _foreach kernel needs masks in the weights' dtype; CPU multiplies by bool.
+    def _build_multipliers(self):  # CUDA: one fused _foreach kernel needs the weights' dtype; CPU: bool
         self._mult = [m.to(self.params[n].dtype) if m.is_cuda else m for n, m in self.masks.items()]
 
     @property
@@ -551,46 +508,31 @@ class SparseMask:
     def layer_counts(self) -> dict[str, int]:
         return dict(zip(self.names, self.counts))
 
-    def itop_rate(self) -> float:
-        """In-time over-parameterization (Liu et al. 2021): fraction of weights ever active."""
+    def itop_rate(self) -> float:  # in-time over-parameterization (Liu et al. 2021): fraction ever active
         return sum(int(m.sum()) for m in self.ever_active.values()) / sum(self.sizes)
 
-    def _state_of(self, optimizer, p) -> list[torch.Tensor]:
-        """Per-weight optimizer state of p (SGD momentum, Adam moments): what must be masked too."""
-        if optimizer is None:
-            return []
-        return [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+    def _state_of(self, optimizer, p) -> list[torch.Tensor]:  # per-weight state (momentum, Adam moments)
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
 
-    # -- every step
     @torch.no_grad()
-    def apply(self, optimizer: torch.optim.Optimizer | None = None):
-        """Zero masked weights and their optimizer state (momentum), in place."""
-        tensors, mults = [], []
-        for name, mult in zip(self.names, self._mult):
-            p = self.params[name]
-            for t in [p, *self._state_of(optimizer, p)]:
-                tensors.append(t)
-                mults.append(mult)
-        torch._foreach_mul_(tensors, mults)
+    def apply(self, optimizer: torch.optim.Optimizer | None = None):  # zero masked weights and their momentum
+        pairs = [(t, mult) for name, mult in zip(self.names, self._mult)
+                 for t in [self.params[name], *self._state_of(optimizer, self.params[name])]]
+        torch._foreach_mul_([t for t, _ in pairs], [mult for _, mult in pairs])
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None):
-        """Call after optimizer.step(): re-apply the masks and count the step."""
+    def step(self, optimizer: torch.optim.Optimizer | None = None):  # after optimizer.step(): apply, count
         self.apply(optimizer)
         self.steps += 1
 
-    # -- every T steps
     @torch.no_grad()
     def update(self, death_rate: float, *, growth: str = "random", extra_prune: float = 0.0,
                extra_growth: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Prune and regrow every layer (Flying Bird, Sec. 3.2), as the released code does.
-
-        Per layer that is not fully dense (a dense layer is left alone), with nnz active weights:
-        prune k = ceil(p * nnz) active weights of smallest |w| (FB+: ceil(p * extra_prune * nnz)
-        more), then regrow k (FB+: k + ceil(extra_growth * k)) among *all* positions inactive after
-        pruning, the just-pruned ones included, at random or by largest |grad| (RigL; uses p.grad),
-        capped only by the positions available. Regrown weights and their momentum start at zero
-        (the released code can keep stale values). Returns {'pruned': n, 'grown': n} over all layers.
-        """
+        """Flying Bird's prune and regrow (Sec. 3.2), as released, in each layer not fully dense (nnz active): prune
+        the k = ceil(p * nnz) of smallest |w| (FB+: ceil(p * extra_prune * nnz) more), regrow k (FB+: k +
+        ceil(extra_growth * k)) among *all* positions then inactive, at random or by largest |grad| (RigL), as many
+        as there are, at zero with zero momentum (released code can keep stale values). -> {'pruned', 'grown'}"""
+        check_choice("growth", growth, GROWTHS)
         pruned = grown = 0
         for i, name in enumerate(self.names):
             p, mask = self.params[name], self.masks[name].reshape(-1).clone()  # logical order, a copy
@@ -622,7 +564,6 @@ class SparseMask:
         self._build_multipliers()
         return dict(pruned=pruned, grown=grown)
 
-    # -- checkpoints
     def state_dict(self) -> dict:
         return dict(masks={n: m.cpu() for n, m in self.masks.items()},
                     ever_active={n: m.cpu() for n, m in self.ever_active.items()},
@@ -642,85 +583,47 @@ class SparseMask:
 # ----------------------------------------------------------------------------- methods
 
 class Method:
-    """What the four methods share: the interface that train() (or your own loop) calls at fixed points,
-    and the answers about the model as it is now, whether a mask exists or not.
-
-        start(model, total_steps=, epochs=)   once, after the model is built and placed
-        pretraining                           True while a stage before AT runs (Robust Bird's ticket)
-        pretrain_epochs                       the number of such epochs run so far
-        end_pretrain_epoch(model, loss, acc)  after each such epoch; True when AT should start afresh (then
-                                              train `model`: a channel ticket makes it a thinner network)
-        before_update()                       after backward, before the optimizer step (Robust Bird's
-                                              channel ticket adds the BatchNorm L1 subgradient in stage 1)
-        after_step(optimizer, epoch)          after every optimizer step: re-mask, maybe a topology
-                                              update (returned as a record, else None)
-        end_epoch(train_ra, val)              after every AT epoch's validation
-        density, itop_rate(), layer_counts(), forward_flops(per_weight, constant)
-                                              the model now (dense: 1.0, 1.0, every weight, the dense count)
-        mask (a SparseMask; None while dense), channels (channels kept per channel group of a network
-        thinned by slim(); None if not thinned), summary(), state_dict(), load_state_dict()
-    """
+    """The hooks train() or your loop calls, and the model now (dense while mask is None). end_pretrain_epoch():
+    True when AT starts afresh on `model` (a channel ticket thins it); after_step(): a topology update or None."""
     name = "method"
-    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless --milestones says otherwise
+    milestones = (100, 150)  # lr x0.1 at these epochs (paper Sec. 2), unless the caller's schedule says otherwise
 
     def __init__(self):
-        self.mask: SparseMask | None = None
-        self.model: nn.Module | None = None
-        self.channels: dict[str, int] | None = None
-        self.pretraining = False
+        self.mask, self.model, self.channels, self.pretraining = None, None, None, False  # channels: kept by slim()
 
-    def start(self, model: nn.Module, *, total_steps: int, epochs: int):
-        self.model = model
-
+    def start(self, model: nn.Module, *, total_steps: int, epochs: int): self.model = model
+    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool: return False
+    def before_update(self): pass
+    def end_epoch(self, train_ra: float, val: dict): pass
+    def summary(self) -> dict: return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
     @property
-    def pretrain_epochs(self) -> int:
-        return 0
+    def pretrain_epochs(self) -> int: return 0
 
-    def end_pretrain_epoch(self, model: nn.Module, loss: float, acc: float, log=print) -> bool:
-        return False
-
-    def before_update(self):
-        pass
+    def _started(self) -> nn.Module:
+        if self.model is None:
+            raise SparseWinError(f"{self.name}: call start(model, total_steps=, epochs=) before using it")
+        return self.model
 
     def after_step(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict | None:
+        self._started()
         if self.mask is not None:
             self.mask.step(optimizer)  # masked weights and their momentum back to zero
-        return None
 
-    def end_epoch(self, train_ra: float, val: dict):
-        pass
-
-    # -- the model as it is now
     @property
-    def density(self) -> float:
-        """Fraction of the prunable weights that are active (1.0 while dense)."""
-        return self.mask.density if self.mask is not None else 1.0
+    def density(self) -> float: return self.mask.density if self.mask is not None else 1.0  # active fraction
+    def itop_rate(self) -> float: return self.mask.itop_rate() if self.mask is not None else 1.0  # ever active
 
-    def itop_rate(self) -> float:
-        """Fraction of the prunable weights ever active (SparseMask.itop_rate; 1.0 while dense)."""
-        return self.mask.itop_rate() if self.mask is not None else 1.0
+    def layer_counts(self) -> dict[str, int]:  # active weights per prunable layer
+        return self.mask.layer_counts() if self.mask is not None else weight_counts(self._started())
 
-    def layer_counts(self) -> dict[str, int]:
-        """Active weights per prunable layer (every weight while dense)."""
-        if self.mask is not None:
-            return self.mask.layer_counts()
-        return {n: p.numel() for n, p in prunable(self.model).items()}
-
-    def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:
-        """Forward FLOPs per image now, from model_flops' (per_weight, constant)."""
+    def forward_flops(self, per_weight: dict[str, int], constant: int = 0) -> int:  # from model_flops()
         return forward_flops(per_weight, self.layer_counts(), constant)
-
-    # -- records and checkpoints
-    def summary(self) -> dict:
-        return dict(ticket_epochs=0, fbplus_events=[], early_bird_distances=[])
 
     def state_dict(self) -> dict:
         return dict(mask=self.mask.state_dict() if self.mask is not None else None, channels=self.channels,
                     pretraining=self.pretraining)
 
-    def load_state_dict(self, state: dict):
-        """The state of state_dict(); the model must already be the one it describes (thinned by slim() to
-        `channels`, when given)."""
+    def load_state_dict(self, state: dict):  # into the model it describes (thinned by slim() to `channels`)
         self.pretraining, self.channels = state["pretraining"], state.get("channels")
         if state["mask"] is not None:
             if self.mask is None:  # adopted after start(): Robust Bird's ticket
@@ -728,8 +631,7 @@ class Method:
             self.mask.load_state_dict(state["mask"])
 
 
-class Dense(Method):
-    """Dense PGD adversarial training (Madry et al. 2018): the baseline rows of Table 1."""
+class Dense(Method):  # dense PGD AT (Madry et al. 2018): the baseline rows of Table 1
     name = "dense AT"
 
 
@@ -740,26 +642,21 @@ def magnitude_mask(weights: dict[str, torch.Tensor], density: float) -> dict[str
     flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[flat.topk(round(density * flat.numel()), sorted=False).indices] = True
-    parts = keep.split([w.numel() for w in weights.values()])
-    return {n: k.view(w.shape) for (n, w), k in zip(weights.items(), parts)}
+    return {n: k.view(w.shape) for (n, w), k in zip(weights.items(), keep.split([w.numel() for w in weights.values()]))}
 
 
-def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Normalized Hamming distance: fraction of positions where the two masks differ."""
-    diff = sum(int((a[n] != b[n]).sum()) for n in a)
-    return diff / sum(m.numel() for m in a.values())
+def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:  # normalized Hamming distance
+    return sum(int((a[n] != b[n]).sum()) for n in a) / sum(m.numel() for m in a.values())
 
 
-def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The BatchNorm scaling factors (gamma) of the model's channel groups (channel_groups), by BN name."""
+def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:  # BatchNorm scales of the channel_groups, by BN name
     mods = dict(model.named_modules())
     return {n: mods[n].weight for n in channel_groups(model)}
 
 
 def channel_mask(gammas: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """Network slimming's global threshold (Liu et al. 2017; Early-Bird's channel tickets): keep exactly
-    max(round(density * total), groups) channels with the largest |gamma| over all groups, at least one
-    per group (each group's largest first, then the largest of the rest)."""
+    """Network slimming's global threshold (Liu et al. 2017; Early-Bird's channel tickets): keep the
+    max(round(density * total), groups) largest |gamma| over all groups, each group's largest first."""
     flat = torch.cat([g.detach().abs().float().flatten() for g in gammas.values()])
     sizes = [g.numel() for g in gammas.values()]
     starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
@@ -770,30 +667,19 @@ def channel_mask(gammas: dict[str, torch.Tensor], density: float) -> dict[str, t
     return {n: k for n, k in zip(gammas, keep.split(sizes))}
 
 
-TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
 EB_THRESHOLD = {"unstructured": 0.08, "channel": 0.1}  # released RB; Early-Bird's channel tickets (You et al.)
 
 
 class EarlyBird:
-    """Early-bird ticket detector (You et al. 2020; Robust Bird, Sec. 3.1).
-
-    After every standard-training epoch, record() computes the ticket mask the model would give now
-    and keeps the last `queue` masks; the ticket has emerged when the newest is within `threshold`
-    (normalized Hamming distance) of each older one. kind "unstructured": the global magnitude mask
-    of the conv weights (any conv: weight.dim() >= 3; linear and attention weights left out, as the
-    released code does for its CNNs) at the target density. kind "channel": the channel mask of the
-    BatchNorm scaling factors (channel_mask), `density` = the fraction of channels kept.
-    """
+    """Early-bird ticket detector (You et al. 2020; Sec. 3.1): emerged when the newest of the last `queue` masks
+    is within `threshold` (normalized Hamming) of each older one; masks of conv magnitudes (as released) or channels."""
 
     def __init__(self, *, density: float, queue: int = 5, threshold: float = 0.08, kind: str = "unstructured"):
-        if kind not in TICKETS:
-            raise SparseWinError(f"unknown ticket {kind!r}; choose from {', '.join(TICKETS)}")
+        check_choice("ticket", kind, TICKETS)
         self.density, self.queue, self.threshold, self.kind = density, queue, threshold, kind
-        self.masks: list[dict[str, torch.Tensor]] = []
-        self.distances: list[float] = []  # max distance newest-to-older, per record
+        self.masks, self.distances = [], []  # the last `queue` masks; max distance newest-to-older, per record
 
-    def current(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The mask record() compares: conv magnitudes, or BatchNorm channels."""
+    def current(self, model: nn.Module) -> dict[str, torch.Tensor]:  # the mask record() compares
         if self.kind == "channel":
             return channel_mask(bn_gammas(model), self.density)
         return magnitude_mask({n: w for n, w in prunable(model).items() if w.dim() >= 3}, self.density)
@@ -805,36 +691,18 @@ class EarlyBird:
         return self.emerged
 
     @property
-    def emerged(self) -> bool:
-        return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
+    def emerged(self) -> bool: return len(self.masks) == self.queue and self.distances[-1] <= self.threshold
 
-    def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The ticket to train: the global magnitude mask over every prunable weight (conv *and* linear),
-        or for kind "channel" the channel mask, as record() computes it."""
+    def ticket(self, model: nn.Module) -> dict[str, torch.Tensor]:  # magnitude over conv *and* linear; or channels
         return self.current(model) if self.kind == "channel" else magnitude_mask(prunable(model), self.density)
 
-    def state_dict(self) -> dict:
-        return dict(masks=self.masks, distances=self.distances)
-
-    def load_state_dict(self, state: dict):
-        self.masks, self.distances = list(state["masks"]), list(state["distances"])
+    def state_dict(self) -> dict: return dict(masks=self.masks, distances=self.distances)
+    def load_state_dict(self, state: dict): self.masks, self.distances = list(state["masks"]), list(state["distances"])
 
 
 class RobustBird(Method):
-    """Robust Bird (Sec. 3.1): an early-bird ticket found by cheap *standard* training, then AT of
-    that fixed sparse subnetwork.
-
-    Stage 1 trains the dense model without an attack and, after every epoch, records the global
-    magnitude mask of the conv weights (EarlyBird). When the newest of the last `queue` (5) masks
-    is within `threshold` (None: 0.08, normalized Hamming) of each older one, or after `max_epochs`,
-    the ticket (global magnitude over conv + linear) is adopted: prune, keep the weights, and
-    start AT with a fresh optimizer and schedule. Stage 1 counts in the training FLOPs.
-
-    ticket="channel" (Early-Bird's own kind, You et al. 2020): stage 1 adds the L1 penalty `bn_l1` on the
-    channel groups' BatchNorm scales (network slimming), the detector compares channel masks (threshold
-    None: 0.1), `density` is the fraction of channels kept, and adoption rebuilds `model` physically
-    without the pruned channels (slim): AT then trains a smaller dense network, no mask.
-    """
+    """Robust Bird (Sec. 3.1): dense training, no attack (counted in the FLOPs), until EarlyBird's ticket emerges; then
+    AT of that subnetwork, weights kept. ticket="channel": L1 `bn_l1` on BN scales (network slimming), then slim()."""
     name = "Robust Bird"
     milestones = (50, 150)  # released: the ticket's AT reuses stage 1's schedule, lr x0.1 at 50 and 150
 
@@ -848,7 +716,7 @@ class RobustBird(Method):
 
     def start(self, model, *, total_steps, epochs):
         super().start(model, total_steps=total_steps, epochs=epochs)
-        self.full_weights = sum(w.numel() for w in prunable(model).values())
+        self.full_weights = sum(weight_counts(model).values())
         if self.ticket == "channel":
             channel_groups(model)  # a model without channel groups is refused now, not after stage 1
 
@@ -859,15 +727,10 @@ class RobustBird(Method):
                     g.grad.add_(torch.sign(g.detach()), alpha=self.bn_l1)
 
     @property
-    def density(self) -> float:
-        """Active fraction of the prunable weights; for a channel ticket, the thin network's weights as a
-        fraction of the full network's."""
-        if self.channels is None:
-            return super().density
-        return sum(w.numel() for w in prunable(self.model).values()) / self.full_weights
+    def density(self) -> float:  # a channel ticket: the thin network's weights over the full network's
+        return super().density if self.channels is None else sum(weight_counts(self.model).values()) / self.full_weights
 
-    def itop_rate(self) -> float:
-        return self.density if self.channels is not None else super().itop_rate()
+    def itop_rate(self) -> float: return self.density if self.channels is not None else super().itop_rate()
 
     def end_pretrain_epoch(self, model, loss, acc, log=print) -> bool:
         self.ticket_epochs += 1
@@ -896,8 +759,7 @@ class RobustBird(Method):
         self.ticket_epochs = state["ticket_epochs"]
 
     @property
-    def pretrain_epochs(self) -> int:
-        return self.ticket_epochs
+    def pretrain_epochs(self) -> int: return self.ticket_epochs
 
 
 # ----------------------------------------------------------------------------- Flying Bird (Sec. 3.2)
@@ -909,21 +771,16 @@ def cosine_death_rate(step: int, total_steps: int, initial: float = 0.5, final: 
 
 
 class FlyingBird(Method):
-    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density.
-
-    A random mask with layer-wise density (IGQ, as released) at the start; every T optimizer
-    steps (900, then 1200 from half of training, as released) each layer that is not full prunes its
-    ceil(p * nnz) smallest |w| and regrows as many among all positions then inactive (random, or by
-    |grad| as RigL); p decays on a cosine from 0.5 to 0.005 over all steps. Regrown weights and their
-    momentum start at zero.
-    """
+    """Flying Bird (Sec. 3.2): dynamic sparse AT at constant density from a random mask (IGQ, as released): every T
+    steps each layer not full drops its ceil(p * nnz) smallest |w| and regrows as many (random, or |grad|: RigL)."""
     name = "Flying Bird"
 
     def __init__(self, *, density: float = 0.2, allocation: str = "igq", growth: str = "random", seed: int = 0,
                  death_rate: float = 0.5, death_rate_final: float = 0.005, interval: int = 900,
                  interval_late: int = 1200):
         super().__init__()
-        self.target_density, self.allocation, self.growth, self.seed = density, allocation, growth, seed
+        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
+        self.target_density, self.growth, self.seed = density, check_choice("growth", growth, GROWTHS), seed
         self.death_rate, self.death_rate_final = death_rate, death_rate_final
         self.interval, self.interval_late = interval, interval_late
 
@@ -931,12 +788,15 @@ class FlyingBird(Method):
         super().start(model, total_steps=total_steps, epochs=epochs)
         self.mask = SparseMask(model, density=self.target_density, allocation=self.allocation, seed=self.seed)
         self.total_steps, self.late_epoch = total_steps, epochs // 2
+        early = total_steps * self.late_epoch // max(epochs, 1)  # steps before T switches to interval_late
+        if not (self.interval <= early or total_steps // self.interval_late > early // self.interval_late):
+            warnings.warn(f"{self.name}: no topology update in {total_steps} steps (T = {self.interval}, then "
+                          f"{self.interval_late}): the mask stays as drawn; choose shorter intervals", stacklevel=2)
 
-    def decide(self, epoch: int, step: int) -> dict:
-        """update() keyword arguments for the topology update at this step: none for FB (FB+ adds some)."""
-        return {}
+    def decide(self, epoch: int, step: int) -> dict: return {}  # update()'s extra arguments at this step: FB+'s
 
     def after_step(self, optimizer, epoch) -> dict | None:
+        self._started()
         self.mask.step(optimizer)
         interval = self.interval_late if epoch >= self.late_epoch else self.interval  # released: T 900, then 1200
         if self.mask.steps % interval:
@@ -951,30 +811,19 @@ class FlyingBird(Method):
 
 def fbplus_decision(gaps: list[float], losses: list[float], *, window: int = 4,
                     threshold: float = 0.5) -> tuple[bool, bool]:
-    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth) from per-epoch histories.
-
-    Extra pruning when at least threshold * window of the last `window` differences of the
-    robust gap (train RA - val RA) are increases; extra growth when at least as many of the
-    val adversarial loss's differences are not decreases. Too short a history: neither.
-    """
+    """Flying Bird+ (Sec. 3.2): (extra prune, extra growth): whether >= threshold * window of the last `window` changes
+    of the robust gap (train RA - val RA) are rises / of the val adversarial loss not falls. Short history: neither."""
     def count(h, rising):
-        if len(h) < window + 1:
-            return -1
         tail = h[-window - 1:]
-        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:]))
+        return sum((b > a) if rising else (b >= a) for a, b in zip(tail, tail[1:])) if len(h) > window else -1
     enough = threshold * window
     return count(gaps, True) >= enough, count(losses, False) >= enough
 
 
 class FlyingBirdPlus(FlyingBird):
-    """Flying Bird+ (Sec. 3.2): Flying Bird whose sparsity adapts from `start_epoch` (half of training).
-
-    After each epoch it records gap_t = train RA - val RA and the val adversarial loss. At a
-    topology update it prunes ceil(p * prune_ratio * nnz) more per layer when the gap rose in at
-    least threshold x window of the last `window` (4) epoch-to-epoch differences, and regrows
-    k + ceil(growth_ratio * k) instead of k = ceil(p * nnz) (the normal prune count, as released) when the
-    val adversarial loss did not fall in as many.
-    """
+    """Flying Bird+ (Sec. 3.2): from `start_epoch` (half of training) a topology update prunes ceil(p * prune_ratio
+    * nnz) more per layer when the robust gap rose, and regrows k + ceil(growth_ratio * k), k = ceil(p * nnz) (as
+    released), when the val adversarial loss did not fall, each in >= threshold x window of the last `window` epochs."""
     name = "Flying Bird+"
 
     def __init__(self, *, start_epoch: int, window: int = 4, threshold: float = 0.5, prune_ratio: float = 0.4,
@@ -982,27 +831,22 @@ class FlyingBirdPlus(FlyingBird):
         super().__init__(**flying_bird)
         self.start_epoch, self.window, self.threshold = start_epoch, window, threshold
         self.prune_ratio, self.growth_ratio = prune_ratio, growth_ratio
-        self.gaps: list[float] = []
-        self.losses: list[float] = []
-        self.events: list[dict] = []
+        self.gaps, self.losses, self.events = [], [], []  # per epoch: gap, val adv loss; the fired FB+ events
 
     def record(self, gap: float, val_adv_loss: float):
         self.gaps.append(gap)
         self.losses.append(val_adv_loss)
 
-    def end_epoch(self, train_ra, val):
-        self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train RA - val RA
+    def end_epoch(self, train_ra, val): self.record(train_ra - val["ra"], val["adv_loss"])  # gap_t = train - val RA
 
     def decide(self, epoch: int, step: int) -> dict:
-        """FB+'s extra pruning and growth for this topology update (fbplus_decision); fired events are recorded."""
         prune, grow = (fbplus_decision(self.gaps, self.losses, window=self.window, threshold=self.threshold)
                        if epoch >= self.start_epoch else (False, False))
         if prune or grow:
             self.events.append(dict(epoch=epoch, step=step, prune=prune, grow=grow))
         return dict(extra_prune=self.prune_ratio if prune else 0.0, extra_growth=self.growth_ratio if grow else 0.0)
 
-    def summary(self) -> dict:
-        return dict(super().summary(), fbplus_events=self.events)
+    def summary(self) -> dict: return dict(super().summary(), fbplus_events=self.events)
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), gaps=self.gaps, losses=self.losses, events=self.events)
@@ -1013,54 +857,43 @@ class FlyingBirdPlus(FlyingBird):
 
 
 # ----------------------------------------------------------------------------- regularizers, with every method
-# The paper's abstract: sparsity "can be organically combined with existing regularizers". These are the three
-# most robust models are trained with; each takes the masks, so a sparse model stays exactly as sparse.
+# The abstract: sparsity "can be organically combined with existing regularizers"; these three keep the masks.
 
 def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                  generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """TRADES' inner maximization (Zhang et al. 2019): from x + 0.001 N(0, I), PGD steps that maximize
-    KL(f(x) || f(x')) (the clean distribution computed once, a constant), in the eps-ball and [0, 1]."""
+                  generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+    """TRADES' inner maximization (Zhang et al. 2019): PGD on KL(f(x) || f(x')) from x + start (attack_start's)."""
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
-    lo, hi, n = rows or (0, len(x), len(x))  # drawn for the global batch, as pgd's random start
-    noise = torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype).normal_(generator=generator)[lo:hi]
+    if start is None:
+        start = attack_start(x.shape, eps=eps, kind="trades", generator=generator, device=x.device, dtype=x.dtype)
     kl = lambda logits, p: F.kl_div(F.log_softmax(logits, dim=1), p, reduction="sum")  # noqa: E731 (reference: sum)
-    return pgd(model, x, p_clean, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl, init=x + 0.001 * noise)
+    return pgd(model, x, p_clean, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl, init=x + start)
 
 
 def trades_loss(model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *, beta: float):
-    """TRADES' objective: CE(f(x), y) + beta * KL(f(x) || f(x')), the KL summed over classes and averaged
-    over the batch (as the reference code). model: a module or any callable x -> logits. Returns (loss,
-    the adversarial logits)."""
+    """TRADES' objective CE(f(x), y) + beta * KL(f(x) || f(x')), batchmean as the reference: (loss, adv logits)."""
     logits, adv_logits = model(x), model(x_adv)
     kl = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * kl, adv_logits
 
 
 def awp_perturbation(model: nn.Module, loss_fn, *, gamma: float, masks: dict[str, torch.Tensor] | None = None,
-                     all_reduce=None) -> dict[str, torch.Tensor]:
-    """AWP's weight perturbation (Wu et al. 2020): for every conv and linear weight w_l, v_l = gamma * ||w_l||
-    * g_l / ||g_l||, g the gradient of the adversarial loss loss_fn(forward) w.r.t. the weights (one ascent
-    step, scaled layer by layer, as the reference's proxy model computes it). The forward runs on copies of
-    the buffers, so BatchNorm statistics stay as they were. masks: v is zero on pruned weights. all_reduce:
-    sums the gradients over torchrun ranks (one perturbation for all)."""
+                     reduce=None) -> dict[str, torch.Tensor]:
+    """AWP (Wu et al. 2020): v_l = gamma ||w_l|| g_l / ||g_l|| per prunable weight, g the gradient of loss_fn(forward)
+    (one ascent step, as the reference) with copied buffers (BN statistics stay), 0 where masks prune; reduce: on g."""
     weights = prunable(model)
     state = {**dict(model.named_parameters()), **{n: b.clone() for n, b in model.named_buffers()}}
     loss = loss_fn(lambda x: torch.func.functional_call(model, state, (x,)))
     grads = torch.autograd.grad(loss, list(weights.values()))
-    if all_reduce is not None:
-        flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+    if reduce is not None:
+        flat = reduce(torch.cat([g.flatten() for g in grads]))
         grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-    v = {}
-    for (n, w), g in zip(weights.items(), grads):
-        g = g * masks[n] if masks is not None and n in masks else g
-        v[n] = gamma * w.detach().norm() * g / (g.norm() + 1e-20)  # reference EPS 1e-20
-    return v
+    grads = {n: g * masks[n] if masks is not None and n in masks else g for n, g in zip(weights, grads)}
+    return {n: gamma * weights[n].detach().norm() * g / (g.norm() + 1e-20) for n, g in grads.items()}  # ref. EPS 1e-20
 
 
 class perturbed:
-    """with perturbed(model, v): the weights moved by v inside the block, then restored exactly (from a
-    saved copy, not by subtracting v, which can round), also when the block raises. v None: nothing."""
+    """with perturbed(model, v): weights at w + v inside, restored from a copy (w + v - v can round), also on raise."""
 
     def __init__(self, model: nn.Module, v: dict[str, torch.Tensor] | None):
         self.weights, self.v = prunable(model), v or {}
@@ -1078,50 +911,80 @@ class perturbed:
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm statistics;
-    integer buffers copied): avg <- decay * avg + (1 - decay) * w after every update() (weight averaging,
-    as in Gowal et al. 2020 and Rebuffi et al. 2021). With masks, the averaged weights are multiplied by the
-    current masks, so the average is exactly as sparse as the trained model: a weight Flying Bird prunes
-    leaves the average at once, a regrown one enters it from zero. `model` is the averaged network."""
+    """avg <- decay * avg + (1 - decay) * w for weights and float buffers, integer buffers copied (Gowal et al. 2020;
+    Rebuffi et al. 2021); masks keep it exactly as sparse as the model (regrown at zero). `model`: the average."""
 
     def __init__(self, model: nn.Module, *, decay: float):
-        self.decay, self.model = decay, copy.deepcopy(model)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.decay, self.model = decay, copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, masks: dict[str, torch.Tensor] | None = None):
         for a, p in zip(self.model.parameters(), model.parameters()):
             a.lerp_(p.detach(), 1 - self.decay)
         for a, b in zip(self.model.buffers(), model.buffers()):
-            if a.is_floating_point():
-                a.lerp_(b, 1 - self.decay)
-            else:
-                a.copy_(b)
+            a.lerp_(b, 1 - self.decay) if a.is_floating_point() else a.copy_(b)
         if masks is not None:
             weights = prunable(self.model)
             for n, m in masks.items():
                 weights[n].mul_(m)
 
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
+    def state_dict(self) -> dict: return self.model.state_dict()
+    def load_state_dict(self, state: dict): self.model.load_state_dict(state)
 
-    def load_state_dict(self, state: dict):
-        self.model.load_state_dict(state)
+
+# ----------------------------------------------------------------------------- the adversarial training step
+
+def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = None, *, eps: float, alpha: float,
+                     steps: int, norm: str = "linf", kind: str = "pgd", loss: str = "ce", beta: float = 6.0,
+                     awp_gamma: float = 0.0, average: WeightAverage | None = None, epoch: int = 0, generator=None,
+                     start=None, bf16: bool = False, before_backward=None, reduce=None, attack_model=None,
+                     update_model=None) -> dict:
+    """One optimizer step of the paper's AT (Sec. 2): attack `kind` (none: standard training; loss "trades": TRADES'
+    KL attack), the loss at the AWP-moved weights, backward, step, method.after_step, the average. before_backward(loss)
+    may raise: a bad step never touches the weights. attack_model / update_model: those forwards if not model (compiled,
+    DDP). Returns loss, logits (of x_adv), update (topology update or None), passes, forwards (FlopLedger.charge's)."""
+    trades = check_choice("attack", kind, ATTACKS) != "none" and check_choice("loss", loss, LOSSES) == "trades"
+    awp, masks = kind != "none" and awp_gamma > 0, method.mask.masks if method and method.mask else None
+    attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
+    with autocast(x.device.type, bf16):
+        x_adv = (trades_attack(attack_model or model, x, **attack) if trades
+                 else perturb(attack_model or model, x, y, kind=kind, **attack))
+
+    def objective(f):  # (loss, logits on x_adv) of a forward f
+        if trades:
+            return trades_loss(f, x, x_adv, y, beta=beta)
+        logits = f(x_adv)
+        return F.cross_entropy(logits, y), logits
+    with autocast(x.device.type, bf16):
+        v = (awp_perturbation(model, lambda f: objective(f)[0], gamma=awp_gamma, masks=masks, reduce=reduce)
+             if awp else None)
+    with perturbed(model, v):  # AWP: the gradient at w + v, then w restored exactly
+        with autocast(x.device.type, bf16):
+            value, logits = objective(update_model or model)
+        if before_backward is not None:
+            before_backward(value)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if method is not None:
+            method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
+    optimizer.step()
+    update = method.after_step(optimizer, epoch) if method is not None else None
+    if average is not None:
+        average.update(model, masks)  # the weights as re-masked (and maybe updated) just now
+    return dict(loss=value, logits=logits, update=update, passes=(2 if trades else 1) * (2 if awp else 1),
+                forwards=int(trades))
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:
-    """FLOPs per weight of one call of a conv or linear layer: 2 (multiply + add) x its uses."""
+def _weight_flops(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:  # per weight of a call: 2 (mul + add) x uses
     if isinstance(m, CONV_TRANSPOSES):  # each input position scatters through the whole kernel
         return 2 * inp[0].numel() // m.in_channels
     return 2 * out.numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
 
 def _attention_flops(m: nn.MultiheadAttention, prefix: str, args: tuple, kwargs: dict) -> tuple[dict, int]:
-    """One nn.MultiheadAttention call: FLOPs per weight of its projections, and the FLOPs of its
-    weight-free matmuls Q K^T and softmax(.) V (dense whatever the sparsity or attention mask)."""
+    """One nn.MultiheadAttention call: (FLOPs per projection weight, FLOPs of Q K^T and softmax(.) V, always dense)."""
     q, k = (args[i] if len(args) > i else kwargs[key] for i, key in enumerate(("query", "key")))
     b = 1 if q.dim() == 2 else q.shape[0 if m.batch_first else 1]  # q: (L, E), (B, L, E) or (L, B, E)
     lq, lk = q.numel() // (b * q.shape[-1]), k.numel() // (b * k.shape[-1])  # query, key tokens
@@ -1137,24 +1000,15 @@ def _attention_flops(m: nn.MultiheadAttention, prefix: str, args: tuple, kwargs:
 
 @torch.no_grad()
 def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], int]:
-    """Forward FLOPs per image, from one forward pass: (per active weight of each prunable layer,
-    the rest as a dense constant).
-
-    A conv weight is used once per output position, a transposed conv weight once per input
-    position, a linear or attention-projection weight once per token: 2 FLOPs (multiply + add)
-    per use. Dense FLOPs of a layer = value x weight.numel(); with nnz active weights it costs
-    value x nnz, so sparse counts are exact integers. The constant is what no weight owns, the
-    attention matmuls of every nn.MultiheadAttention; density does not scale it. Together they
-    count what torch.utils.flop_counter.FlopCounterMode counts (convolutions and matmuls), when
-    every matmul runs inside these modules (a hand-written F.scaled_dot_product_attention is not seen).
-    """
-    per_weight, constant = dict.fromkeys(prunable(model), 0), [0]  # a layer that never runs costs 0
+    """Forward FLOPs per image: (per active weight of each prunable layer, a dense constant: MultiheadAttention's
+    matmuls). A weight costs 2 FLOPs per use (output position of a conv, input position of a transposed conv, token),
+    so exactly value x nnz; together FlopCounterMode's count if every matmul runs in these modules (not in raw SDPA)."""
+    per_weight, constant, hooks = dict.fromkeys(prunable(model), 0), [0], []  # a layer that never runs costs 0
 
     def add(flops: dict[str, int], unowned: int = 0):  # accumulate: a layer may run more than once
         for n, f in flops.items():
             per_weight[n] += f
         constant[0] += unowned
-    hooks = []
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         if isinstance(m, nn.MultiheadAttention):  # with_kwargs: key may be passed by name
@@ -1163,11 +1017,9 @@ def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], i
         elif _weight_names(m):
             hook = lambda mod, i, o, n=pre + "weight": add({n: _weight_flops(mod, i, o)})  # noqa: E731
             hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    p = next(model.parameters())
+    was_training, p = model.training, next(model.parameters())
     try:
-        model.eval()
-        # eval fast paths: MHA's still calls its own hook; TransformerEncoderLayer's is off while hooks are on
+        model.eval()  # eval fast paths: MHA's still calls its hook; TransformerEncoderLayer's is off with hooks on
         model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
@@ -1176,222 +1028,104 @@ def model_flops(model: nn.Module, input_shape: tuple) -> tuple[dict[str, int], i
     return per_weight, constant[0]
 
 
-def layer_flops(model: nn.Module, input_shape: tuple) -> dict[str, int]:
-    """Forward FLOPs per image *per active weight* of each prunable layer (model_flops without the constant)."""
-    return model_flops(model, input_shape)[0]
-
-
 def forward_flops(per_weight: dict[str, int], counts: dict[str, int], constant: int = 0) -> int:
-    """Forward FLOPs per image of a model with `counts` active weights per layer, plus the dense
-    `constant` that no weight owns (model_flops)."""
+    """Forward FLOPs per image with `counts` active weights per layer, plus model_flops' dense `constant`."""
     return sum(per_weight[n] * counts[n] for n in per_weight) + constant
 
 
 class FlopLedger:
-    """Training FLOPs, charged at every step with the density in force at that step.
+    """Training FLOPs at each step's density. paper: 3 x (K + 1) x forward per image (K attack steps + 1 update, each a
+    forward and a 2x backward; PGD-10 AT = 33x). actual: an attack step 2x (input gradient), the update 3x: 23x.
+    passes: weight forward+backward passes per step (TRADES 2, AWP x2); forwards: with no backward (TRADES 1)."""
 
-    paper:  3 x (K + 1) x forward per image (K attack steps + 1 update, each a forward and a
-            2x backward; PGD-10 AT = 33x, standard training = 3x), as the paper's table counts.
-    actual: what runs: an attack step is a forward and an input-gradient backward (2x), the
-            update a forward and a full backward (3x), so PGD-10 AT = 23x forward.
-    passes: forward+backward passes of the weights per step (1; TRADES 2: clean and adversarial;
-            AWP adds its ascent's); forwards: passes without backward (TRADES' clean target: 1).
-    """
-
-    def __init__(self):
-        self.paper = self.actual = self.images = self.steps = 0
+    def __init__(self): self.paper = self.actual = self.images = self.steps = 0
 
     def charge(self, images: int, forward: int, attack_steps: int, passes: int = 1, forwards: int = 0):
         self.paper += (3 * (attack_steps + passes) + forwards) * forward * images
         self.actual += (2 * attack_steps + 3 * passes + forwards) * forward * images
-        self.images += images
-        self.steps += 1
+        self.images, self.steps = self.images + images, self.steps + 1
 
     def state_dict(self) -> dict:
         return dict(paper=self.paper, actual=self.actual, images=self.images, steps=self.steps)
 
-    def load_state_dict(self, state: dict):
-        self.__dict__.update(state)
+    def load_state_dict(self, state: dict): self.__dict__.update(state)
 
 
-# ----------------------------------------------------------------------------- data on the device
+# ----------------------------------------------------------------------------- checkpoints
 
-def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
-    B, C, H, W = x.shape
-    dev = x.device
-    if pad:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
-        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
-                   rows, cols]
-    if flip:
-        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
-    if rotate:
-        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
-        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
-                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
-        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
-                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
-    return x
+CHECKPOINT_FORMAT = 3  # 1: unversioned, the mask twice; 2: the mask once; 3: and build_model's arguments
 
 
-class Batches:
-    """Minibatches of a uint8 dataset held on one device; order and augmentation drawn there.
-
-    No DataLoader: the whole split sits on the GPU (CIFAR train is 138 MB as uint8), so the
-    step never waits on host workers.
-
-    Under torchrun, batch_size is the global batch: every rank draws the same order and
-    augmentation for all of it and keeps its shard, rows lo:hi (self.rows = (lo, hi, n) of the
-    batch in flight), so the draws do not depend on the number of ranks. drop_small: skip a last
-    batch with fewer examples than ranks (training; every rank must take a step).
-    """
-
-    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
-                 drop_small=False):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.augmentation, self.generator = shuffle, augmentation, generator
-        self.rank, self.world, self.drop_small = rank, world, drop_small
-        self.order = None  # this epoch's permutation, kept for mid-epoch checkpoints
-        self.rows = None
-
-    def __len__(self):
-        n, b = len(self.y), self.batch_size
-        small = self.drop_small and 0 < n % b < self.world
-        return n // b + (n % b > 0) - small
-
-    def __iter__(self):
-        return self.epoch()
-
-    def epoch(self, order: torch.Tensor | None = None, start: int = 0):
-        """One epoch from batch `start` on; `order` resumes an epoch whose permutation was drawn before."""
-        n, dev = len(self.y), self.y.device
-        if self.shuffle and order is None:
-            order = torch.randperm(n, device=dev, generator=self.generator)
-        self.order = order
-        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
-            x = self.x[idx].float().div_(255)
-            if self.augmentation is not None:
-                x = augment(x, **self.augmentation, generator=self.generator)
-            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
-            lo = self.rank * q + min(self.rank, r)
-            hi = lo + q + (self.rank < r)
-            self.rows = (lo, hi, len(x))
-            yield x[lo:hi], self.y[idx][lo:hi]
+def save_model(path, model: nn.Module, *, architecture: dict, mask: SparseMask | None = None,
+               channels: dict[str, int] | None = None, save=torch.save, **extra):
+    """Write the weights and all load_model needs (build_model's arguments, mask, slim()'s channels), plus extra."""
+    save(dict(extra, format=CHECKPOINT_FORMAT, architecture=dict(architecture), model=model.state_dict(),
+              mask=mask.state_dict() if mask is not None else None, channels=channels), path)
 
 
-# ----------------------------------------------------------------------------- robust evaluation
+def find_checkpoint(path) -> str:  # a file as given; a run directory means its best.pt
+    if not os.path.exists(path):
+        raise SparseWinError(f"no such checkpoint or run directory: {path}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "best.pt")):
+            raise SparseWinError(f"{path} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
+        return os.path.join(path, "best.pt")
+    return str(path)
 
-def _import_autoattack():
-    """pyautoattack's AutoAttack: an optional dependency, imported only when asked for."""
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint, read on the CPU by the weights-only unpickler; format 1's second mask dropped, newer refused."""
     try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise SparseWinError(AA_MISSING) from None
-    return AutoAttack
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
+    version = ck.get("format", 1) if isinstance(ck, dict) else 1
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise SparseWinError(f"{path} was written by a newer sparse_win (checkpoint format {version}); this one "
+                             f"reads formats 1 to {CHECKPOINT_FORMAT}")
+    if not isinstance(ck, dict) or not {"model", "mask"} <= set(ck):
+        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks model or mask)")
+    if isinstance(ck.get("method"), dict):
+        ck["method"].pop("mask", None)  # format 1: the same state as ck["mask"]
+    return ck
 
 
-def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
-                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
-    """AutoAttack (Croce & Hein 2020) through pyautoattack: {'robust': per-example flags, 'flags': its warnings}.
+def build_thin(architecture: dict, channels: dict[str, int] | None = None) -> nn.Module:  # slim()'d to channels
+    net = build_model(**architecture)
+    return slim(net, channels) if channels else net
 
-    x: images in [0, 1], y: labels, on the model's device; the model in eval mode. 'standard' runs
-    APGD-CE, APGD-T, FAB-T and Square; 'custom' runs `attacks`. iters > 0 replaces every attack's
-    iteration count and Square's queries (quick checks, not standard AutoAttack). Examples are attacked
-    a batch at a time; `done` (a result of an interrupted call) skips the batches it covers and
-    on_batch(result so far) runs after each batch, so that the caller can save it. pyautoattack
-    seeds torch's global generator.
-    """
-    import logging
-    aa = _import_autoattack()(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
-                              attacks=attacks, seed=seed, device=x.device)
-    if iters:
-        for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
-            attack.n_iter = attack.n_iter_orig = iters
-        for attack in (aa.apgd, aa.apgd_targeted):  # step-size checkpoints, as APGD's constructor sets them
-            attack.n_iter_2, attack.n_iter_min = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1)
-            attack.size_decr = max(int(0.03 * iters), 1)
-        aa.square.n_queries = iters
-    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
 
-    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
-        def emit(self, record):
-            if record.getMessage() not in result["flags"]:
-                result["flags"].append(record.getMessage())
-    handler = Flags(logging.WARNING)
-    aa.logger.addHandler(handler)
-    was_training = model.training
-    model.eval()
+def model_from_checkpoint(ck: dict, path="checkpoint", architecture: dict | None = None):
+    """(the model on the CPU in eval mode, masks or None), masked weights checked zero; architecture: for format < 3."""
+    arch = ck.get("architecture") or architecture
+    if arch is None:
+        raise SparseWinError(f"{path}: checkpoint format {ck.get('format', 1)} does not record its architecture; "
+                             f"pass architecture= (build_model's arguments), or evaluate it with sparse_win.py --eval")
+    net = build_thin(arch, ck.get("channels"))
     try:
-        for i in range(len(result["robust"]), len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
-            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
-            if on_batch is not None:
-                on_batch(result)
-    finally:
-        aa.logger.removeHandler(handler)
-        model.train(was_training)
-    return result
+        net.load_state_dict(ck["model"])
+    except RuntimeError:
+        raise SparseWinError(f"{path}: the weights do not fit a {arch['arch']} (width {arch.get('width', 1.0)}) "
+                             f"with {arch.get('num_classes', 10)} classes") from None
+    masks = ck["mask"]["masks"] if ck["mask"] else None
+    if masks is not None:
+        weights = prunable(net)
+        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
+            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
+        if alive := sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights):
+            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
+    return net.eval(), masks
 
 
-def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
-    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) from PGD's accuracy (%) on `batches`.
-
-    Every PGD run draws the same random start (one seed), so two runs differ only in what is varied:
-        eps0_equals_clean    PGD at eps 0 leaves every prediction as it is (no randomness, no attack bug)
-        ra_falls_with_steps  RA(PGD-K) <= RA(PGD-1) + tol: more steps never help the model
-        ra_falls_with_eps    RA(2 eps) <= RA(eps) + tol: a larger ball never helps the model
-        unbounded_ra_zero    RA <= tol with eps = the whole input box: every input can be made wrong
-    Accuracy here is that of PGD's output, not and-ed with clean, so that a model which an "attack"
-    pushes towards the right class shows it. Each check: {'ok': bool, 'detail': the numbers}.
-    """
-    x0 = next(iter(batches))[0]
-    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
-
-    def run(e, a, k):
-        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
-                               generator=torch.Generator(x0.device).manual_seed(seed))
-        return ex, 100 * ex["robust"].double().mean().item()
-    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
-        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
-        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
-    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
-    n = len(zero["clean"])
-    return dict(
-        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
-                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
-        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
-                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
-        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
-                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
-        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
-                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
-    )
-
-
-def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
-    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
-    if ra_aa is None:
-        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
-                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
-    return dict(
-        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
-                              detail="PGD not run" if ra_pgd is None else
-                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
-        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
+def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Module:
+    """The trained model of a checkpoint file or run directory (its best.pt), for attacks: eval mode, masked
+    weights checked to be zero, inputs in [0, 1], logits out (the RobustBench / torchattacks convention)."""
+    path = find_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, architecture)[0].to(device)
 
 
 # === program: everything above this line is the library (torch only; copy the file down to here to use it)
-# Below, the training program (python sparse_win.py ...), in the order the data flows: config, data, the
-# configured run, distributed, run directory and checkpoints, train, report, evaluate a checkpoint, benchmark, main.
+# Below, the program (python sparse_win.py ...) as the data flows: config, data, run, distributed, files, train, report.
 
 import argparse  # noqa: E402 (the program's imports sit with the program)
 import dataclasses  # noqa: E402
@@ -1400,20 +1134,27 @@ import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- config
 
-MODES = ("dense", "static", "dynamic", "dynamic+")
-TRAIN_ATTACKS = ("pgd", "fgsm-rs")
+MODES = ("dense", "static", "dynamic", "dynamic+", "small-dense")
 EVAL_ATTACKS = ("pgd", "autoattack", "all")
+DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
+    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
+                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
+                          mean=(0.2860,), std=(0.3530,)),
+}
 
 
 # Exit statuses of the CLI besides 0 and 2 (bad input): each a one-line message, never a traceback.
@@ -1428,117 +1169,118 @@ class RunError(RuntimeError):
         self.code = code
 
 
-def option(default, help: str, **kw):
-    """A Config field: its default, its --help text, and any other argparse keywords."""
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, *, valid=None, **kw):
+    """A Config field: default, --help, check (valid=(predicate, what it must be)), argparse keywords (choices=)."""
+    return field(default=default, metadata={"help": help, "valid": valid, **kw})
+
+
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0")  # option(valid=...)
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
 class Config:
     """Every option of a run. The CLI is generated from these fields (--field-name)."""
-    preset: str = option("", "start from a preset (cpu-demo, smoke); explicit flags override it")
-    dataset: str = option("cifar10", "cifar10 | cifar100 | tiny-imagenet | fashion-mnist")
+    preset: str = option("", "start from a preset; explicit flags override it")
+    dataset: str = option("cifar10", "the dataset", choices=tuple(DATASETS))
     data_dir: str = option("./data", "where datasets live (torchvision layout; Tiny-ImageNet: official layout)")
     download: bool = option(True, "download CIFAR / Fashion-MNIST through torchvision when missing")
-    arch: str = option("resnet18", "resnet18 | preact_resnet18 | vgg16 | wrn (WideResNet)")
-    width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)")
+    arch: str = option("resnet18", "architecture (wrn: WideResNet)", choices=ARCHS)
+    width: float = option(1.0, "width multiplier (1.0 = paper; 0.25 = 16 base channels for CPU runs)", valid=POSITIVE)
     wrn_depth: int = option(34, "WideResNet depth (6n+4)")
     wrn_widen: int = option(10, "WideResNet widen factor")
-    mode: str = option("dense", "dense | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+)")
-    sparsity: float = option(0.8, "fraction of conv+linear weights that are zero, s = 1 - d, in [0, 1); with --ticket "
-                             "channel, the fraction of the prunable channels removed (the weight density that results "
-                             "is reported beside it)")
-    allocation: str = option("igq", "layer-wise density for FB/FB+: igq (released default) | erk | uniform")
-    growth: str = option("random", "FB regrowth: random (released default) | gradient (RigL-style)")
+    mode: str = option("dense", "dense AT | static (Robust Bird) | dynamic (Flying Bird) | dynamic+ (Flying Bird+) | "
+                       "small-dense (dense AT, narrowed to a --sparsity model's weights)", choices=MODES)
+    sparsity: float = option(0.8, "s = 1 - d: the fraction of conv+linear weights that are zero (--ticket channel: of "
+                             "the prunable channels removed; the weight density is reported)", valid=FRACTION)
+    allocation: str = option("igq", "layer-wise density for FB/FB+ (igq: released default)", choices=ALLOCATIONS)
+    growth: str = option("random", "FB regrowth (random: released default; gradient: RigL-style)", choices=GROWTHS)
     death_rate: float = option(0.5, "p at step 0; cosine decay to --death-rate-final (Sec. 3.2)")
     death_rate_final: float = option(0.005, "p at the last step")
-    update_interval: int = option(900, "T: steps between topology updates in the first half of training")
-    update_interval_late: int = option(1200, "T in the second half of training")
+    update_interval: int = option(900, "T: steps between topology updates (first half of training)", valid=POSITIVE)
+    update_interval_late: int = option(1200, "T in the second half of training", valid=POSITIVE)
     fbplus_start: int = option(-1, "FB+: first epoch of adaptive pruning/growth (-1 = epochs // 2)")
     fbplus_window: int = option(4, "FB+: number of consecutive differences looked at")
     fbplus_prune: float = option(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
     fbplus_grow: float = option(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
     fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
     ticket: str = option("unstructured", "RB: unstructured (weights, the paper) | channel (BatchNorm channels, "
-                         "Early-Bird: AT then trains a physically thinner network)")
-    bn_l1: float = option(1e-4, "RB --ticket channel: L1 penalty on the BatchNorm scales in stage 1 (network slimming)")
-    eb_threshold: float = option(-1.0, "RB: mask distance below which the early bird has emerged (-1 = the ticket's "
-                                 "default: unstructured 0.08, channel 0.1)")
+                         "Early-Bird: AT then trains a physically thinner network)", choices=TICKETS)
+    bn_l1: float = option(1e-4, "RB channel ticket: stage 1's L1 on BN scales (network slimming)", valid=AT_LEAST_0)
+    eb_threshold: float = option(-1.0, "RB: mask distance at which the early bird emerged (-1: 0.08; channel 0.1)")
     eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
     eb_max_epochs: int = option(50, "RB: cap on stage-1 (standard training) epochs")
-    epochs: int = option(200, "adversarial training epochs")
-    batch_size: int = option(128, "minibatch size")
+    epochs: int = option(200, "adversarial training epochs", valid=POSITIVE)
+    batch_size: int = option(128, "minibatch size", valid=POSITIVE)
     lr: float = option(0.1, "SGD learning rate")
     milestones: tuple = option((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
                                 "Bird's AT stage 50 150, as released)", nargs="+", type=int)
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay")
-    norm: str = option("linf", "attack norm: linf | l2")
+    norm: str = option("linf", "attack norm", choices=NORMS)
     train_eps: float = option(-1.0, "training eps in 1/255 units (-1 = dataset default: 8, Fashion-MNIST 25.5)")
     train_alpha: float = option(-1.0, "training step size in 1/255 units (-1 = eps / 4)")
-    train_steps: int = option(10, "training PGD steps K (PGD-10)")
+    train_steps: int = option(10, "training PGD steps K (PGD-10)", valid=AT_LEAST_0)
     test_eps: float = option(-1.0, "evaluation eps in 1/255 units (-1 = train eps)")
     test_alpha: float = option(-1.0, "evaluation step size in 1/255 units (-1 = eps / 4)")
-    test_steps: int = option(20, "evaluation PGD steps (PGD-20)")
-    train_subset: int = option(0, "use only the first N training images (0 = all)")
-    augment: bool = option(True, "training augmentation: random crop + flip (+ 15-degree rotation on CIFAR-100); "
-                              "--no-augment trains on the images as they are")
-    eval_every: int = option(1, "evaluate val/test every N epochs and at the last; best is chosen among the "
-                             "evaluated epochs, FB+ looks at their history")
-    eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)")
-    gap_subset: int = option(5000, "training images for the final robust generalization gap (0 = all)")
-    device: str = option("auto", "auto | cpu | cuda")
+    test_steps: int = option(20, "evaluation PGD steps (PGD-20)", valid=AT_LEAST_0)
+    train_subset: int = option(0, "use only the first N training images (0 = all)", valid=AT_LEAST_0)
+    augment: bool = option(True, "augment training images: random crop + flip (+ 15-degree rotation on CIFAR-100)")
+    eval_every: int = option(1, "evaluate val/test every N epochs and the last (best, FB+ see those)", valid=POSITIVE)
+    eval_subset: int = option(0, "evaluate on the first N val/test images (0 = all)", valid=AT_LEAST_0)
+    gap_subset: int = option(5000, "training images for the final robust gap (0 = all)", valid=AT_LEAST_0)
+    device: str = option("auto", "where to run (auto: CUDA when there is one)", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
-    resume: bool = option(False, "continue the run in --out from its last.pt")
+    resume: str = option("no", "--resume: continue the run in --out from its last.pt; --resume auto: continue it, "
+                         "start it or, if finished, say so and exit 0 (a requeued job's command)", nargs="?",
+                         const="yes", negate="no", choices=("no", "yes", "auto"))
     stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
-    checkpoint_every: int = option(0, "also write last.pt every N optimizer steps, so a preempted run loses < N (0 = "
-                                   "at epoch ends only)")
+    checkpoint_every: int = option(0, "also write last.pt every N optimizer steps (0: at epoch ends)", valid=AT_LEAST_0)
     amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
     compile: bool = option(False, "torch.compile the model")
     sync_bn: bool = option(False, "torchrun: SyncBatchNorm across ranks (CUDA); else each rank's BN sees its shard")
-    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks before the job fails")
+    dist_timeout: int = option(600, "torchrun: seconds a collective waits for the other ranks", valid=POSITIVE)
     channels_last: bool | None = option(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = option(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = option(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
-    # -- Fast AT and the evaluation of a trained model (the "evaluate a checkpoint" section)
-    train_attack: str = option("pgd", "training attack: pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one step "
-                                   "of 1.25 eps from a random start; --train-steps/--train-alpha unused)")
+    train_attack: str = option("pgd", "pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one 1.25 eps step from a "
+                                      "random start)", choices=ATTACKS[:2])
     loss: str = option("ce", "AT objective: ce (PGD-AT, Madry et al. 2018) | trades (Zhang et al. 2019: CE(f(x), y) + "
-                       "beta KL(f(x) || f(x')), x' from its own KL attack)")
-    trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term")
+                       "beta KL(f(x) || f(x')), x' from its own KL attack)", choices=LOSSES)
+    trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term", valid=AT_LEAST_0)
     awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
-                              "layer's norm (0 = off; 0.005 = the reference's)")
-    awp_warmup: int = option(10, "AWP: the first epoch (counted from 1) with the weight perturbation, as the "
-                                 "reference's 'epoch >= awp_warmup'")
-    ema_decay: float = option(0.0, "weight averaging: EMA decay of weights and BatchNorm buffers per step (0 = off; "
-                              "e.g. 0.999); the averaged model is evaluated, chosen as best, saved and loaded")
-    ticket_attack: str = option("none", "Robust Bird stage 1: none (standard training, the paper) | fgsm-rs | pgd")
+                              "layer's norm (0 = off; 0.005 = the reference's)", valid=AT_LEAST_0)
+    awp_warmup: int = option(10, "AWP's first epoch (from 1; the reference's 'epoch >= awp_warmup')", valid=AT_LEAST_0)
+    ema_decay: float = option(0.0, "weight averaging: EMA decay per step (0 = off; e.g. 0.999); the average is what "
+                              "is evaluated, chosen as best and saved", valid=FRACTION)
+    ticket_attack: str = option("none", "Robust Bird stage 1 (none: standard training, the paper)", choices=ATTACKS)
     eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
-    split: str = option("test", "--eval: test | val | train (the run's training images, in eval mode, no "
-                             "augmentation: for the robust gap)")
-    eval_steps: int = option(50, "--eval: PGD steps")
-    restarts: int = option(5, "--eval: PGD random restarts; an example is robust only if every restart fails")
-    attack: str = option("all", "--eval: pgd | autoattack | all (AutoAttack needs the pyautoattack package)")
-    aa_version: str = option("standard", "--eval: AutoAttack version: standard | rand | plus")
-    aa_iters: int = option(0, "--eval: iterations of every AutoAttack attack and Square queries (0 = the "
-                           "version's 100 / 5000; others are not standard AutoAttack: quick checks only)")
-    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all evaluated)")
+    split: str = option("test", "--eval: the images (train: the run's training images, in eval mode, no "
+                             "augmentation: for the robust gap)", choices=("test", "val", "train"))
+    eval_steps: int = option(50, "--eval: PGD steps", valid=POSITIVE)
+    restarts: int = option(5, "--eval: PGD restarts (robust only if every one fails)", valid=POSITIVE)
+    attack: str = option("all", "--eval: the attacks (AutoAttack needs the pyautoattack package)", choices=EVAL_ATTACKS)
+    aa_version: str = option("standard", "--eval: AutoAttack version", choices=("standard", "rand", "plus"))
+    aa_iters: int = option(0, "--eval: AutoAttack's iterations and Square's queries (0: 100 / 5000; others are "
+                           "quick checks, not standard AutoAttack)", valid=AT_LEAST_0)
+    check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all)", valid=AT_LEAST_0)
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
-    final_eval: str = option("none", "none | autoattack: when training ends, run --eval on best.pt and the final model")
+    final_eval: str = option("none", "--eval best.pt and last.pt at the end", choices=("none", "autoattack"))
 
     @property
     def density(self) -> float:
         return 1.0 - self.sparsity
 
-    def eps(self, train: bool) -> tuple[float, float]:
-        """(eps, alpha) in pixel units for the training or evaluation attack."""
+    def eps(self, train: bool) -> tuple[float, float]:  # (eps, alpha) in pixels, of the training or evaluation attack
         eps = self.train_eps if self.train_eps > 0 else DATASETS[self.dataset]["eps"]
-        alpha = self.train_alpha
-        if not train:
-            eps, alpha = (self.test_eps if self.test_eps > 0 else eps), self.test_alpha
-        alpha = alpha if alpha > 0 else eps / 4
-        return eps / 255, alpha / 255
+        eps, alpha = (eps, self.train_alpha) if train else (self.test_eps if self.test_eps > 0 else eps,
+                                                             self.test_alpha)
+        return eps / 255, (alpha if alpha > 0 else eps / 4) / 255
+
+    @property
+    def eval_batch_size(self) -> int:  # evaluation: at least 256 (train() and --eval alike: the same SA, bit for bit)
+        return max(self.batch_size, 256)
 
     @property
     def eb_threshold_used(self) -> float:
@@ -1576,50 +1318,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate(cfg: Config, *, world: int = 1) -> Config:
-    """cfg, checked: every option in range and consistent; CUDA and pyautoattack present when asked for;
-    the global batch divisible by the `world` processes of a torchrun job."""
-    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
-    need(cfg.mode in MODES, f"unknown mode {cfg.mode!r}; choose from {', '.join(MODES)}")
-    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
-    need(cfg.allocation in ALLOCATIONS, f"unknown allocation {cfg.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-    need(cfg.growth in ("random", "gradient"), f"unknown growth {cfg.growth!r}; choose random or gradient")
-    need(cfg.norm in ("linf", "l2"), f"unknown norm {cfg.norm!r}; choose linf or l2")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}; choose auto, cpu or cuda")
-    need(0 <= cfg.sparsity < 1, f"--sparsity must be in [0, 1), got {cfg.sparsity}")
-    need(cfg.width > 0, f"--width must be positive, got {cfg.width}")
-    need(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
-    need(cfg.update_interval > 0 and cfg.update_interval_late > 0, "update intervals must be positive")
-    need(cfg.train_steps >= 0 and cfg.test_steps >= 0, "attack steps must be >= 0")
+    """cfg, checked: options in range and consistent, CUDA and pyautoattack there if asked for, batch % world == 0."""
+    for f in dataclasses.fields(Config):
+        v, valid = getattr(cfg, f.name), f.metadata["valid"]
+        if "choices" in f.metadata:
+            check_choice(f.name.replace("_", " "), v, f.metadata["choices"])
+        need(valid is None or valid[0](v), f"--{f.name.replace('_', '-')} must be {valid and valid[1]}, got {v}")
     need(0 <= cfg.death_rate_final <= cfg.death_rate < 1, "need 0 <= --death-rate-final <= --death-rate < 1")
     need(cfg.arch != "wrn" or (cfg.wrn_depth - 4) % 6 == 0, "--wrn-depth must be 6n+4 (e.g. 34)")
     need(cfg.fbplus_window >= 1 and cfg.eb_queue >= 2, "need --fbplus-window >= 1 and --eb-queue >= 2")
-    need(cfg.ticket in TICKETS, f"unknown ticket {cfg.ticket!r}; choose from {', '.join(TICKETS)}")
     need(cfg.ticket == "unstructured" or cfg.mode == "static",
          f"--ticket {cfg.ticket} is Robust Bird's (--mode static), not --mode {cfg.mode}'s")
-    need(cfg.bn_l1 >= 0 and (cfg.eb_threshold >= 0 or cfg.eb_threshold == -1),
-         "need --bn-l1 >= 0 and --eb-threshold >= 0 (or -1, the ticket's default)")
-    need(min(cfg.train_subset, cfg.eval_subset, cfg.gap_subset) >= 0, "subset sizes must be >= 0 (0 = all)")
-    need(cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = at epoch ends only)")
-    need(cfg.dist_timeout > 0, "--dist-timeout must be positive (seconds)")
-    need(cfg.train_attack in TRAIN_ATTACKS, f"unknown train attack {cfg.train_attack!r}; choose pgd or fgsm-rs")
-    need(cfg.ticket_attack in ("none", *TRAIN_ATTACKS),
-         f"unknown ticket attack {cfg.ticket_attack!r}; choose none, fgsm-rs or pgd")
-    need(cfg.split in ("test", "val", "train"), f"unknown split {cfg.split!r}; choose test, val or train")
-    need(cfg.loss in ("ce", "trades"), f"unknown loss {cfg.loss!r}; choose ce or trades")
+    need(cfg.eb_threshold >= 0 or cfg.eb_threshold == -1, "need --eb-threshold >= 0 (or -1, the ticket's default)")
     need(cfg.loss == "ce" or cfg.train_attack == "pgd", "--loss trades runs its own PGD attack: drop --train-attack")
-    need(cfg.trades_beta >= 0, f"--trades-beta must be >= 0, got {cfg.trades_beta}")
-    need(cfg.awp_gamma >= 0 and cfg.awp_warmup >= 0, "--awp-gamma and --awp-warmup must be >= 0 (gamma 0 = off)")
-    need(0 <= cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), or 0 for off; got {cfg.ema_decay}")
-    need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
-    need(cfg.attack in EVAL_ATTACKS, f"unknown attack {cfg.attack!r}; choose pgd, autoattack or all")
-    need(cfg.aa_version in ("standard", "rand", "plus"),
-         f"unknown AutoAttack version {cfg.aa_version!r}; choose standard, rand or plus")
-    need(cfg.final_eval in ("none", "autoattack"), f"unknown final eval {cfg.final_eval!r}; choose none or autoattack")
     need(cfg.final_eval == "none" or cfg.attack != "pgd", "--final-eval autoattack runs AutoAttack: drop --attack pgd")
-    need(cfg.eval_steps >= 1 and cfg.restarts >= 1, "--eval-steps and --restarts must be >= 1")
-    need(cfg.aa_iters >= 0 and cfg.check_subset >= 0, "--aa-iters and --check-subset must be >= 0")
     if cfg.final_eval != "none" or (cfg.eval and cfg.attack != "pgd"):  # refuse now, not after hours of work
-        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)
+        need(importlib.util.find_spec("pyautoattack") is not None, AA_MISSING + " (or pass --attack pgd)")
     if cfg.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA device")
     need(not cfg.sync_bn or resolve_device(cfg.device).type == "cuda",
@@ -1631,28 +1345,15 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
 
 # ----------------------------------------------------------------------------- data
 
-DATASETS = {  # per-channel mean/std (PAPER_SPEC Sec. 2), default eps in 1/255 units
-    "cifar10": dict(classes=10, channels=3, size=32, eps=8.0, rotate=0.0,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": dict(classes=100, channels=3, size=32, eps=8.0, rotate=15.0,  # paper: +15 deg rotation
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "tiny-imagenet": dict(classes=200, channels=3, size=64, eps=8.0, rotate=0.0,
-                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
-    "fashion-mnist": dict(classes=10, channels=1, size=28, eps=25.5, rotate=0.0,  # eps 0.1
-                          mean=(0.2860,), std=(0.3530,)),
-}
-
-
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def split_last(x, y, n_val):
-    """(train, val): the last n_val examples are validation (CIFAR: last 5,000 of 50,000)."""
-    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+def splits(x, y, test: tuple) -> dict:  # the last tenth of (x, y) is validation (CIFAR: 5,000 of 50,000)
+    n = len(x) // 10
+    return dict(train=(x[:-n], y[:-n]), val=(x[-n:], y[-n:]), test=test)
 
 
-def torchvision_datasets(why: str):
-    """torchvision.datasets, or one line saying how to get it (the library needs torch alone)."""
+def torchvision_datasets(why: str):  # torchvision.datasets, or how to install it (the library needs torch alone)
     try:
         from torchvision import datasets
     except ImportError:
@@ -1663,47 +1364,36 @@ def torchvision_datasets(why: str):
 
 def load_cifar(name: str, root: str, download: bool = False):
     """CIFAR-10/100 as uint8 (N, 3, 32, 32) tensors: train 45,000 / val 5,000 / test 10,000."""
-    datasets = torchvision_datasets(f"reading {name}")
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    cls = getattr(torchvision_datasets(f"reading {name}"), name.upper())  # CIFAR10, CIFAR100
     try:
         parts = [cls(root, train=t, download=download) for t in (True, False)]
     except Exception as e:  # offline download failure, missing or corrupt files
-        folder = Path(root) / cls.base_folder
         files = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
-        why = (str(e).splitlines() or [""])[0][:80]
-        raise SparseWinError(f"{name} not found in {folder} ({type(e).__name__}: {why}); "
-                             f"put the python-version files ({files}) there, or run online with --download")
-    (x, y), (xt, yt) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
-                         torch.tensor(d.targets, dtype=torch.long)) for d in parts]
-    train, val = split_last(x, y, len(x) // 10)
-    return dict(train=train, val=val, test=(xt, yt))
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        raise SparseWinError(f"{name} not found in {Path(root) / cls.base_folder} ({why}); put the python-version "
+                             f"files ({files}) there, or run online with --download")
+    (x, y), test = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                     torch.tensor(d.targets, dtype=torch.long)) for d in parts]
+    return splits(x, y, test)
 
 
-def _read_idx(path) -> torch.Tensor:
-    """An IDX file (MNIST format, optionally gzipped) as a uint8 tensor."""
+def _read_idx(path) -> torch.Tensor:  # an IDX file (MNIST format, optionally gzipped) as a uint8 tensor
     import gzip
     data = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]  # data[3]: ndim
+    return torch.frombuffer(bytearray(data[4 + 4 * len(dims):]), dtype=torch.uint8).view(*dims)
 
 
 def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBIAN_FASHION_MNIST):
-    """Fashion-MNIST (N, 1, 28, 28): train 54,000 / val 6,000 / test 10,000.
-
-    Looks in root (torchvision layout), then in Debian's dataset-fashion-mnist package, then
-    downloads through torchvision.
-    """
+    """Fashion-MNIST (N, 1, 28, 28), 54,000 / 6,000 / 10,000: from root, else Debian's package, else a download."""
     names = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
     for folder in (Path(root) / "FashionMNIST" / "raw", Path(debian_dir)):
-        paths = {(s, k): next((p for p in (folder / (names[s].format(k, n)),
-                                           folder / (names[s].format(k, n) + ".gz")) if p.exists()), None)
-                 for s in names for k, n in (("images", 3), ("labels", 1))}
+        paths = {(s, k): next((p for p in (folder / f, folder / (f + ".gz")) if p.exists()), None)
+                 for s in names for k, n in (("images", 3), ("labels", 1)) for f in [names[s].format(k, n)]}
         if all(paths.values()):
             xs = {s: _read_idx(paths[s, "images"]).unsqueeze(1) for s in names}
             ys = {s: _read_idx(paths[s, "labels"]).long() for s in names}
-            train, val = split_last(xs["train"], ys["train"], len(ys["train"]) // 10)
-            return dict(train=train, val=val, test=(xs["test"], ys["test"]))
+            return splits(xs["train"], ys["train"], (xs["test"], ys["test"]))
     if download:
         datasets = torchvision_datasets("downloading fashion-mnist")
         try:
@@ -1719,11 +1409,7 @@ def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBI
 
 
 def load_tiny_imagenet(root: str):
-    """Tiny-ImageNet from its official layout: train 90,000 / val 10,000 (fixed permutation) / test 10,000.
-
-    root (or root/tiny-imagenet-200) holds train/<wnid>/images/*.JPEG and
-    val/images/*.JPEG with val/val_annotations.txt; the official val set is our test set.
-    """
+    """Tiny-ImageNet's official folder (root or root/tiny-imagenet-200): 90,000 / 10,000 / 10,000 (its val set)."""
     try:
         from PIL import Image
     except ImportError:
@@ -1733,47 +1419,46 @@ def load_tiny_imagenet(root: str):
     if base is None or not (base / "val" / "val_annotations.txt").exists():
         raise SparseWinError(f"tiny-imagenet not found in {root}: put the official tiny-imagenet-200 folder "
                              f"there (train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt)")
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    label = {w: i for i, w in enumerate(wnids)}
+    label = {w: i for i, w in enumerate(sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))}
 
-    def read(paths):
-        return torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
-                            .view(64, 64, 3).permute(2, 0, 1) for p in paths])
-    train = [(p, label[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    def read(items):  # [(JPEG path, label)] -> uint8 (N, 3, 64, 64), int64 labels
+        return (torch.stack([torch.frombuffer(bytearray(Image.open(p).convert("RGB").tobytes()), dtype=torch.uint8)
+                             .view(64, 64, 3).permute(2, 0, 1) for p, _ in items]), torch.tensor([c for _, c in items]))
+    train = [(p, label[w]) for w in label for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
     ann = [line.split("\t")[:2] for line in (base / "val" / "val_annotations.txt").read_text().splitlines() if line]
-    test = [(base / "val" / "images" / f, label[w]) for f, w in ann]
-    x, y = read([p for p, _ in train]), torch.tensor([c for _, c in train])
+    (x, y), test = read(train), read([(base / "val" / "images" / f, label[w]) for f, w in ann])
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed, seed-independent split
-    x, y = x[perm], y[perm]
-    train_split, val = split_last(x, y, len(x) // 10)
-    return dict(train=train_split, val=val, test=(read([p for p, _ in test]), torch.tensor([c for _, c in test])))
+    return splits(x[perm], y[perm], test)
 
 
-def load_data(cfg: Config) -> dict:
-    """{'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return load_cifar(cfg.dataset, cfg.data_dir, cfg.download)
+def load_data(cfg: Config) -> dict:  # {'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU
     if cfg.dataset == "tiny-imagenet":
         return load_tiny_imagenet(cfg.data_dir)
-    return load_fashion_mnist(cfg.data_dir, cfg.download)
+    load = load_fashion_mnist if cfg.dataset == "fashion-mnist" else functools.partial(load_cifar, cfg.dataset)
+    return load(cfg.data_dir, cfg.download)
 
 
-def subsets(cfg: Config, data: dict) -> dict:
-    """The first --train-subset / --eval-subset images of each split (0 = all)."""
+def subsets(cfg: Config, data: dict) -> dict:  # the first --train-subset / --eval-subset images of each split (0 = all)
     n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
     return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
 
 
 # ----------------------------------------------------------------------------- the configured run
 
-def model_for(cfg: Config) -> nn.Module:
-    """The configured architecture, sized for the configured dataset."""
+METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name,
+          "small-dense": "small dense AT"}
+
+
+def architecture(cfg: Config, matched: bool = True) -> dict:
+    """build_model's arguments (what checkpoints record); small-dense: the matched width (matched=False: --width)."""
     info = DATASETS[cfg.dataset]
-    return build_model(cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
-                       mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+    arch = dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
+                mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
+    return dict(arch, width=small_dense_width(cfg.sparsity, **arch)) if cfg.mode == "small-dense" and matched else arch
 
 
-METHOD = {"dense": Dense.name, "static": RobustBird.name, "dynamic": FlyingBird.name, "dynamic+": FlyingBirdPlus.name}
+def model_for(cfg: Config) -> nn.Module:
+    return build_model(**architecture(cfg))
 
 
 def method_for(cfg: Config) -> Method:
@@ -1781,23 +1466,79 @@ def method_for(cfg: Config) -> Method:
     if cfg.mode == "static":
         return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold_used,
                           max_epochs=cfg.eb_max_epochs, ticket=cfg.ticket, bn_l1=cfg.bn_l1)
-    if cfg.mode in ("dynamic", "dynamic+"):
-        fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
-                  death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
-                  interval_late=cfg.update_interval_late)
-        if cfg.mode == "dynamic":
-            return FlyingBird(**fb)
-        return FlyingBirdPlus(start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window,
-                              threshold=cfg.fbplus_threshold, prune_ratio=cfg.fbplus_prune,
-                              growth_ratio=cfg.fbplus_grow, **fb)
-    return Dense()
+    if cfg.mode not in ("dynamic", "dynamic+"):
+        return Dense()
+    fb = dict(density=cfg.density, allocation=cfg.allocation, growth=cfg.growth, seed=cfg.seed,
+              death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
+              interval_late=cfg.update_interval_late)
+    return FlyingBird(**fb) if cfg.mode == "dynamic" else FlyingBirdPlus(
+        start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window, threshold=cfg.fbplus_threshold,
+        prune_ratio=cfg.fbplus_prune, growth_ratio=cfg.fbplus_grow, **fb)
 
 
 def sgd(cfg: Config, net: nn.Module):
-    """The paper's optimizer and schedule: SGD with momentum and weight decay, lr x0.1 at the milestones
-    (cfg.milestones: setup() has put the method's default there when --milestones was not given)."""
+    """The paper's SGD with momentum and weight decay, lr x0.1 at cfg.milestones (setup() fills in the method's)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
+
+
+def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True, rotate: float = 0.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding, horizontal flip, rotation (degrees) of a float batch, on its device."""
+    (B, C, H, W), dev = x.shape, x.device
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy, ox = torch.randint(0, 2 * pad + 1, (2, B, 1), device=dev, generator=generator)
+        rows = (oy + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+        x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
+                   rows, cols]
+    if flip:
+        x = torch.where(torch.rand(B, 1, 1, 1, device=dev, generator=generator) < 0.5, x.flip(3), x)
+    if rotate:
+        a = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * math.radians(rotate)
+        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros_like(a)], 1),
+                             torch.stack([a.sin(), a.cos(), torch.zeros_like(a)], 1)], 1)  # (B, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
+                          align_corners=False)  # nearest: torchvision RandomRotation's default, as released
+    return x
+
+
+class Batches:
+    """Minibatches (x in [0, 1], y) of a uint8 dataset on one device, drawn there: no DataLoader, no host to wait on.
+    Under torchrun batch_size is global: every rank draws its order and augmentation and keeps rows lo:hi (self.rows
+    = (lo, hi, n)), whatever the world size; drop_small: skip a last batch smaller than the world (training)."""
+
+    def __init__(self, x, y, *, batch_size, shuffle=False, augmentation=None, generator=None, rank=0, world=1,
+                 drop_small=False):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.augmentation, self.generator, self.order = augmentation, generator, None  # this epoch's order, to resume
+        self.rank, self.world, self.drop_small, self.rows = rank, world, drop_small, None
+
+    def __len__(self):
+        n, b = len(self.y), self.batch_size
+        return -(-n // b) - (self.drop_small and 0 < n % b < self.world)
+
+    def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, order: torch.Tensor | None = None, start: int = 0):  # from batch `start`; `order` resumes an epoch
+        if self.shuffle and order is None:
+            order = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
+        self.order = order
+        for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            x = self.x[idx].float().div_(255)
+            if self.augmentation is not None:
+                x = augment(x, **self.augmentation, generator=self.generator)
+            q, r = divmod(len(x), self.world)  # this rank's rows of the global batch
+            lo = self.rank * q + min(self.rank, r)
+            self.rows = (lo, lo + q + (self.rank < r), len(x))
+            yield x[lo:self.rows[1]], self.y[idx][lo:self.rows[1]]
+
+    def start(self, x: torch.Tensor, **attack) -> torch.Tensor:  # attack_start for rows x, drawn for the whole batch
+        lo, hi, n = self.rows
+        return attack_start((n, *x.shape[1:]), device=x.device, dtype=x.dtype, **attack)[lo:hi]
 
 
 def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist) -> tuple[Batches, dict]:
@@ -1805,15 +1546,13 @@ def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist)
     info, shard = DATASETS[cfg.dataset], dict(rank=dist.rank, world=dist.world)
     aug = dict(pad=2 if info["size"] == 28 else 4, flip=True, rotate=info["rotate"]) if cfg.augment else None
     train = Batches(*data["train"], batch_size=cfg.batch_size, shuffle=True, augmentation=aug, generator=generator,
-                    drop_small=True, **shard)
+                   drop_small=True, **shard)
     data = dict(data, gap=tuple(t[:cfg.gap_subset or None] for t in data["train"]))  # for the robust gap
-    return train, {s: Batches(*data[s], batch_size=max(cfg.batch_size, 256), **shard) for s in ("val", "test", "gap")}
+    return train, {s: Batches(*data[s], batch_size=cfg.eval_batch_size, **shard) for s in ("val", "test", "gap")}
 
 
 def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(net, core, model): net in channels_last (default on CUDA) with SyncBatchNorm if asked; core
-    compiled if asked, for attacks and evaluation (no gradient sync); model for the update step,
-    DistributedDataParallel under torchrun (it all-reduces the gradients)."""
+    """(net, core, model): net in channels_last (CUDA), SyncBatchNorm'd if asked; core compiled if asked; model DDP."""
     if cuda if cfg.channels_last is None else cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.sync_bn:
@@ -1832,20 +1571,12 @@ def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.M
 # ----------------------------------------------------------------------------- distributed (torchrun)
 
 class Dist:
-    """This process's place in a torchrun job, and the few collectives train() needs.
-
-    One process is the same code with world = 1 and every collective a no-op. Under torchrun
-    (`torchrun --nproc_per_node=N sparse_win.py ...`) main() joins the process group (NCCL on
-    CUDA, gloo on CPU) with a timeout, so that a rank that dies or hangs fails the job instead
-    of blocking it.
-    """
+    """This process's place in a torchrun job and the collectives train() needs (no-ops in a single process)."""
 
     def __init__(self):
         import torch.distributed as td
-        self.td = td
-        self.on = td.is_available() and td.is_initialized()
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
+        self.td, self.on = td, td.is_available() and td.is_initialized()
+        self.rank, self.world = (td.get_rank(), td.get_world_size()) if self.on else (0, 1)
         self.main = self.rank == 0
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -1853,53 +1584,44 @@ class Dist:
             self.td.all_reduce(t)
         return t
 
-    def any(self, flags: list[bool], device) -> list[bool]:
-        """Whether any rank raised each flag: every rank takes the same branch (stop, diverged)."""
-        if not self.on:
-            return [bool(f) for f in flags]
-        t = torch.tensor(flags, dtype=torch.float32, device=device)
-        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.on:
             self.td.broadcast(t, src)
         return t
 
-    def share_masks(self, mask: SparseMask | None):
-        """Rank 0's masks on every rank, the weights masked again (a dense model has none to share)."""
-        if not self.on or mask is None:
-            return
-        for name in mask.names:
-            m = mask.masks[name].to(torch.uint8)
-            mask.masks[name].copy_(self.broadcast_(m).bool())
-        mask._refresh()
-        mask.apply()
+    def _max(self, t: torch.Tensor) -> torch.Tensor:
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return t
 
-    def check_masks(self, mask: SparseMask, where: str):
-        """Stop the run when the masks differ between ranks (a checksum all-reduce)."""
+    def any(self, flags: list[bool], device) -> list[bool]:  # per flag: raised on any rank? (all branch alike)
         if not self.on:
-            return
-        dev = next(iter(mask.masks.values())).device
-        sums = torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
-                            for i, m in enumerate(mask.masks.values())]).sum()
-        both = torch.stack([sums, -sums]).to(dev)
-        self.td.all_reduce(both, op=self.td.ReduceOp.MAX)  # max and -min of the checksums
-        if both[0] != -both[1]:
+            return [bool(f) for f in flags]
+        return [bool(v) for v in self._max(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
+
+    def _differs(self, v: torch.Tensor) -> bool:  # whether the scalar v differs between ranks: max and -min at once
+        both = self._max(torch.stack([v, -v]))
+        return bool(both[0] != -both[1])
+
+    def check_masks(self, mask: SparseMask, where: str):  # stop the run when the masks differ between ranks
+        if self.on and self._differs(torch.stack([(_flat(m).nonzero().squeeze(1) * (i + 1)).sum()  # int64: exact
+                                                  for i, m in enumerate(mask.masks.values())]).sum()):
             raise RunError(f"the masks differ between ranks after the topology update at {where}; "
                            f"stopping (rank {self.rank})", DESYNC)
 
-    def agree(self, flag: bool, device, what: str) -> bool:
-        """flag, checked to be the same on every rank (a mismatch stops the run)."""
-        if self.on:
-            t = torch.tensor([float(flag), -float(flag)], device=device)
-            self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-            if t[0] != -t[1]:
-                raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
+    def agree(self, flag: bool, device, what: str) -> bool:  # flag, checked to be the same on every rank
+        if self.on and self._differs(torch.tensor(float(flag), device=device)):
+            raise RunError(f"the ranks disagree on {what}; stopping (rank {self.rank})", DESYNC)
         return flag
 
-    def share_buffers(self, net: nn.Module):
-        """Rank 0's buffers (BatchNorm statistics) on every rank."""
+    def share_masks(self, mask: SparseMask | None):  # rank 0's masks on every rank, the weights masked again
+        if not self.on or mask is None:
+            return
+        for name in mask.names:
+            mask.masks[name].copy_(self.broadcast_(mask.masks[name].to(torch.uint8)).bool())
+        mask._refresh()
+        mask.apply()
+
+    def share_buffers(self, net: nn.Module):  # rank 0's buffers (BatchNorm statistics) on every rank
         for b in net.buffers():
             self.broadcast_(b)
 
@@ -1909,40 +1631,44 @@ class Dist:
 
 
 def init_distributed(cfg: Config):
-    """Join the torchrun job named by the environment (WORLD_SIZE > 1), once per process."""
+    """Join the torchrun job (WORLD_SIZE > 1) once, with a timeout: a rank that dies or hangs fails the job."""
     import datetime
     import torch.distributed as td
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
         return
-    cuda = resolve_device(cfg.device).type == "cuda"
+    cuda, env = resolve_device(cfg.device).type == "cuda", os.environ
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    store = None  # torchrun's own store outlives an elastic restart: the keys of each attempt under a prefix of its own
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in env:
+        store = td.PrefixStore(f"sparse_win/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", td.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), False, timeout=timeout))
+    td.init_process_group("nccl" if cuda else "gloo", store=store, timeout=timeout,
+                          **dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"])) if store else {})
 
 
 # ----------------------------------------------------------------------------- run directory and checkpoints
 
-def _finite(obj):
-    """obj with every non-finite float replaced by None (JSON null), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
+               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
+               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
+               "final_eval"}  # may differ between a run and its resume
 
 
 def strict_json(obj, **kw) -> str:
     """JSON that strict readers (jq, JavaScript, pyarrow) accept: NaN and Infinity are written as null."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
+    def finite(o):
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+    return json.dumps(finite(obj), allow_nan=False, **kw)
 
 
 def write_atomic(path: Path, data: bytes):
-    """Write path.tmp, fsync, rename over path: the old file stays whole until the new one is.
-
-    An OSError (disk full, no permission, I/O error) removes the .tmp and becomes one line (exit 74).
-    """
+    """Write path.tmp, fsync, rename: the old file stays whole until the new one is (an OSError: one line, exit 74)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1951,10 +1677,8 @@ def write_atomic(path: Path, data: bytes):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise _io_error(path, e) from None
 
 
@@ -1978,39 +1702,29 @@ def write_text_atomic(path: Path, text: str):
     write_atomic(path, text.encode())
 
 
-RESUME_FREE = {"resume", "out", "device", "stop_after_epoch", "checkpoint_every", "progress", "amp", "compile",
-               "channels_last", "download", "data_dir", "preset", "benchmark", "dist_timeout", "eval", "split",
-               "eval_steps", "restarts", "attack", "aa_version", "aa_iters", "check_subset", "force",
-               "final_eval"}  # may differ between a run and its resume
+class Finished(Exception):
+    """--resume auto on a finished run: nothing to do (exit 0)."""
 
 
-def check_run_dir(cfg: Config) -> Path:
-    """Refuse early, before anything is created: never overwrite a previous run without --resume."""
-    d = cfg.run_dir
-    if cfg.resume and not (d / "last.pt").exists():
+def check_run_dir(cfg: Config, world: int) -> tuple[Path, bool]:
+    """(run directory, whether to resume), before any write; --resume auto: continue, start, or raise Finished."""
+    d, held = cfg.run_dir, (cfg.run_dir / "last.pt").exists()
+    if cfg.resume == "auto" and held and (d / "summary.json").exists():
+        check_resume(read_checkpoint(d / "last.pt"), d / "last.pt", dataclasses.asdict(cfg), world)
+        raise Finished(f"finished: {d / 'summary.json'} is there; nothing to do")
+    if cfg.resume == "yes" and not held:
         raise SparseWinError(f"--resume: no {d / 'last.pt'} to resume from")
-    if not cfg.resume and (d / "last.pt").exists():
+    if cfg.resume == "no" and held:
         raise SparseWinError(f"{d} already holds a run; pass --resume to continue it or choose another --out")
     parent = next(p for p in [d, *d.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SparseWinError(f"cannot write to run directory {d}: {parent} is not a writable directory")
-    return d
-
-
-def make_run_dir(d: Path) -> Path:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}")
-    return d
+    return d, held
 
 
 class StopRequest:
-    """SIGTERM (Slurm, Kubernetes) and a first Ctrl-C ask the run to stop at the next safe point:
-    after an optimizer step, with last.pt written there. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
+    """SIGTERM, SIGUSR1 (Slurm) or a first Ctrl-C: stop after the step in flight, last.pt written; 2nd Ctrl-C: now."""
+    signal: int | None = None  # the signal received
 
     def __call__(self, signum, frame):
         if signum == signal.SIGINT and self.signal is not None:
@@ -2020,7 +1734,8 @@ class StopRequest:
     def __enter__(self):
         import threading  # signal handlers can only be set from the main thread
         main_thread = threading.current_thread() is threading.main_thread()
-        self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+        kinds = (signal.SIGTERM, signal.SIGINT, *[getattr(signal, "SIGUSR1")] * hasattr(signal, "SIGUSR1"))
+        self._old = {s: signal.signal(s, self) for s in kinds} if main_thread else {}
         return self
 
     def __exit__(self, *exc):
@@ -2028,92 +1743,33 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class RunLock:
-    """One training process per run directory: an exclusive OS lock (flock) on <run>/.lock, held for
-    the run's lifetime. The kernel drops it when the process ends, killed or not, so no stale lock
-    survives a crash; the file itself (the holder's pid) is ignored by git."""
-
-    def __init__(self):
-        self.fd = None
-
-    def acquire(self, run_dir: Path):
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock
-            return
-        path = run_dir / ".lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SparseWinError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SparseWinError(f"{run_dir} is in use by another training process (pid {holder}); wait for it "
-                                 f"to end or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-# Checkpoint formats: 1, unversioned (before format 2): last.pt held the mask twice, under "method" and "mask";
-# 2: the "format" key, the mask once, under "mask" (best.pt, last.pt, and a checkpoint of your own alike).
-CHECKPOINT_FORMAT = 2
-
-
-def find_checkpoint(path) -> Path:
-    """The checkpoint file a path names: best.pt or last.pt as given; a run directory means its best.pt."""
-    p = Path(path)
-    if not p.exists():
-        raise SparseWinError(f"no such checkpoint or run directory: {p}")
-    if p.is_dir():
-        if not (p / "best.pt").is_file():
-            raise SparseWinError(f"{p} holds no best.pt; pass a checkpoint file (best.pt or last.pt)")
-        return p / "best.pt"
-    return p
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A sparse_win checkpoint (best.pt, last.pt, or config + model + mask of your own), read on the CPU with
-    torch's weights-only unpickler (no code in the file runs), in the current format: an unversioned one
-    (format 1) loses its second copy of the mask; one from a newer sparse_win is refused."""
+def take_run_dir(d: Path, stack: contextlib.ExitStack):
+    """Create the run directory and lock it for the run (stack releases it): one training process per directory.
+    An flock on <run>/.lock (the holder's pid in it): the kernel drops it when the process ends, killed or not."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint ({type(e).__name__})") from None
-    version = ck.get("format", 1) if isinstance(ck, dict) else 1
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
-        raise SparseWinError(f"{path} was written by a newer sparse_win (checkpoint format {version}); this one "
-                             f"reads formats 1 to {CHECKPOINT_FORMAT}")
-    if not isinstance(ck, dict) or not {"config", "model", "mask"} <= set(ck):
-        raise SparseWinError(f"{path} is not a sparse_win checkpoint (it lacks config, model or mask)")
-    if isinstance(ck.get("method"), dict):
-        ck["method"].pop("mask", None)  # format 1: the same state as ck["mask"]
-    return ck
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SparseWinError(f"cannot write to run directory {d}: {e.strerror or e}") from None
+    stack.callback(os.close, fd)  # closing the descriptor drops the lock
+    fcntl = importlib.util.find_spec("fcntl") and importlib.import_module("fcntl")  # POSIX only: elsewhere, no lock
+    try:
+        fcntl and fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        raise SparseWinError(f"{d} is in use by another training process (pid {holder}); wait for it to end or "
+                             f"stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
 
 def check_resume(ck: dict, path: Path, config: dict, world: int):
-    """Refuse, in one line, to resume from a checkpoint that is not this run's last.pt: a best.pt, other
-    options (an option newer than the checkpoint counts as its default), another number of processes."""
+    """Refuse in one line what is not this run's last.pt: a best.pt, other options, another number of processes."""
     if not {"run", "method", "optimizer"} <= set(ck):
         raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
     defaults = dataclasses.asdict(Config())
-    changed = [k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]]
-    if changed:
-        k = changed[0]
+    k = next((k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]), None)
+    if k is not None:
         raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
                              f"{config[k]!r}); resume with the same options")
     if ck["run"].get("world", 1) != world:
@@ -2122,8 +1778,7 @@ def check_resume(ck: dict, path: Path, config: dict, world: int):
 
 
 def write_metrics(run_dir: Path, history: list[dict]):
-    """metrics.jsonl, one strict-JSON record per epoch; the whole file atomically (an append cut short
-    by a full disk would leave half a record)."""
+    """metrics.jsonl, one strict-JSON record per epoch, rewritten whole (an append cut short leaves half a record)."""
     write_text_atomic(run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
 
 
@@ -2132,94 +1787,78 @@ def write_metrics(run_dir: Path, history: list[dict]):
 NOT_EVALUATED = dict(sa=None, ra=None, adv_loss=None)  # an epoch that --eval-every skips
 
 
-class Trainer:
-    """One training process: the model, its optimizer, method, FLOP ledger, generator and run record, and
-    the pieces of the paper's training loop that train() strings together. benchmark() times its step().
+@dataclass
+class RunState:
+    """The run's record, as last.pt holds it (a dict)."""
+    epoch: int = 0
+    best_val_ra: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # one metrics.jsonl row per epoch
+    updates: list = field(default_factory=list)  # the topology updates
+    wall: float = 0.0
+    partial: dict | None = None  # the epoch in progress at a mid-epoch save: step, sums, order
+    world: int = 1  # processes
+    ticket_flops: int = 0  # Robust Bird's stage 1
+    ticket_images: int = 0
+    thin: dict | None = None  # a channel ticket's thin_report
 
-    net is the model itself; core the one that attacks and evaluates (compiled if asked); model the one
-    the update step runs (DistributedDataParallel under torchrun). run is what last.pt resumes: epoch,
-    history, topology updates, best epoch, and the epoch in progress ('partial') at a mid-epoch save.
-    """
+
+class Trainer:
+    """One process's run around adversarial_step; net, core (attacks, evaluation), model (the update): fast_path."""
 
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
         self.cfg, self.method, self.device, self.dist = cfg, method, device, dist
         self.stop, self.run_dir, self.log = stop, run_dir, log
         net = model_for(cfg).to(device)
-        self.per_weight, self.unowned = model_flops(net, input_shape)
-        self.dense_fwd = forward_flops(self.per_weight, {n: p.numel() for n, p in prunable(net).items()}, self.unowned)
+        per_weight, unowned = model_flops(net, input_shape)  # (per weight, constant, the dense network's forward)
+        self.flops = (per_weight, unowned, forward_flops(per_weight, weight_counts(net), unowned))
         self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp  # the fast path: default on CUDA only
         self.net, self.core, self.model = fast_path(cfg, net, device.type == "cuda", dist)
         # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
-        (eps, alpha), (test_eps, test_alpha) = cfg.eps(train=True), cfg.eps(train=False)
-        self.attack = dict(eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm, generator=self.generator)
-        self.test_attack = dict(eps=test_eps, alpha=test_alpha, steps=cfg.test_steps, norm=cfg.norm,
-                                generator=self.generator, all_reduce=dist.sum_)  # always fp32 (evaluate_examples)
         self.optimizer, self.scheduler = sgd(cfg, self.net)
-        self.ledger = FlopLedger()
-        self.run = dict(epoch=0, ticket_flops=0, best_val_ra=-1.0, best_epoch=-1, history=[], updates=[], wall=0.0,
-                        partial=None, world=dist.world)
-        self.config = dataclasses.asdict(cfg)
+        self.ledger, self.run, self.config = FlopLedger(), RunState(world=dist.world), dataclasses.asdict(cfg)
         self.batches, self.eval_batches = None, {}  # training Batches; val / test / gap Batches
-        self.average: WeightAverage | None = None  # --ema-decay: from the first AT step on
-        self.fwd = None  # forward FLOPs per image at the density in force; None: count again
+        self.average, self.fwd = None, None  # --ema-decay's WeightAverage; forward FLOPs now (None: count again)
         self.t0 = time.time()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Step i of the epoch on this rank's rows of the global batch: the attack (kind pgd | fgsm-rs; none:
-        Robust Bird's stage 1, standard training with plain CE), the objective (--loss) at the weights moved
-        by AWP from --awp-warmup on, the update, the method (re-mask; every T steps a topology update), the
-        weight average. Returns (loss, adversarial logits, stop asked); a loss that is not finite on any
-        rank stops the run before it touches the weights."""
-        cfg, at = self.cfg, kind != "none"
-        trades, awp = at and cfg.loss == "trades", at and cfg.awp_gamma > 0 and self.run["epoch"] + 1 >= cfg.awp_warmup
-        amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp else nullcontext
-        masks = self.method.mask.masks if self.method.mask is not None else None
-        with amp():
-            x_adv = (trades_attack(self.core, x, **self.attack, rows=self.batches.rows) if trades
-                     else perturb(self.core, x, y, kind=kind, **self.attack, rows=self.batches.rows))
+        """Step i: adversarial_step (kind none: RB's stage 1) with the global batch's start, AWP's warmup, the checks
+        over ranks before backward, the ledger, the masks compared. Returns (loss, adversarial logits, stop asked)."""
+        cfg, (eps, alpha), stopping = self.cfg, self.cfg.eps(train=True), []
+        trades, cost = kind != "none" and cfg.loss == "trades", attack_cost(kind, self.cfg.train_steps)
+        start = (self.batches.start(x, eps=eps, norm=cfg.norm, kind="trades" if trades else "pgd",
+                                    generator=self.generator) if trades or cost else None)
 
-        def objective(f):  # (loss, logits on x_adv) of a forward f
-            if trades:
-                return trades_loss(f, x, x_adv, y, beta=cfg.trades_beta)
-            logits = f(x_adv)
-            return F.cross_entropy(logits, y), logits
-        with amp():
-            v = awp_perturbation(self.net, lambda f: objective(f)[0], gamma=cfg.awp_gamma, masks=masks,
-                                 all_reduce=self.dist.sum_) if awp else None
-        with perturbed(self.net, v):  # AWP: the gradient at w + v, then w restored exactly
-            with amp():
-                loss, logits = objective(self.model)
-            stopping, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
-                                           not torch.isfinite(loss)], self.device)  # one sync: every rank alike
+        def check(loss):  # one sync, every rank alike: a loss that is not finite on any rank stops the run here
+            stop, bad = self.dist.any([self.stop is not None and self.stop.signal is not None,
+                                       not torch.isfinite(loss)], self.device)
             if bad:
-                checkpointed = self.run_dir is not None and (self.run_dir / "last.pt").exists()
-                raise diverged(loss.item(), self.where(i), checkpointed, cfg.lr, self.amp)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.method.before_update()  # Robust Bird's channel ticket: the BatchNorm L1 subgradient in stage 1
-        self.optimizer.step()
-        if self.fwd is None:  # counted again only when the masks may have changed, not at every step
-            self.fwd = self.method.forward_flops(self.per_weight, self.unowned)  # the density in force at this step
-        passes = (2 if trades else 1) * (2 if awp else 1)  # TRADES: clean + adversarial; AWP: its ascent's too
-        self.ledger.charge(self.batches.rows[2], self.fwd, attack_cost(kind, cfg.train_steps), passes, int(trades))
-        update = self.method.after_step(self.optimizer, self.run["epoch"])
-        if update is not None:
+                raise diverged(loss.item(), self.where(i), self.run_dir, cfg.lr, self.amp)
+            stopping.append(stop)
+        # the density in force at this step, counted again only when the masks may have changed
+        self.fwd = self.fwd or self.method.forward_flops(*self.flops[:2])
+        out = adversarial_step(
+            self.net, x, y, self.optimizer, self.method, eps=eps, alpha=alpha, steps=cfg.train_steps, norm=cfg.norm,
+            kind=kind, loss=cfg.loss, beta=cfg.trades_beta, epoch=self.run.epoch, generator=self.generator,
+            awp_gamma=cfg.awp_gamma if self.run.epoch + 1 >= cfg.awp_warmup else 0.0, start=start, bf16=self.amp,
+            average=self.average if kind != "none" else None, before_backward=check, reduce=self.dist.sum_,
+            attack_model=self.core, update_model=self.model)
+        self.ledger.charge(self.batches.rows[2], self.fwd, cost, out["passes"], out["forwards"])
+        if out["update"] is not None:
             self.fwd = None
             self.dist.check_masks(self.method.mask, self.where(i))
-            self.run["updates"].append(update)
-        if at and cfg.ema_decay:  # the average of the weights as re-masked (and maybe updated) just now
-            self.average = self.average or WeightAverage(self.net, decay=cfg.ema_decay)
-            self.average.update(self.net, self.method.mask.masks if self.method.mask is not None else None)
-        return loss, logits, stopping
+            self.run.updates.append(out["update"])
+        if kind != "none" and cfg.ema_decay and self.average is None:  # from the (masked) weights of the first AT step
+            self.average = WeightAverage(self.net, decay=cfg.ema_decay)
+        return out["loss"], out["logits"], stopping[0]
 
     def epoch(self, kind: str, desc: str) -> tuple[float, float]:
-        """One epoch of AT (kind pgd | fgsm-rs) or standard training (none): the global (loss, acc %).
-        Resumes run['partial'], if any: the same permutation, the remaining batches, the running sums."""
+        """One epoch (kind: the attack): the global (loss, acc %); resumes run.partial (order, batches, sums)."""
         self.model.train()
         self.fwd = None  # a resumed or adopted mask: count from the masks in force now
-        part = self.run["partial"] or {}
+        part = self.run.partial or {}
         sums = torch.zeros(3, device=self.device)  # loss sum, correct, n: this rank's, summed at the end
         if part and self.dist.main:  # the sums of the steps before the checkpoint (all ranks') restart on rank 0
             sums += part["sums"].to(self.device)
@@ -2234,127 +1873,123 @@ class Trainer:
             bar.update(1)
             if stopping or (self.cfg.checkpoint_every and self.ledger.steps % self.cfg.checkpoint_every == 0):
                 order = self.batches.order
-                self.run["partial"] = dict(step=i, sums=self.dist.sum_(sums.clone()).cpu(),
-                                           order=None if order is None else order.cpu())
-                self.save_last()
-                self.run["partial"] = None
+                self.run.partial = dict(step=i, sums=self.dist.sum_(sums.clone()).cpu(),
+                                        order=None if order is None else order.cpu())
+                save_last(self)
+                self.run.partial = None
             if stopping:
                 raise stopped(self.stop, self.where(i))
         bar.close()
-        self.run["partial"] = None
+        self.run.partial = None
         loss_sum, correct, n = self.dist.sum_(sums).tolist()
         return loss_sum / n, 100 * correct / n
 
-    def where(self, step: int) -> str:
-        """Where step `step` of the epoch in progress is, for messages: 'epoch 3, step 5/40'."""
-        epoch = (f"ticket epoch {self.method.pretrain_epochs + 1}" if self.method.pretraining
-                 else f"epoch {self.run['epoch'] + 1}")
-        return f"{epoch}, step {step}/{len(self.batches)}"
+    def where(self, step: int) -> str:  # for messages: 'epoch 3, step 5/40'
+        m = self.method
+        stage = f"ticket epoch {m.pretrain_epochs + 1}" if m.pretraining else f"epoch {self.run.epoch + 1}"
+        return f"{stage}, step {step}/{len(self.batches)}"
 
     def start_afresh(self):
-        """The method ended its stage before AT (Robust Bird adopted its ticket): rank 0's masks on every
-        rank (a channel ticket: the thin network, the same on every rank since DDP keeps the BatchNorm
-        scales equal), the stage's cost recorded, and AT starts with a fresh optimizer and schedule."""
+        """Robust Bird's ticket adopted: rank 0's masks everywhere, stage 1's cost kept, a fresh optimizer, schedule."""
         self.dist.share_masks(self.method.mask)
         if self.method.model is not self.net:
             self.adopt(self.method.model)
-            self.run["thin"] = thin_report(self)  # measured now, on this run's batch and device
-            self.log(thin_line(self.run["thin"]))
-        self.run["ticket_flops"], self.run["ticket_images"] = self.ledger.actual, self.ledger.images
+            self.run.thin = thin_report(self.cfg, self.method, self.net, self.batches, self.amp,
+                                        self.flops)  # measured now, on this run's batch and device
+            self.log(thin_line(self.run.thin))
+        self.run.ticket_flops, self.run.ticket_images = self.ledger.actual, self.ledger.images
         self.optimizer, self.scheduler = sgd(self.cfg, self.net)
         self.fwd = None
 
     def adopt(self, net: nn.Module):
-        """Train `net` (a thinner network built by slim) from now on, in the fast path and DDP again. The
-        caller makes a new optimizer. The FLOPs per weight stay (a conv's depend on its output size only),
-        so the forward count follows the thin network's weights."""
+        """Train slim's thinner `net` from now on (the caller makes a new optimizer); FLOPs per weight stay."""
         self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
                                                     self.dist)
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
-        """SA and RA (%) and losses on the val, test or gap (training images, unaugmented) batches, of the
-        weight average when there is one (--ema-decay), else of the model."""
-        model = self.average.model if self.average is not None else self.core
-        return evaluate(model, self.eval_batches[split], **self.test_attack)
+        """SA, RA (%) and losses on the val, test or gap batches (all shards) of the average (--ema-decay) or model."""
+        (eps, alpha), b = self.cfg.eps(train=False), self.eval_batches[split]
+        start = lambda x: b.start(x, eps=eps, norm=self.cfg.norm, generator=self.generator)  # noqa: E731
+        return evaluate(self.average.model if self.average is not None else self.core, b, eps=eps, alpha=alpha,
+                        steps=self.cfg.test_steps, norm=self.cfg.norm, start=start, reduce=self.dist.sum_)
 
-    def share_buffers(self):
-        """Rank 0's BatchNorm statistics (of the model and of its average) on every rank."""
-        self.dist.share_buffers(self.net)
-        if self.average is not None:
-            self.dist.share_buffers(self.average.model)
-
-    def record(self, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
-        """The epoch's row of metrics.jsonl, written at once, and its log line."""
-        self.run["history"].append(dict(
-            epoch=self.run["epoch"], lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"],
-            val_ra=val["ra"], val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"],
-            test_adv_loss=test["adv_loss"], density=self.method.density, train_flops=self.ledger.actual,
-            train_flops_paper=self.ledger.paper, itop=self.method.itop_rate(), time=time.time() - self.t0))
-        if self.dist.main:
-            write_metrics(self.run_dir, self.run["history"])
-        self.log(epoch_line(self.run["history"][-1], self.cfg.epochs))
-
-    # -- checkpoints (rank 0 writes)
-    def save(self, obj: dict, name: str):
-        """A checkpoint; its 'model' is the weight average when there is one (what --eval and load_model read)."""
-        if self.dist.main:
-            model = (self.average.model if self.average is not None else self.net).state_dict()
-            atomic_save(dict(obj, format=CHECKPOINT_FORMAT, config=self.config, model=model), self.run_dir / name)
-
-    def save_last(self):
-        """last.pt: everything a resume needs, the mask once (under 'mask', not in the method's state)."""
-        self.run["wall"] = time.time() - self.t0
-        method = self.method.state_dict()
-        self.save(dict(mask=method.pop("mask"), channels=method.pop("channels"), method=method,
-                       raw=self.net.state_dict() if self.average is not None else None,  # the trained weights
-                       optimizer=self.optimizer.state_dict(),
-                       scheduler=self.scheduler.state_dict(), ledger=self.ledger.state_dict(), run=self.run,
-                       generator=self.generator.get_state(), torch_rng=torch.get_rng_state()), "last.pt")
-
-    def save_best(self, val_ra: float):
-        """best.pt: the model of the best validation RA so far, for --eval and load_model."""
-        self.run["best_val_ra"], self.run["best_epoch"] = val_ra, self.run["epoch"]
-        self.save(dict(mask=self.method.state_dict()["mask"], channels=self.method.channels, epoch=self.run["epoch"],
-                       val_ra=val_ra), "best.pt")
-
-    def resume(self):
-        """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
-        path = self.run_dir / "last.pt"
-        ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
-        check_resume(ck, path, self.config, self.dist.world)
-        if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
-            self.adopt(slim(model_for(self.cfg), ck["channels"]))
-            self.optimizer, self.scheduler = sgd(self.cfg, self.net)
-        self.net.load_state_dict(ck["model"] if ck.get("raw") is None else ck["raw"])
-        if ck.get("raw") is not None:  # --ema-decay: 'model' is the average
-            self.average = WeightAverage(self.net, decay=self.cfg.ema_decay)
-            self.average.load_state_dict(ck["model"])
-        self.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
-        self.optimizer.load_state_dict(ck["optimizer"])
-        for p, state in self.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p).copy_(v)
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.ledger.load_state_dict(ck["ledger"])
-        self.generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.run = {"partial": None, **ck["run"]}
-        self.log(f"resumed {self.run_dir} at epoch {self.run['epoch']}"
-                 + (f", step {self.run['partial']['step']}" if self.run["partial"] else ""))
+    def share_buffers(self):  # rank 0's BatchNorm statistics (the model's and its average's) on every rank
+        for net in [self.net] + ([self.average.model] if self.average is not None else []):
+            self.dist.share_buffers(net)
 
 
-def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
-    """Everything before the first step: the options checked, the data on the device, the run directory
-    checked and locked (rank 0), model, method and optimizer built; with --resume, last.pt's state."""
+def record(t: Trainer, lr: float, train_loss: float, train_ra: float, val: dict, test: dict):
+    """The epoch's row of metrics.jsonl, written at once, and its log line."""
+    t.run.history.append(dict(
+        epoch=t.run.epoch, lr=lr, train_loss=train_loss, train_ra=train_ra, val_sa=val["sa"], val_ra=val["ra"],
+        val_adv_loss=val["adv_loss"], test_sa=test["sa"], test_ra=test["ra"], test_adv_loss=test["adv_loss"],
+        density=t.method.density, train_flops=t.ledger.actual, train_flops_paper=t.ledger.paper,
+        itop=t.method.itop_rate(), time=time.time() - t.t0))
+    if t.dist.main:
+        write_metrics(t.run_dir, t.run.history)
+    t.log(epoch_line(t.run.history[-1], t.cfg.epochs))
+
+
+def save(t: Trainer, name: str, **obj):
+    """A checkpoint (rank 0 writes): save_model's, of the average if any (what --eval reads), config and obj."""
+    if t.dist.main:
+        save_model(t.run_dir / name, t.average.model if t.average is not None else t.net,
+                   architecture=architecture(t.cfg), mask=t.method.mask, channels=t.method.channels, save=atomic_save,
+                   config=t.config, **obj)
+
+
+def save_last(t: Trainer):
+    """last.pt: everything a resume needs."""
+    t.run.wall = time.time() - t.t0
+    method = {k: v for k, v in t.method.state_dict().items() if k not in ("mask", "channels")}
+    save(t, "last.pt", method=method, raw=t.net.state_dict() if t.average is not None else None,  # trained weights
+         optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(), ledger=t.ledger.state_dict(),
+         run=dataclasses.asdict(t.run), generator=t.generator.get_state(), torch_rng=torch.get_rng_state())
+
+
+def save_best(t: Trainer, val_ra: float):
+    """best.pt: the model of the best validation RA so far, for --eval and load_model."""
+    t.run.best_val_ra, t.run.best_epoch = val_ra, t.run.epoch
+    save(t, "best.pt", epoch=t.run.epoch, val_ra=val_ra)
+
+
+def resume(t: Trainer):
+    """last.pt's state in this freshly built run (--resume), refused unless it is this run's."""
+    path = t.run_dir / "last.pt"
+    ck = read_checkpoint(path)  # on the CPU: generator states must be CPU tensors; load_state_dict moves the rest
+    check_resume(ck, path, t.config, t.dist.world)
+    if ck.get("channels"):  # a channel ticket's thin network: rebuilt to the recorded channel counts
+        t.adopt(build_thin(architecture(t.cfg), ck["channels"]))
+        t.optimizer, t.scheduler = sgd(t.cfg, t.net)
+    t.net.load_state_dict(ck["model"] if ck.get("raw") is None else ck["raw"])
+    if ck.get("raw") is not None:  # --ema-decay: 'model' is the average
+        t.average = WeightAverage(t.net, decay=t.cfg.ema_decay)
+        t.average.load_state_dict(ck["model"])
+    t.method.load_state_dict(dict(ck["method"], mask=ck["mask"], channels=ck.get("channels")))
+    t.optimizer.load_state_dict(ck["optimizer"])
+    for p, state in t.optimizer.state.items():  # momentum in its weight's layout (CPU run resumed on CUDA)
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p).copy_(v)
+    t.scheduler.load_state_dict(ck["scheduler"])
+    t.ledger.load_state_dict(ck["ledger"])
+    t.generator.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
+    t.run = RunState(**{k: v for k, v in ck["run"].items() if k in RunState.__dataclass_fields__})
+    step = f", step {t.run.partial['step']}" if t.run.partial else ""
+    t.log(f"continuing {t.run_dir} at epoch {t.run.epoch}{step}")
+
+
+def setup(cfg: Config, log, stop: StopRequest | None, lock: contextlib.ExitStack) -> Trainer:
+    """Everything before the first step: options, data on the device, the run directory locked (rank 0), last.pt."""
     dist = Dist()
     validate(cfg, world=dist.world)
     method = method_for(cfg)
     cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones,  # recorded as used
                               eb_threshold=cfg.eb_threshold_used)
     log = log if dist.main else (lambda *a, **k: None)
-    run_dir = check_run_dir(cfg)
+    run_dir, resuming = check_run_dir(cfg, dist.world)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
@@ -2362,7 +1997,7 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     refused = None
     if dist.main:
         try:
-            lock.acquire(make_run_dir(run_dir))  # a second process on this directory stops here (exit 2)
+            take_run_dir(run_dir, lock)  # a second process on this directory stops here (exit 2)
         except SparseWinError as e:
             refused = e
     if dist.any([refused is not None], device)[0]:  # every rank stops, not only rank 0
@@ -2370,22 +2005,26 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: RunLock) -> Trainer:
     t = Trainer(cfg, method, device=device, dist=dist, input_shape=tuple(data["train"][0].shape[1:]), stop=stop,
                 run_dir=run_dir, log=log)
     t.batches, t.eval_batches = batches_for(cfg, data, t.generator, dist)
-    method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
-    if cfg.resume:
-        t.resume()
+    with warnings.catch_warnings(record=True) as caught:  # the library's warnings, as one line each
+        warnings.simplefilter("always")
+        method.start(t.net, total_steps=cfg.epochs * len(t.batches), epochs=cfg.epochs)
+    for w in caught:
+        log(f"warning: {w.message}")
+    if dist.agree(resuming, device, "whether --out holds a run to continue"):
+        resume(t)
+    else:
+        log(f"starting {run_dir}")
     dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
     if dist.main:
-        write_metrics(run_dir, t.run["history"])
+        write_metrics(run_dir, t.run.history)
         write_text_atomic(run_dir / "config.json", strict_json(t.config, indent=1))
-    t.t0 = time.time() - t.run["wall"]
+    t.t0 = time.time() - t.run.wall
     return t
 
 
 def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
-    """Run one experiment end to end, the paper's sparse AT loop for the configured method; returns the
-    summary (also written to summary.json). Under torchrun every rank runs this; rank 0 alone logs,
-    writes files and holds the run directory's lock."""
-    with RunLock() as lock:
+    """One run end to end, the paper's sparse AT loop, on every rank (rank 0 logs and writes): summary.json's dict."""
+    with contextlib.ExitStack() as lock:
         t = setup(cfg, log, stop, lock)
         cfg, method, run, dist = t.cfg, t.method, t.run, t.dist
         while method.pretraining:  # Robust Bird's stage 1: standard training until the ticket emerges
@@ -2393,32 +2032,32 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
             dist.share_buffers(t.net)  # rank 0's weights = every rank's (DDP)
             if dist.agree(method.end_pretrain_epoch(t.net, loss, acc, t.log), t.device, "the early-bird decision"):
                 t.start_afresh()  # the ticket is adopted: prune, keep the weights, AT from a fresh optimizer
-            t.save_last()
+            save_last(t)
 
-        while run["epoch"] < cfg.epochs:  # AT: attack, update, re-mask; every T steps prune and regrow (FB, FB+)
-            if cfg.stop_after_epoch and run["epoch"] >= cfg.stop_after_epoch:
-                t.log(f"stopped after epoch {run['epoch']} as asked; continue with --resume")
-                return dict(stopped_at=run["epoch"])
+        while run.epoch < cfg.epochs:  # AT: attack, update, re-mask; every T steps prune and regrow (FB, FB+)
+            if cfg.stop_after_epoch and run.epoch >= cfg.stop_after_epoch:
+                t.log(f"stopped after epoch {run.epoch} as asked; continue with --resume")
+                return dict(stopped_at=run.epoch)
             lr = t.optimizer.param_groups[0]["lr"]
-            train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run['epoch'] + 1}")
+            train_loss, train_ra = t.epoch(cfg.train_attack, f"epoch {run.epoch + 1}")
             t.scheduler.step()
             t.share_buffers()  # rank 0's BatchNorm statistics: every rank evaluates (and saves) one model
-            run["epoch"] += 1
-            evaluated = run["epoch"] % cfg.eval_every == 0 or run["epoch"] == cfg.epochs  # --eval-every, and the last
+            run.epoch += 1
+            evaluated = run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs  # --eval-every, and the last
             val, test = (t.evaluate("val"), t.evaluate("test")) if evaluated else (NOT_EVALUATED, NOT_EVALUATED)
             if evaluated:
                 method.end_epoch(train_ra, val)  # FB+ records the robust gap and the val adversarial loss
-            t.record(lr, train_loss, train_ra, val, test)
-            if evaluated and val["ra"] > run["best_val_ra"]:  # best = highest *validation* RA (never the test set)
-                t.save_best(val["ra"])
-            t.save_last()
+            record(t, lr, train_loss, train_ra, val, test)
+            if evaluated and val["ra"] > run.best_val_ra:  # best = highest *validation* RA (never the test set)
+                save_best(t, val["ra"])
+            save_last(t)
 
         train_final = t.evaluate("gap")  # robust generalization gap: train RA (eval mode, no augmentation) - test RA
-        summary = summarize(t, train_final["ra"])
+        summary = summarize(cfg, t.run, t.ledger, method, t.flops, train_final["ra"])
         if dist.main:
             summary.update(final_eval(cfg, t.run_dir, t.log))  # --final-eval autoattack: AA of best.pt and last.pt
             write_text_atomic(t.run_dir / "summary.json", strict_json(summary, indent=1))
-            plot_curves(run["history"], summary["fbplus_events"], t.run_dir / "curves.png", t.log)
+            plot_curves(run.history, summary["fbplus_events"], t.run_dir / "curves.png", t.log)
         t.log(format_table([summary]))
         return summary
 
@@ -2426,11 +2065,12 @@ def train(cfg: Config, log=print, stop: StopRequest | None = None) -> dict:
 def stopped(stop: StopRequest | None, where: str) -> RunError:
     name = signal.Signals(stop.signal).name if stop is not None and stop.signal else "SIGTERM"  # another rank's
     return RunError(f"stopped by {name} at {where}; last.pt holds this step: continue with the same command and "
-                    f"--resume", INTERRUPTED if name == "SIGINT" else TERMINATED)
+                    f"--resume (or --resume auto)", INTERRUPTED if name == "SIGINT" else TERMINATED)
 
 
-def diverged(loss: float, where: str, checkpointed: bool, lr: float, amp: bool) -> RunError:
-    kept = "last.pt and best.pt hold the last good checkpoint" if checkpointed else "no checkpoint had been written yet"
+def diverged(loss: float, where: str, run_dir: Path | None, lr: float, amp: bool) -> RunError:
+    kept = ("last.pt and best.pt hold the last good checkpoint" if run_dir is not None and
+            (run_dir / "last.pt").exists() else "no checkpoint had been written yet")
     return RunError(f"training diverged: the loss is {loss} at {where}; {kept}; try a smaller --lr (now {lr:g})"
                     + (" or --no-amp" if amp else ""), DIVERGED)
 
@@ -2455,37 +2095,47 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(t: Trainer, train_final_ra: float) -> dict:
-    """The paper's table row (Table 1 layout) plus density, ITOP rate and FLOP ratios."""
-    cfg, run, ledger, method, dense_fwd = t.cfg, t.run, t.ledger, t.method, t.dense_fwd
-    final_fwd = method.forward_flops(t.per_weight, t.unowned)
-    h = run["history"]
-    best, final = h[run["best_epoch"] - 1], h[-1]
+def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, flops: tuple, train_ra: float):
+    """The paper's Table 1 row plus density, ITOP rate and FLOP ratios; flops: (per_weight, unowned, dense forward)."""
+    final_fwd, dense_fwd = method.forward_flops(*flops[:2]), flops[2]
+    best, final = run.history[run.best_epoch - 1], run.history[-1]
     return dict(
         method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, sparsity=cfg.sparsity,
-        best_epoch=run["best_epoch"], epochs=len(h), milestones=list(cfg.milestones),
+        best_epoch=run.best_epoch, epochs=len(run.history), milestones=list(cfg.milestones),
         ra_best=best["test_ra"], ra_final=final["test_ra"], ra_diff=best["test_ra"] - final["test_ra"],
         sa_best=best["test_sa"], sa_final=final["test_sa"], sa_diff=best["test_sa"] - final["test_sa"],
         train_flops=ledger.actual, train_flops_paper=ledger.paper,
         # paper convention, vs dense AT over the same AT epochs (Robust Bird's stage 1 included above)
         train_flops_dense_ratio=ledger.paper / (3 * (attack_cost(cfg.train_attack, cfg.train_steps) + 1)
-                                                * dense_fwd * (ledger.images - run.get("ticket_images", 0))),
+                                                * dense_fwd * (ledger.images - run.ticket_images)),
         inference_flops=final_fwd, inference_flops_dense=dense_fwd, inference_ratio=final_fwd / dense_fwd,
-        robust_gap=train_final_ra - final["test_ra"], train_ra_final=train_final_ra,
+        robust_gap=train_ra - final["test_ra"], train_ra_final=train_ra,
         final_density=method.density, itop_rate=method.itop_rate(),
-        ticket_flops=run["ticket_flops"], topology_updates=len(run["updates"]),
+        ticket_flops=run.ticket_flops, topology_updates=len(run.updates),
         ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
-        thin=run.get("thin"),  # channel ticket: the thin network's size and measured speed (thin_report)
-        updates=run["updates"],  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
-        **method.summary(),
-        wall_seconds=run["wall"])
+        thin=run.thin,  # channel ticket: the thin network's size and measured speed (thin_report)
+        active_weights=sum(method.layer_counts().values()), **small_dense(cfg, final_fwd),
+        updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        **method.summary(), wall_seconds=run.wall)
+
+
+def small_dense(cfg: Config, fwd: int) -> dict:
+    """--mode small-dense: the width, the weights matched (allocate_counts') and forward FLOPs x full width."""
+    if cfg.mode != "small-dense":
+        return {}
+    info, full = DATASETS[cfg.dataset], build_model(**architecture(cfg, matched=False))
+    per_weight, unowned = model_flops(full, (info["channels"], info["size"], info["size"]))
+    counts = weight_counts(full)
+    total = sum(counts.values())
+    return dict(width=architecture(cfg)["width"], inference_ratio_full_width=fwd / forward_flops(per_weight, counts,
+                unowned), matched_weights=min(total, max(len(counts), round(cfg.density * total))))
 
 
 def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
     """Median wall time of fn() over `reps` calls, after two warm-up calls (CUDA: synchronized)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    for i in range(reps + 2):
+    for _ in range(reps + 2):
         sync()
         t0 = time.perf_counter()
         fn()
@@ -2495,42 +2145,27 @@ def seconds(fn, *, device: torch.device, reps: int = 5) -> float:
 
 
 def step_seconds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: dict, amp: bool) -> tuple[float, float]:
-    """(seconds of one PGD AT step, seconds of one inference forward) of `net` on the batch (x, y), measured on
-    a copy (its weights, BatchNorm statistics and the caller's random streams are left alone)."""
+    """(seconds of a PGD AT step, of an inference forward) of `net` on (x, y), measured on a copy of it."""
     net, dev = copy.deepcopy(net), x.device
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    gen = torch.Generator(dev).manual_seed(0)
-    amp_ctx = lambda: torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()  # noqa: E731
-
-    def at_step():
-        with amp_ctx():
-            loss = F.cross_entropy(net(pgd(net.train(), x, y, **attack, generator=gen)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def inference():
-        with torch.no_grad(), amp_ctx():
-            net.eval()(x)
-    return seconds(at_step, device=dev), seconds(inference, device=dev)
+    opt, gen = torch.optim.SGD(net.parameters(), lr=0.0), torch.Generator(dev).manual_seed(0)
+    at_step = seconds(lambda: adversarial_step(net.train(), x, y, opt, generator=gen, bf16=amp, **attack), device=dev)
+    with torch.no_grad(), autocast(dev.type, amp):
+        return at_step, seconds(lambda: net.eval()(x), device=dev)
 
 
-def thin_report(t: Trainer) -> dict:
-    """A channel ticket's thin network against the full dense one, in the run: channels kept, weight density,
-    parameters and forward FLOPs (model_flops) as fractions of dense, and the measured seconds of one PGD-10 AT
-    step and of one inference forward at the run's batch size, device and precision (step_seconds)."""
-    cfg, full = t.cfg, model_for(t.cfg).to(t.device)
-    if next(t.net.parameters()).is_contiguous(memory_format=torch.channels_last):
+def thin_report(cfg: Config, method: Method, net: nn.Module, batches: Batches, amp: bool, flops: tuple) -> dict:
+    """A channel ticket's thin network x the full one: channels, weights, parameters, FLOPs, measured seconds."""
+    full = model_for(cfg).to(batches.x.device)
+    if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
         full = full.to(memory_format=torch.channels_last)  # both in the layout the run trains in
-    groups = bn_gammas(full)
-    kept, total = sum(t.method.channels.values()), sum(g.numel() for g in groups.values())
-    x, y = t.batches.x[:cfg.batch_size].float().div(255), t.batches.y[:cfg.batch_size]
-    attack = dict({k: v for k, v in t.attack.items() if k != "generator"}, steps=10)  # PGD-10, the paper's
-    thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=t.amp) for n in (t.net, full))
+    kept, total = sum(method.channels.values()), sum(g.numel() for g in bn_gammas(full).values())
+    x, y = batches.x[:cfg.batch_size].float().div(255), batches.y[:cfg.batch_size]
+    attack = dict(zip(("eps", "alpha"), cfg.eps(train=True)), norm=cfg.norm, steps=10)  # PGD-10, the paper's
+    thin_s, dense_s = (step_seconds(n, x, y, attack=attack, amp=amp) for n in (net, full))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return dict(channels=dict(t.method.channels), channel_sparsity=1 - kept / total,
-                weight_density=t.method.density, params_ratio=count(t.net) / count(full),
-                flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd, batch=len(y),
+    return dict(channels=dict(method.channels), channel_sparsity=1 - kept / total,
+                weight_density=method.density, params_ratio=count(net) / count(full),
+                flops_ratio=method.forward_flops(*flops[:2]) / flops[2], batch=len(y),
                 at_step_s=thin_s[0], at_step_dense_s=dense_s[0], at_speedup=dense_s[0] / thin_s[0],
                 inference_s=thin_s[1], inference_dense_s=dense_s[1], inference_speedup=dense_s[1] / thin_s[1])
 
@@ -2543,12 +2178,10 @@ def thin_line(r: dict) -> str:
             f"vs {r['inference_dense_s'] * 1e3:.1f} ms ({r['inference_speedup']:.2f}x)")
 
 
-def objective_name(cfg: Config) -> str:
-    """The AT objective and regularizers of a run, e.g. 'TRADES (beta 6) + AWP (gamma 0.005 from epoch 10)'."""
-    parts = [f"TRADES (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else "PGD-AT"]
-    parts += [f"AWP (gamma {cfg.awp_gamma:g} from epoch {cfg.awp_warmup})"] if cfg.awp_gamma else []
-    parts += [f"EMA ({cfg.ema_decay:g})"] if cfg.ema_decay else []
-    return " + ".join(parts)
+def objective_name(cfg: Config) -> str:  # the AT objective and regularizers, e.g. 'TRADES (beta 6) + EMA (0.999)'
+    return " + ".join([f"TRADES (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else "PGD-AT"]
+                      + ([f"AWP (gamma {cfg.awp_gamma:g} from epoch {cfg.awp_warmup})"] if cfg.awp_gamma else [])
+                      + ([f"EMA ({cfg.ema_decay:g})"] if cfg.ema_decay else []))
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -2558,8 +2191,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table in the paper's layout (accuracies in %, FLOPs real, per image for inference); below it,
-    for a channel ticket's run, what its thin network measured (thin_line)."""
+    """Markdown, the paper's layout (accuracies %, FLOPs real, inference per image); below, any thin network's line."""
     aa = any("ra_aa_best" in r for r in rows)  # --final-eval autoattack
     head = ["method", "RA best", "RA final", "diff", "SA best", "SA final", "diff", "train FLOPs",
             "inference FLOPs (x dense)", "robust gen. gap", "density", "ITOP"] + (["AA best", "AA final"] if aa else [])
@@ -2584,19 +2216,16 @@ def plot_curves(history: list[dict], events: list[dict], path: Path, log=print):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_ra", "train RA"), ("test_sa", "test SA"), ("test_ra", "test RA")):
-        points = [(r["epoch"], r[key]) for r in history if r[key] is not None]  # --eval-every: evaluated epochs
-        ax.plot(*zip(*points), label=label)
+        ax.plot(*zip(*[(r["epoch"], r[key]) for r in history if r[key] is not None]), label=label)  # --eval-every
     for i, e in enumerate(events):
-        color = "tab:red" if e["prune"] else "tab:green"
-        ax.axvline(e["epoch"] + 0.5, color=color, ls=":", lw=1,
+        ax.axvline(e["epoch"] + 0.5, color="tab:red" if e["prune"] else "tab:green", ls=":", lw=1,
                    label=None if i else "FB+ extra prune (red) / grow (green)")
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.legend()
     save_figure(fig, path)
 
 
-def save_figure(fig, path: Path):
-    """The figure as a PNG, rendered in memory and written with write_atomic; the figure is closed."""
+def save_figure(fig, path: Path):  # as a PNG rendered in memory, written with write_atomic; the figure is closed
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.tight_layout()
@@ -2607,49 +2236,99 @@ def save_figure(fig, path: Path):
 
 # ----------------------------------------------------------------------------- evaluate a checkpoint
 
+AA_MISSING = "AutoAttack needs the pyautoattack package: pip install pyautoattack"
 EVAL_OVERRIDES = {"test_eps", "test_alpha", "norm", "data_dir", "download", "batch_size"}  # --eval flags over the run's
+
+
+def autoattack_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    version: str = "standard", attacks: list[str] | None = None, iters: int = 0,
+                    batch_size: int = 250, seed: int = 0, done: dict | None = None, on_batch=None) -> dict:
+    """AutoAttack (Croce & Hein 2020, pyautoattack) on x in [0, 1]: {'robust': per example, 'flags': its warnings};
+    'custom' runs `attacks`; iters > 0: their iterations (quick checks). `done` (an interrupted call's result) is
+    skipped, on_batch(result so far) runs after each batch. pyautoattack seeds torch's global generator."""
+    import logging
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise SparseWinError(AA_MISSING) from None
+    aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version, attacks=attacks,
+                    seed=seed, device=x.device)
+    if iters:
+        aa.fab.n_iter = aa.fab.n_iter_orig = aa.square.n_queries = iters
+        for attack in (aa.apgd, aa.apgd_targeted):  # and the step-size checkpoints, as APGD's constructor sets them
+            attack.n_iter = attack.n_iter_orig = iters
+            attack.n_iter_2, attack.n_iter_min, attack.size_decr = (max(int(f * iters), 1) for f in (0.22, 0.06, 0.03))
+    result = dict(robust=list(done["robust"]), flags=list(done["flags"])) if done else dict(robust=[], flags=[])
+
+    class Flags(logging.Handler):  # AutoAttack's own warnings (randomized or dynamic defence, Square better...)
+        def emit(self, record):
+            if record.getMessage() not in result["flags"]:
+                result["flags"].append(record.getMessage())
+    aa.logger.addHandler(handler := Flags(logging.WARNING))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(result["robust"]), len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            _, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=batch_size)
+            result["robust"] += (y_adv == yb).tolist()  # wrong clean or broken: the prediction is not y
+            if on_batch is not None:
+                on_batch(result)
+    finally:
+        aa.logger.removeHandler(handler)
+        model.train(was_training)
+    return result
+
+
+def masking_checks(model: nn.Module, batches, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                   seed: int = 0, tol: float = 1.0) -> dict[str, dict]:
+    """Gradient-masking checks (Carlini et al. 2019, Sec. 5) on PGD's output accuracy (%), from one seed's start: eps 0
+    changes nothing; more steps or 2x eps never raise RA by > tol; eps = the whole box leaves RA <= tol."""
+    x0 = next(iter(batches))[0]
+    big = 1.0 if norm == "linf" else math.sqrt(x0[0].numel())  # L-inf / L2 diameter of [0, 1]^d
+
+    def run(e, a, k):
+        ex = evaluate_examples(model, batches, eps=e, alpha=a, steps=k, norm=norm,
+                               generator=torch.Generator(x0.device).manual_seed(seed))
+        return ex, 100 * ex["robust"].double().mean().item()
+    (zero, ra0), (_, ra1), (_, ra), (_, ra2), (_, ra_big) = (
+        run(0.0, 0.0, 1), run(eps, alpha, 1), run(eps, alpha, steps), run(2 * eps, 2 * alpha, steps),
+        run(big, 2.5 * big / steps, steps))  # 2.5 eps / K: Madry et al.'s step size for the unbounded run
+    differ, sa = int((zero["robust"] != zero["clean"]).sum()), 100 * zero["clean"].double().mean().item()
+    n = len(zero["clean"])
+    return dict(
+        eps0_equals_clean=dict(ok=differ == 0, changed=differ, examples=n, sa=sa, ra=ra0,
+                               detail=f"at eps 0, {differ} of {n} predictions changed (SA {sa:.2f}, RA {ra0:.2f})"),
+        ra_falls_with_steps=dict(ok=ra <= ra1 + tol, ra_1_step=ra1, ra=ra, steps=steps,
+                                 detail=f"RA {ra1:.2f} after 1 step, {ra:.2f} after {steps}"),
+        ra_falls_with_eps=dict(ok=ra2 <= ra + tol, ra=ra, ra_2eps=ra2,
+                               detail=f"RA {ra:.2f} at eps {eps:.4g}, {ra2:.2f} at {2 * eps:.4g}"),
+        unbounded_ra_zero=dict(ok=ra_big <= tol, eps=big, ra=ra_big,
+                               detail=f"RA {ra_big:.2f} at eps {big:.4g} (the whole input box)"),
+    )
+
+
+def aa_checks(ra_pgd: float | None, ra_aa: float | None, flags: list[str], tol: float = 1.0) -> dict[str, dict]:
+    """AutoAttack RA <= PGD RA (+ tol), and no warning from AutoAttack's own checks; ok None when not run."""
+    if ra_aa is None:
+        return dict(aa_not_above_pgd=dict(ok=None, detail="AutoAttack not run"),
+                    autoattack_flags=dict(ok=None, flags=[], detail="AutoAttack not run"))
+    return dict(
+        aa_not_above_pgd=dict(ok=None if ra_pgd is None else ra_aa <= ra_pgd + tol, ra_aa=ra_aa, ra_pgd=ra_pgd,
+                              detail="PGD not run" if ra_pgd is None else
+                              f"AutoAttack RA {ra_aa:.2f}, PGD RA {ra_pgd:.2f}"),
+        autoattack_flags=dict(ok=not flags, flags=list(flags), detail="; ".join(flags) or "none"))
 
 
 def config_of(ck: dict, **overrides) -> Config:
     """The run's Config from its checkpoint, with `overrides`; fields newer than the checkpoint take defaults."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in ck["config"].items() if k in names}
-    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", **overrides}))
-
-
-def model_from_checkpoint(ck: dict, cfg: Config, path) -> tuple[nn.Module, dict | None]:
-    """The checkpoint's model on the CPU in eval mode, and its masks (None: dense). Every masked weight must be 0."""
-    net = model_for(cfg)
-    if ck.get("channels"):  # a channel ticket's thin network (Robust Bird --ticket channel)
-        net = slim(net, ck["channels"])
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError:
-        raise SparseWinError(f"{path}: the weights do not fit a {cfg.arch} (width {cfg.width}) for {cfg.dataset}") \
-            from None
-    masks = ck["mask"]["masks"] if ck["mask"] else None
-    if masks is not None:
-        weights = prunable(net)
-        if set(masks) != set(weights) or any(masks[n].shape != weights[n].shape for n in weights):
-            raise SparseWinError(f"{path}: its mask does not fit the model's conv and linear weights")
-        alive = sum(int(weights[n].detach()[~masks[n]].count_nonzero()) for n in weights)
-        if alive:
-            raise SparseWinError(f"{path}: {alive} masked weights are not zero; the checkpoint is corrupt")
-    return net.eval(), masks
-
-
-def load_model(path, *, device="cpu") -> nn.Module:
-    """The trained model of a checkpoint (best.pt, last.pt, or a run directory = its best.pt), for attacks:
-    eval mode, masked weights checked to be zero, normalization inside, inputs in [0, 1], logits out (the
-    RobustBench / torchattacks convention)."""
-    path = find_checkpoint(path)
-    ck = read_checkpoint(path)
-    return model_from_checkpoint(ck, config_of(ck), path)[0].to(device)
+    values = {k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+    return validate(Config(**{**values, "eval": "", "final_eval": "none", "device": "auto", "resume": "no",
+                              **overrides}))  # resume: true / false before --resume auto
 
 
 def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float, float]:
-    """(mask density, fraction of conv/linear weights that are non-zero); an active weight may be zero too.
-    Both count against `full` weights when given (a thin network against its full architecture)."""
+    """(mask density, fraction of nonzero conv/linear weights), of `full` weights if given (a thin network's)."""
     weights = prunable(net)
     total = sum(w.numel() for w in weights.values())
     active = sum(int(m.sum()) for m in masks.values()) if masks else total
@@ -2657,44 +2336,34 @@ def density_of(net: nn.Module, masks: dict | None, full: int = 0) -> tuple[float
 
 
 class EvalProgress:
-    """The finished parts of one evaluation, saved atomically after each part (and each AutoAttack
-    batch), so that the same --eval after an interruption continues where it stopped."""
+    """The finished parts of one --eval, saved after each (and each AutoAttack batch) for a rerun to continue."""
 
     def __init__(self, path: Path, key: dict, log=print):
         self.path, self.key, self.done = path, key, {}
-        try:
-            state = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            state = {}
-        if state.get("key") == key:
-            self.done = state["done"]
-            log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
+        with contextlib.suppress(OSError, ValueError):  # none saved, or unreadable: from the start
+            state = json.loads(path.read_text())
+            if state.get("key") == key:
+                self.done = state["done"]
+                log(f"continuing the evaluation saved in {path} (done: {', '.join(self.done) or 'nothing'})")
 
-    def save(self):
+    def put(self, name: str, value):
+        self.done[name] = value
         write_text_atomic(self.path, strict_json(dict(key=self.key, done=self.done), indent=1))
 
-    def part(self, name: str, compute):
+    def part(self, name: str, compute):  # done[name], computed once; compute may save done[name + "_partial"]
         if name not in self.done:
-            self.done[name] = compute()
-            self.save()
+            value = compute()
+            self.done.pop(name + "_partial", None)
+            self.put(name, value)
         return self.done[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def eval_filename(ck_path: Path, *, split, subset, steps, restarts, attack, aa_version, aa_iters, overrides) -> str:
+def eval_filename(ck_path: Path, key: dict, overrides: dict) -> str:
     """eval-<checkpoint>-<split>-<images>-<attacks>[-<overridden eps, alpha, norm>].json"""
-    parts = [ck_path.stem, split, f"n{subset}" if subset else "all"]
-    if attack != "autoattack":
-        parts.append(f"pgd{steps}x{restarts}")
-    if attack != "pgd":
-        parts.append(f"aa-{aa_version}" + (f"-i{aa_iters}" if aa_iters else ""))
+    parts = [ck_path.stem, key["split"], f"n{key['subset']}" if key["subset"] else "all"]
+    parts += [f"pgd{key['steps']}x{key['restarts']}"] if key["attack"] != "autoattack" else []
+    if key["attack"] != "pgd":
+        parts.append(f"aa-{key['aa_version']}" + (f"-i{key['aa_iters']}" if key["aa_iters"] else ""))
     parts += [f"{k.removeprefix('test_')}{overrides[k]:g}" for k in ("test_eps", "test_alpha") if k in overrides]
     parts += [overrides["norm"]] if "norm" in overrides else []
     return "eval-" + "-".join(parts) + ".json"
@@ -2704,115 +2373,96 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
                         attack: str = "all", aa_version: str = "standard", aa_iters: int = 0,
                         check_subset: int = 1000, seed: int = 0, device: str = "auto", force: bool = False,
                         reuse: bool = False, overrides: dict | None = None, log=print) -> dict:
-    """--eval: clean accuracy, PGD with restarts, AutoAttack and the gradient-masking checks of a checkpoint.
-
-    Model, data, eps, step size and norm come from the checkpoint's config; `overrides` replaces
-    config fields (EVAL_OVERRIDES). Writes eval-<checkpoint>-<options>.json beside the checkpoint
-    (refused when it exists, unless force; reuse returns it when made from the same checkpoint and
-    options) and returns its content. Progress goes to the same name with .partial.json.
-    """
-    t0 = time.time()
-    ck_path = find_checkpoint(path)
+    """--eval: SA, PGD, AutoAttack and gradient-masking checks of a checkpoint, as its config (with EVAL_OVERRIDES)
+    says, into eval-<checkpoint>-<options>.json (force: overwrite; reuse: return one of the same key)."""
+    t0, ck_path = time.time(), Path(find_checkpoint(path))
     ck = read_checkpoint(ck_path)
     overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
     cfg = config_of(ck, device=device, **overrides)
-    out = ck_path.with_name(eval_filename(ck_path, split=split, subset=subset, steps=steps, restarts=restarts,
-                                          attack=attack, aa_version=aa_version, aa_iters=aa_iters, overrides=overrides))
-    key = dict(checkpoint_sha256=_sha256(ck_path), split=split, subset=subset, steps=steps, restarts=restarts,
-               attack=attack, aa_version=aa_version, aa_iters=aa_iters, check_subset=check_subset, seed=seed,
-               eps=cfg.eps(train=False)[0], alpha=cfg.eps(train=False)[1], norm=cfg.norm)
+    (eps, alpha), dev = cfg.eps(train=False), resolve_device(cfg.device)
+    opts = dict(steps=steps, restarts=restarts, attack=attack, aa_version=aa_version, aa_iters=aa_iters,
+                check_subset=check_subset, seed=seed)
+    key = dict(checkpoint_sha256=hashlib.sha256(ck_path.read_bytes()).hexdigest(), split=split, subset=subset, **opts,
+               eps=eps, alpha=alpha, norm=cfg.norm)
+    out = ck_path.with_name(eval_filename(ck_path, key, overrides))
     if out.exists() and reuse and json.loads(out.read_text()).get("key") == key:
         return json.loads(out.read_text())
     if out.exists() and not (force or reuse):
         raise SparseWinError(f"{out} exists; pass --force to overwrite it")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise SparseWinError(f"cannot write the results to {out.parent}: not a writable directory")
-    if attack != "pgd":
-        _import_autoattack()  # fail now, not after the PGD part
-    dev = resolve_device(cfg.device)
-    net, masks = model_from_checkpoint(ck, cfg, ck_path)
+    need(attack == "pgd" or importlib.util.find_spec("pyautoattack") is not None, AA_MISSING)  # now, not after PGD
+    net, masks = model_from_checkpoint(ck, ck_path, architecture(cfg))
     net = net.to(dev)
-    density, nonzero = density_of(net, masks, sum(w.numel() for w in prunable(model_for(cfg)).values()))
+    density, nonzero = density_of(net, masks, sum(weight_counts(model_for(cfg)).values()))
     data = load_data(cfg)
     if split == "train":  # the run's training images (its --train-subset), unaugmented: the robust gap's
         data["train"] = tuple(t[:cfg.train_subset or None] for t in data["train"])
     x, y = (t[:subset or None].to(dev) for t in data[split])
-    bs = overrides.get("batch_size") or max(cfg.batch_size, 256)  # as train() evaluates: the same SA, bit for bit
-    eps, alpha = cfg.eps(train=False)
+    bs = overrides.get("batch_size") or cfg.eval_batch_size  # as train() evaluates: the same SA, bit for bit
     progress = EvalProgress(out.with_name(out.stem + ".partial.json"), key, log)
+    first, checks, aa = eval_parts(net, x, y, progress, cfg, bs=bs, **opts)
+    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
+    ra_pgd, ra_aa = pct(first["robust"]) if attack != "autoattack" else None, pct(aa["robust"]) if aa else None
+    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
+    failed = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
+              if c["ok"] is False]
+    result = dict(
+        file=out.name, checkpoint=str(ck_path.resolve()), epoch=ck["epoch"] if "epoch" in ck else ck["run"]["epoch"],
+        key=key, method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch,
+        width=architecture(cfg)["width"], sparsity=cfg.sparsity, density=density, nonzero_density=nonzero,
+        masked_weights_zero=True, split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm,
+        seed=seed, sa=pct(first["clean"]), loss=first["loss"],
+        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
+        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
+        checks=checks, warnings=failed, wall_seconds=time.time() - t0)
+    write_text_atomic(out, strict_json(result, indent=1))
+    progress.path.unlink(missing_ok=True)
+    for w in failed + [format_eval_table(result), f"wrote {out}"]:
+        log(w)
+    return result
 
-    def pgd_part():  # worst case per example over the restarts and the clean input (as AutoAttack counts)
+
+def eval_parts(net, x, y, progress: EvalProgress, cfg: Config, *, bs, steps, restarts, attack, aa_version, aa_iters,
+               check_subset, seed) -> tuple[dict, dict, dict | None]:
+    """evaluate_checkpoint's parts, each saved when done: PGD (worst case over restarts), the checks, AutoAttack."""
+    (eps, alpha), dev = cfg.eps(train=False), x.device
+
+    def pgd_part():
         ex = evaluate_examples(net, Batches(x, y, batch_size=bs), eps=eps, alpha=alpha,
                                steps=steps if attack != "autoattack" else 0, norm=cfg.norm, restarts=restarts,
                                generator=torch.Generator(dev).manual_seed(seed))
         return dict(clean=ex["clean"].tolist(), robust=(ex["clean"] & ex["robust"]).tolist(),
                     loss=ex["loss"].mean().item(), adv_loss=ex["adv_loss"].mean().item())
     first = progress.part("pgd", pgd_part)
-    n_check = check_subset or len(y)
+    n = check_subset or len(y)
     checks = progress.part("checks", lambda: masking_checks(
-        net, Batches(x[:n_check], y[:n_check], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm,
-        seed=seed))
-
-    def aa_part():
-        def save(partial):
-            progress.done["autoattack_partial"] = partial
-            progress.save()
-        result = autoattack_eval(net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version,
-                                 iters=aa_iters, batch_size=bs, seed=seed,
-                                 done=progress.done.get("autoattack_partial"), on_batch=save)
-        progress.done.pop("autoattack_partial", None)
-        return result
-    aa = progress.part("autoattack", aa_part) if attack != "pgd" else None
-
-    pct = lambda bits: 100 * sum(bits) / len(bits) if bits else 0.0  # noqa: E731
-    ra_pgd = pct(first["robust"]) if attack != "autoattack" else None
-    ra_aa = pct(aa["robust"]) if aa else None
-    checks = {**checks, **aa_checks(ra_pgd, ra_aa, aa["flags"] if aa else [])}
-    warnings = [f"warning: gradient-masking check {k} failed: {c['detail']}" for k, c in checks.items()
-                if c["ok"] is False]
-    epoch = ck["epoch"] if "epoch" in ck else ck["run"]["epoch"]
-    result = dict(
-        file=out.name, checkpoint=str(ck_path.resolve()), epoch=epoch, key=key,
-        method=METHOD[cfg.mode], mode=cfg.mode, dataset=cfg.dataset, arch=cfg.arch, width=cfg.width,
-        sparsity=cfg.sparsity, density=density, nonzero_density=nonzero, masked_weights_zero=True,
-        split=split, examples=len(y), device=str(dev), eps=eps, alpha=alpha, norm=cfg.norm, seed=seed,
-        sa=pct(first["clean"]), loss=first["loss"],
-        pgd=dict(steps=steps, restarts=restarts, ra=ra_pgd, adv_loss=first["adv_loss"]) if ra_pgd is not None else None,
-        autoattack=dict(version=aa_version, iters=aa_iters or None, ra=ra_aa, flags=aa["flags"]) if aa else None,
-        checks=checks, warnings=warnings, wall_seconds=time.time() - t0)
-    write_text_atomic(out, strict_json(result, indent=1))
-    progress.path.unlink(missing_ok=True)
-    for w in warnings:
-        log(w)
-    log(format_eval_table([result]))
-    log(f"wrote {out}")
-    return result
+        net, Batches(x[:n], y[:n], batch_size=bs), eps=eps, alpha=alpha, steps=steps, norm=cfg.norm, seed=seed))
+    if attack == "pgd":
+        return first, checks, None
+    return first, checks, progress.part("autoattack", lambda: autoattack_eval(
+        net, x.float() / 255, y, eps=eps, norm=cfg.norm, version=aa_version, iters=aa_iters, batch_size=bs, seed=seed,
+        done=progress.done.get("autoattack_partial"), on_batch=lambda r: progress.put("autoattack_partial", r)))
 
 
-def format_eval_table(rows: list[dict]) -> str:
-    """Markdown table of --eval results (accuracies in %)."""
-    def cells(r):
-        pgd, aa, failed = r["pgd"], r["autoattack"], [k for k, c in r["checks"].items() if c["ok"] is False]
-        aa_cell = f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" \
-            if aa else "-"
-        return [f"{Path(r['checkpoint']).name} (epoch {r['epoch']})", r["split"], r["examples"],
-                f"{r['density']:.4f}", f"{r['sa']:.2f}",
-                f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-", aa_cell,
-                "failed: " + ", ".join(failed) if failed else "passed"]
+def format_eval_table(r: dict) -> str:  # an --eval result as a Markdown table (accuracies in %)
+    pgd, aa, failed = r["pgd"], r["autoattack"], [k for k, c in r["checks"].items() if c["ok"] is False]
+    aa_cell = f"{aa['ra']:.2f} ({aa['version']}" + (f", {aa['iters']} it" if aa["iters"] else "") + ")" if aa else "-"
     head = ["checkpoint", "split", "images", "density", "SA", "PGD RA", "AutoAttack RA", "gradient-masking checks"]
-    return markdown_table(head, [cells(r) for r in rows])
+    return markdown_table(head, [[f"{Path(r['checkpoint']).name} (epoch {r['epoch']})", r["split"], r["examples"],
+                                  f"{r['density']:.4f}", f"{r['sa']:.2f}",
+                                  f"{pgd['ra']:.2f} (PGD-{pgd['steps']} x{pgd['restarts']})" if pgd else "-", aa_cell,
+                                  "failed: " + ", ".join(failed) if failed else "passed"]])
 
 
-def eval_options(cfg: Config) -> dict:
-    """evaluate_checkpoint() keyword arguments from the --eval flags."""
+def eval_options(cfg: Config) -> dict:  # evaluate_checkpoint's keyword arguments from the --eval flags
     return dict(split=cfg.split, subset=cfg.eval_subset, steps=cfg.eval_steps, restarts=cfg.restarts,
                 attack=cfg.attack, aa_version=cfg.aa_version, aa_iters=cfg.aa_iters, check_subset=cfg.check_subset,
                 seed=cfg.seed, device=cfg.device, force=cfg.force)
 
 
 def final_eval(cfg: Config, run_dir: Path, log=print) -> dict:
-    """--final-eval autoattack: the --eval path on best.pt and on the final model (last.pt) when training
-    ends; returns the fields for summary.json (ra_aa_best, ra_aa_final and the results files)."""
+    """--final-eval autoattack: --eval of best.pt and last.pt when training ends; the fields for summary.json."""
     if cfg.final_eval == "none":
         return {}
     out = {}
@@ -2828,18 +2478,9 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4
 
 
 def benchmark(cfg: Config, log=print) -> list[dict]:
-    """AT throughput (images/s) of a dense and a sparse model at the dataset's input shape: the time of
-    Trainer.step, the very step train() runs (attack, update, re-mask, FLOP ledger, divergence check).
-
-    Rows: fp32 eager (the baseline), then the fast path (bf16 autocast + channels_last [+ compile]) on
-    CUDA. Models: dense; sparse = Flying Bird at --sparsity (Flying Bird+ with --mode dynamic+), whose
-    unstructured masks run dense kernels; thin = a channel ticket's network at channel sparsity --sparsity
-    (the same fraction of every channel group kept, as slim() builds it), physically smaller. Prints
-    inference images/s, forward FLOPs as a fraction of dense, projected epoch time and the fraction of
-    bf16 peak.
-    """
-    device = resolve_device(cfg.device)
-    info = DATASETS[cfg.dataset]
+    """AT images/s of Trainer.step (train()'s): fp32, then on CUDA bf16 + channels_last (+ compile); for dense, sparse
+    (Flying Bird (+) at --sparsity: dense kernels) and thin (--sparsity of every channel group removed) models."""
+    device, info = resolve_device(cfg.device), DATASETS[cfg.dataset]
     shape = (info["channels"], info["size"], info["size"])
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x = torch.randint(0, 256, (cfg.batch_size, *shape), dtype=torch.uint8, device=device, generator=gen)
@@ -2861,32 +2502,24 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
             if model == "thin":
                 t.adopt(slim(t.net, {n: max(1, round(cfg.density * g.numel())) for n, g in bn_gammas(t.net).items()}))
                 t.optimizer, t.scheduler = sgd(run_cfg, t.net)
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            for _ in range(3):
-                t.step(xb, yb, 1, cfg.train_attack)
-            sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            n, t0 = 0, time.perf_counter()
-            while n < 5 or time.perf_counter() - t0 < 2.0:
-                t.step(xb, yb, 1, cfg.train_attack)
-                n += 1
-            sync()
-            ips = n * cfg.batch_size / (time.perf_counter() - t0)
+            step = seconds(lambda: t.step(xb, yb, 1, cfg.train_attack), device=device, reps=7)
             memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext():
+            with torch.no_grad(), autocast(device.type, t.amp):
                 inference = seconds(lambda: t.core.eval()(xb), device=device)
-            fwd = forward_flops(t.per_weight, {n: p.numel() for n, p in prunable(t.net).items()}, t.unowned)
-            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * fwd  # the kernels that run
-            rows.append(dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
-                             flops_ratio=t.method.forward_flops(t.per_weight, t.unowned) / t.dense_fwd,
-                             epoch_s=45000 / ips, tflops=executed * ips / 1e12,
-                             peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
-            r = rows[-1]
-            log(f"{label:28s} {r['model']:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  "
-                f"FLOPs {r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
+            per_weight, unowned, dense = t.flops  # executed: the kernels that run, masked weights included
+            executed = (2 * attack_cost(cfg.train_attack, cfg.train_steps) + 3) * forward_flops(
+                per_weight, weight_counts(t.net), unowned)
+            ips = cfg.batch_size / step
+            rows.append(r := dict(variant=label, model=model, images_per_s=ips, inference_per_s=len(xb) / inference,
+                                  flops_ratio=t.method.forward_flops(per_weight, unowned) / dense,
+                                  epoch_s=45000 / ips, tflops=executed * ips / 1e12,
+                                  peak_fraction=executed * ips / peak if peak else None, peak_memory=memory))
+            log(f"{label:28s} {model:6s} AT {ips:9.1f} img/s  inference {r['inference_per_s']:9.1f} img/s  FLOPs "
+                f"{r['flops_ratio']:.3f} x dense  epoch (45k) {r['epoch_s']:8.1f} s  {r['tflops']:7.2f} TFLOP/s"
                 + (f"  {100 * r['peak_fraction']:.1f}% of bf16 peak" if peak else "")
-                + (f"  peak mem {r['peak_memory'] / 2**30:.2f} GiB" if r["peak_memory"] else ""))
+                + (f"  peak mem {memory / 2**30:.2f} GiB" if memory else ""))
     return rows
 
 
@@ -2897,16 +2530,20 @@ def _parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
             raise SparseWinError(message)
-    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    def flag(name, v):  # a preset's value as the flags that set it
+        f, v = "--" + name.replace("_", "-"), " ".join(map(str, v)) if isinstance(v, tuple) else v
+        return (f if v else f"--no-{f[2:]}") if isinstance(v, bool) else f"{f} {v}"
+    presets = "; ".join(f"{k}: " + " ".join(flag(*kv) for kv in p.items()) for k, p in PRESETS.items())
+    parser = Parser(prog="sparse_win.py", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                    epilog=f"presets: {presets}")
     for f in dataclasses.fields(Config):
-        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch")}
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool) or "switch" in f.metadata:  # --x / --no-x; a switch defaults by device
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
-        else:
-            kw.setdefault("type", type(f.default))
-            parser.add_argument(flag, help=f"{f.metadata['help']} (default: {f.default})", **kw)
+        kw = {k: v for k, v in f.metadata.items() if k not in ("help", "switch", "valid", "negate")}
+        switch = isinstance(f.default, bool) or "switch" in f.metadata  # --x / --no-x; a switch defaults by device
+        kw = dict(action=argparse.BooleanOptionalAction) if switch else {"type": type(f.default), **kw}
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw,
+                            help=f"{f.metadata['help']} (default: {f.metadata.get('switch', f.default)})")
+        if "negate" in f.metadata:  # --no-resume
+            parser.add_argument("--no-" + f.name, dest=f.name, action="store_const", const=f.metadata["negate"])
     return parser
 
 
@@ -2935,30 +2572,29 @@ def main(argv: list[str] | None = None) -> int:
             init_distributed(cfg)  # under torchrun: join the job (WORLD_SIZE > 1)
             with StopRequest() as stop:
                 train(cfg, stop=stop)
+        return 0
+    except Finished as e:
+        print(e)
+        return 0
     except SparseWinError as e:
-        print(f"sparse_win.py: error: {e}", file=sys.stderr)
-        return 2
+        message, code = f"error: {e}", 2
     except RunError as e:
-        print(f"sparse_win.py: {'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", file=sys.stderr)
-        return e.code
+        message, code = f"{'error: ' if e.code in (DIVERGED, IO_ERROR) else ''}{e}", e.code
     except torch.cuda.OutOfMemoryError as e:
         kept = ("" if cfg is None or cfg.eval or cfg.benchmark else
                 "; --resume continues from last.pt, if one was written")
-        print(f"sparse_win.py: error: CUDA out of memory ({(str(e).splitlines() or [''])[0][:100]}); try a smaller "
-              f"--batch-size (under torchrun the global batch) or --amp{kept}", file=sys.stderr)
-        return OUT_OF_MEMORY
+        message, code = (f"error: CUDA out of memory ({(str(e).splitlines() or [''])[0][:100]}); try a smaller "
+                         f"--batch-size (under torchrun the global batch) or --amp{kept}"), OUT_OF_MEMORY
     except KeyboardInterrupt:
         then = ("the same --eval continues from its .partial.json" if cfg is not None and cfg.eval
                 else "last.pt holds the last checkpoint (--resume)")
-        print(f"sparse_win.py: interrupted; {then}", file=sys.stderr)
-        return INTERRUPTED
+        message, code = f"interrupted; {then}", INTERRUPTED
     finally:
-        import torch.distributed as td
-        if td.is_available() and td.is_initialized():
-            td.destroy_process_group()
-    return 0
+        if (dist := Dist()).on:
+            dist.td.destroy_process_group()
+    print(f"sparse_win.py: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

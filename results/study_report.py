@@ -13,9 +13,14 @@ eval-{best,last}-test-n2000-pgd20x1.json (PGD-20 on the first 2,000 test images)
 eval-{best,last}-train-all-pgd20x1.json (PGD-20 on the run's 500 training images, eval mode).
 Its table takes accuracies and the robust gap from those evaluations (one test image = 0.05
 points), FLOPs and density from summary.json; the per-epoch 500-image numbers stay in the curves.
+Its Capacity section (and capacity.png) sets each sparse variant beside dense AT narrowed to as many
+active conv + linear weights (the small-dense-* variants), paired by seed, with a paired t-test; the
+active weights are what summary.json records, else counted from the run's config and final density.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import sys
@@ -167,6 +172,11 @@ VARIANTS = {
     "fb-s0.5": "Flying Bird s=0.5",
     "fb-s0.9": "Flying Bird s=0.9",
     "fb-s0.95": "Flying Bird s=0.95",
+    # the capacity study (section "Capacity"): dense AT narrowed to the sparse models' active weights
+    "small-dense-w0.088": "small dense AT (width 0.088, as many weights as 50% sparse)",
+    "small-dense-w0.04": "small dense AT (width 0.04, as many weights as 90% sparse)",
+    "small-dense-w0.028": "small dense AT (width 0.028, as many weights as 95% sparse)",
+    "fixed-mask-s0.95": "fixed random mask s=0.95 (FB, death rate 0)",
 }
 SWEEP = ("dense", "fb-s0.5", "fb-s0.8", "fb-s0.9", "fb-s0.95")
 REGULARIZERS = ("trades", "awp", "ema")  # variants dense-<r> and fbplus-s0.8-<r>
@@ -192,10 +202,11 @@ def run_row(d: Path, test_n: int = 2000) -> dict | None:
     if not (d / "summary.json").exists() or any(e is None for e in evals.values()):
         return None
     s = json.loads((d / "summary.json").read_text())
+    config = json.loads((d / "config.json").read_text())
     ra = {k: e["pgd"]["ra"] for k, e in evals.items()}
     aa = read_eval(d, "eval-best-test-n500-aa-standard.json")
     return dict(
-        seed=json.loads((d / "config.json").read_text())["seed"], dir=d,
+        seed=config["seed"], dir=d, weights=active_weights(s, config),
         ra_best=ra["best_test"], ra_final=ra["last_test"], ra_diff=ra["best_test"] - ra["last_test"],
         sa_best=evals["best_test"]["sa"], sa_final=evals["last_test"]["sa"],
         robust_gap=ra["last_train"] - ra["last_test"], train_ra_final=ra["last_train"],
@@ -236,17 +247,22 @@ def paired(groups: dict[str, list[dict]]) -> str:
 
 
 def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
-    """table.md, curves.png, gap.png, sparsity.png of the overfit study; returns {variant: rows}."""
+    """table.md, curves.png, gap.png, sparsity.png, capacity.png of the overfit study; returns {variant: rows}.
+
+    Besides the VARIANTS, any other small-dense-* folder is read (a small dense AT of the capacity study)."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
     groups = {}
-    for v in VARIANTS:
+    extra = sorted(p.name for p in runs_root.glob("small-dense-*") if p.is_dir() and p.name not in VARIANTS)
+    for v in [*VARIANTS, *extra]:
         rows = [r for d in sorted((runs_root / v).glob("seed*")) if (r := run_row(d, test_n)) is not None]
         if rows:
             groups[v] = sorted(rows, key=lambda r: r["seed"])
     if not groups:
         raise sw.SparseWinError(f"no finished and evaluated runs under {runs_root}")
     regularized = {f"{base}-{r}" for r in REGULARIZERS for base in ("dense", "fbplus-s0.8")}
-    main = [v for v in groups if v not in ("fb-s0.5", "fb-s0.9", "fb-s0.95") and v not in regularized]
+    capacity_only = {"fb-s0.5", "fb-s0.9", "fb-s0.95", "fixed-mask-s0.95"}  # the sweep and the capacity section
+    main = [v for v in groups if v not in capacity_only and v not in regularized
+            and (v == "small-dense-w0.056" or not v.startswith("small-dense"))]
     aa = [(VARIANTS[v], [r for r in groups[v] if r["aa"] is not None]) for v in main]
     text = (f"# Study: {runs_root}\n\nFashion-MNIST, 500 training images without augmentation, eps 0.1, "
             f"ResNet-18 width 0.125, 120 epochs. Accuracies in %: PGD-20 (one start, eval mode) on the first "
@@ -260,6 +276,7 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
             + regularizer_section(groups)
             + "\n\n## Flying Bird across sparsity (dense AT = sparsity 0)\n\n"
             + table([(VARIANTS[v], groups[v]) for v in SWEEP if v in groups])
+            + capacity_section(groups)
             + ("\n\n## AutoAttack (standard, 500 test images, best.pt)\n\n"
                + table([a for a in aa if a[1]], columns=(("AutoAttack RA", "aa", 2), ("PGD-20 RA best", "ra_best",
                                                                                       2)))
@@ -267,6 +284,8 @@ def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     sw.write_text_atomic(out_dir / "table.md", text)
     figures(groups, main, out_dir)
+    if any(v.startswith("small-dense") for v in groups):
+        capacity_figure(groups, out_dir)
     log(text)
     return groups
 
@@ -349,6 +368,257 @@ def figures(groups: dict, main: list[str], out_dir: Path):
     ax.set(xlabel="sparsity", ylabel="robust accuracy (%)", title="Flying Bird: robust train vs test")
     ax.legend()
     sw.save_figure(fig, out_dir / "sparsity.png")
+
+
+# ----------------------------------------------------------------------------- the capacity study (overfit report)
+
+WEIGHT_KEYS = ("active_weights", "weights")  # where a summary.json records a run's active conv+linear weights
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sw.Config)}  # for a config.json without a key
+DENSE_CURVE = ("dense", "small-dense-w0.088", "small-dense-w0.056", "small-dense-w0.04", "small-dense-w0.028")
+FB_CURVE = ("fb-s0.5", "fb-s0.8", "fb-s0.9", "fb-s0.95")
+POINTS = ("fbplus-s0.8", "rb-s0.8", "rb-channel-s0.79", "fixed-mask-s0.8", "fixed-mask-s0.95")
+CAPACITY_SPARSE = ("fb-s0.5", "fb-s0.8", "fbplus-s0.8", "rb-s0.8", "fixed-mask-s0.8", "rb-channel-s0.79",
+                   "fb-s0.9", "fb-s0.95", "fixed-mask-s0.95")  # each paired with the small dense AT of its count
+CAPACITY_CLAIMS = (("robust gen. gap", "robust_gap"), ("RA final", "ra_final"), ("RA best", "ra_best"),
+                   ("RA best - final", "ra_diff"))
+MATCH_FACTOR = 1.25  # a small dense AT matches a sparse model when their active weights differ by at most this factor
+
+
+@functools.lru_cache(maxsize=None)
+def prunable_weights(arch: str, dataset: str, width: float, wrn_depth: int = 34, wrn_widen: int = 10) -> int:
+    """Conv + linear (prunable) weights of the architecture at this width, counted on a freshly built model."""
+    info = sw.DATASETS[dataset]
+    net = sw.build_model(arch, num_classes=info["classes"], in_channels=info["channels"], width=width,
+                         mean=info["mean"], std=info["std"], wrn_depth=wrn_depth, wrn_widen=wrn_widen)
+    return sum(w.numel() for w in sw.prunable(net).values())
+
+
+def active_weights(summary: dict, config: dict) -> int | None:
+    """A run's active conv + linear weights at the end of training.
+
+    The count its summary.json records (WEIGHT_KEYS: a number, or a dict with "active"), else counted from
+    its config: final_density x the prunable weights of its network at its width (a channel ticket's
+    final_density is its thin network's share); a --mode small-dense run is dense at the width its summary
+    records ("width"), and without one, is taken at the count it was matched to, (1 - sparsity) x the base
+    width's. None when neither can be had (an architecture or dataset this code cannot build)."""
+    for k in WEIGHT_KEYS:
+        value = summary.get(k)
+        value = value.get("active") if isinstance(value, dict) else value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return round(value)
+    cfg = {**CONFIG_DEFAULTS, **config}
+    count = lambda width: prunable_weights(cfg["arch"], cfg["dataset"], float(width),  # noqa: E731
+                                           int(cfg["wrn_depth"]), int(cfg["wrn_widen"]))
+    try:
+        if summary.get("mode", cfg["mode"]) == "small-dense":
+            if summary.get("width") is not None:
+                return count(summary["width"])
+            return round((1 - float(cfg["sparsity"])) * count(cfg["width"]))
+        return round(float(summary["final_density"]) * count(cfg["width"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    evaluated where it converges fast (x < (a + 1) / (a + b + 2)) and through I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    tiny, eps = 1e-300, 1e-15
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # the even term, then the odd one
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < eps:
+            break
+    return front * f
+
+
+def t_test_p(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t with df degrees of freedom: P(|T| >= |t|) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    if math.isinf(t):
+        return 0.0
+    return min(1.0, betainc(df / 2, 0.5, df / (df + t * t)))
+
+
+def paired_t_test(diffs: list[float]) -> tuple[float, float] | None:
+    """(t, two-sided p) of the paired t-test on the per-seed differences (n - 1 d.o.f.); None with fewer than
+    two differences, or when they are all 0. Equal nonzero differences give t = ±inf, p = 0."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean, std = mean_std(diffs)
+    if std == 0.0:
+        return None if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (std / math.sqrt(n))
+    return t, t_test_p(t, n - 1)
+
+
+def variant_label(v: str) -> str:
+    """A capacity-study variant's short label: its VARIANTS label without the parenthesis; a small dense AT
+    named by its folder's suffix (small-dense-w0.04: 'small dense AT w0.04')."""
+    if v.startswith("small-dense-"):
+        return "small dense AT " + v.removeprefix("small-dense-")
+    return VARIANTS.get(v, v).split(" (")[0]
+
+
+def mean_weights(runs: list[dict]) -> float | None:
+    counts = [r["weights"] for r in runs if r.get("weights") is not None]
+    return sum(counts) / len(counts) if counts else None
+
+
+def nearest_small_dense(groups: dict, count: float) -> str | None:
+    """The small dense AT variant whose mean active weights are nearest (in ratio) to count, if within
+    MATCH_FACTOR; None when there is none."""
+    if count <= 0:
+        return None
+    candidates = [(abs(math.log(w / count)), v) for v in groups if v.startswith("small-dense")
+                  if (w := mean_weights(groups[v]))]
+    if not candidates:
+        return None
+    distance, v = min(candidates)
+    return v if distance <= math.log(MATCH_FACTOR) else None
+
+
+def capacity_pairs(groups: dict) -> list[dict]:
+    """One entry per CAPACITY_SPARSE variant and the small dense AT it is paired with: by its active weights,
+    and, where its nominal sparsity's count (1 - s) x its network's weights points to another small dense AT
+    (Flying Bird+ ends sparser than it starts), by that too. Entries: variant, s, weights, dense, match,
+    dense_weights, seeds (on both sides), diffs {claim key: per-seed differences}, missing (why, or None)."""
+    entries = []
+    for v in CAPACITY_SPARSE:
+        s = float(v.rsplit("-s", 1)[1])
+        runs = groups.get(v, [])
+        count = mean_weights(runs)
+        if count is None:
+            entries.append(dict(variant=v, s=s, weights=None, dense=None, match=None, dense_weights=None, seeds=[],
+                                diffs={}, missing="no finished run" if not runs else "active weights unknown"))
+            continue
+        targets = [("nearest count", count)]
+        if not any("thin_weight_density" in r for r in runs):  # an unstructured mask: s is the weight sparsity
+            full = [r["weights"] / r["final_density"] for r in runs if r["weights"] and r["final_density"]]
+            if full:
+                targets.append((f"nominal s={s:g}", (1 - s) * sum(full) / len(full)))
+        matched = []
+        for how, target in targets:
+            d = nearest_small_dense(groups, target)
+            if d is None and how == "nearest count":
+                entries.append(dict(variant=v, s=s, weights=count, dense=None, match=how, dense_weights=None,
+                                    seeds=[], diffs={}, missing=f"no small dense AT within x{MATCH_FACTOR:g} of "
+                                                               f"{target:,.0f} weights"))
+            if d is None or d in matched:
+                continue
+            matched.append(d)
+            dense = {r["seed"]: r for r in groups[d]}
+            both = [r for r in runs if r["seed"] in dense]
+            entries.append(dict(
+                variant=v, s=s, weights=count, dense=d, match=how, dense_weights=mean_weights(groups[d]),
+                seeds=[r["seed"] for r in both], diffs={k: [r[k] - dense[r["seed"]][k] for r in both]
+                                                         for _, k in CAPACITY_CLAIMS},
+                missing=None if both else f"no seed on both sides (seeds {','.join(str(r['seed']) for r in runs)} "
+                                          f"against {','.join(map(str, dense))})"))
+    return entries
+
+
+def paired_cell(diffs: list[float]) -> str:
+    """mean ± std (per seed), p = the paired t-test's two-sided p-value ('-' when it has none)."""
+    test = paired_t_test(diffs)
+    return (cell(diffs, 2) + " (" + " / ".join(f"{d:+.2f}" for d in diffs) + "), p = "
+            + (f"{test[1]:.3f}" if test else "-"))
+
+
+def weights_cell(counts: list[int]) -> str:
+    """Active weights over seeds: the count when every seed has the same, else mean ± std; '-' when unknown."""
+    if len(set(counts)) > 1:
+        mean, std = mean_std(counts)
+        return f"{mean:,.0f} ± {std:,.0f}"
+    return f"{counts[0]:,}" if counts else "-"
+
+
+def capacity_section(groups: dict) -> str:
+    """The capacity study: every dense and sparse variant by its active weights (missing ones marked), and
+    each sparse variant - the small dense AT of its count, paired by seed, with the paired t-test.
+    Nothing while no small dense AT has a finished run."""
+    if not any(v.startswith("small-dense") for v in groups):
+        return ""
+    dense_curve = [*DENSE_CURVE, *sorted(v for v in groups if v.startswith("small-dense") and v not in DENSE_CURVE)]
+    columns = (("robust gen. gap", "robust_gap"), ("RA final", "ra_final"), ("RA best", "ra_best"),
+               ("RA best - final", "ra_diff"), ("train RA (final)", "train_ra_final"))
+    rows = []
+    for v in [*dense_curve, *FB_CURVE, *POINTS]:
+        runs = groups.get(v, [])
+        w = [r["weights"] for r in runs if r["weights"] is not None]
+        rows.append([variant_label(v),
+                     ",".join(str(r["seed"]) for r in runs) or "missing",
+                     weights_cell(w),
+                     *(cell([r[k] for r in runs], 2) for _, k in columns)])
+    pairs = []
+    for e in capacity_pairs(groups):
+        weights = "-" if e["weights"] is None else f"{e['weights']:,.0f}"
+        weights += " / " + ("-" if e["dense_weights"] is None else f"{e['dense_weights']:,.0f}")
+        head = [f"{e['s']:g}", variant_label(e["variant"]),
+                f"{e['dense']} ({e['match']})" if e["dense"] else "-", weights,
+                f"{','.join(map(str, e['seeds']))} (n={len(e['seeds'])})" if e["seeds"] else "-"]
+        pairs.append(head + ([f"missing: {e['missing']}"] + ["-"] * (len(CAPACITY_CLAIMS) - 1) if e["missing"]
+                             else [paired_cell(e["diffs"][k]) for _, k in CAPACITY_CLAIMS]))
+    return ("\n\n## Capacity: sparse networks against dense networks with as many weights\n\n"
+            "Active weights = conv + linear weights of the final model (final density x the network's; the channel "
+            "ticket's thin network). Dense AT at decreasing width (small dense) against Flying Bird across sparsity, "
+            "Flying Bird+, Robust Bird, the channel ticket and the fixed random masks; mean ± sample std over the "
+            "seeds listed (capacity.png: the same, against the active weights).\n\n"
+            + sw.markdown_table(["variant", "seeds", "active weights", *(h for h, _ in columns)], rows)
+            + f"\n\nSparse variant - the small dense AT of its count (the nearest, within a factor "
+              f"{MATCH_FACTOR:g}; and that of its nominal sparsity where it differs: Flying Bird+ ends sparser than "
+              "it starts), paired by seed over the seeds both have (n): mean ± std (per seed), p = two-sided paired "
+              "t-test, n - 1 degrees of freedom ('-' with one seed).\n\n"
+            + sw.markdown_table(["s", "sparse variant", "small dense AT (matched by)",
+                                 "active weights (sparse / dense)", "paired seeds",
+                                 *(f"{h} (sparse - dense)" for h, _ in CAPACITY_CLAIMS)], pairs))
+
+
+def capacity_figure(groups: dict, out_dir: Path):
+    """capacity.png: robust gap, final test RA and best - final against the active weights (log axis); a curve
+    for dense AT at decreasing width, one for Flying Bird across sparsity, points for the other sparse
+    variants; mean ± std over seeds as error bars. Robust Bird's and the fixed masks' points are drawn 5% right
+    and left of their counts (the legend says so), off Flying Bird's at the same count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+    dense_curve = sorted((v for v in groups if v == "dense" or v.startswith("small-dense")),
+                         key=lambda v: (mean_weights(groups[v]) or 0, v))
+    series = [  # (variants, style, color, label, x dodge: Robust Bird and the fixed masks share 35,010 with FB)
+        (dense_curve, "o-", colors["dense"], "dense AT, decreasing width", 1.0),
+        ([v for v in FB_CURVE if v in groups], "o-", colors["fb-s0.8"], "Flying Bird, s = 0.5-0.95", 1.0),
+        (["fbplus-s0.8"], "^", colors["fbplus-s0.8"], "Flying Bird+ s=0.8", 1.0),
+        (["rb-s0.8"], "s", colors["rb-s0.8"], "Robust Bird s=0.8 (x 1.05)", 1.05),
+        (["rb-channel-s0.79"], "D", colors["rb-channel-s0.79"], "channel ticket s=0.79", 1.0),
+        (["fixed-mask-s0.8", "fixed-mask-s0.95"], "x", colors["fixed-mask-s0.8"], "fixed random mask (x 0.95)", 0.95)]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (key, title) in zip(axes, (("robust_gap", "robust gen. gap (points)"),
+                                      ("ra_final", "test RA, final model (%)"),
+                                      ("ra_diff", "robust overfitting: RA best - final (points)"))):
+        for variants, style, color, label, dodge in series:
+            present = [v for v in variants if v in groups and mean_weights(groups[v])]
+            if not present:
+                continue
+            stats = [mean_std([r[key] for r in groups[v]]) for v in present]
+            ax.errorbar([mean_weights(groups[v]) * dodge for v in present], [m for m, _ in stats],
+                        yerr=[s for _, s in stats], fmt=style, color=color, capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set(xlabel="active conv + linear weights", title=title)
+    axes[0].legend(fontsize=7)
+    sw.save_figure(fig, out_dir / "capacity.png")
 
 
 USAGE = "usage: python results/study_report.py --study RUNS OUT_DIR | --overfit RUNS OUT_DIR [TEST_IMAGES]"
