@@ -1454,7 +1454,8 @@ def architecture(cfg: Config, matched: bool = True) -> dict:
     info = DATASETS[cfg.dataset]
     arch = dict(arch=cfg.arch, num_classes=info["classes"], in_channels=info["channels"], width=cfg.width,
                 mean=info["mean"], std=info["std"], wrn_depth=cfg.wrn_depth, wrn_widen=cfg.wrn_widen)
-    return dict(arch, width=small_dense_width(cfg.sparsity, **arch)) if cfg.mode == "small-dense" and matched else arch
+    small = cfg.mode == "small-dense" and matched
+    return dict(arch, width=small_dense_width(sparsity=cfg.sparsity, **arch)) if small else arch
 
 
 def model_for(cfg: Config) -> nn.Module:
@@ -2125,8 +2126,7 @@ def small_dense(cfg: Config, fwd: int) -> dict:
         return {}
     info, full = DATASETS[cfg.dataset], build_model(**architecture(cfg, matched=False))
     per_weight, unowned = model_flops(full, (info["channels"], info["size"], info["size"]))
-    counts = weight_counts(full)
-    total = sum(counts.values())
+    counts, total = weight_counts(full), sum(weight_counts(full).values())
     return dict(width=architecture(cfg)["width"], inference_ratio_full_width=fwd / forward_flops(per_weight, counts,
                 unowned), matched_weights=min(total, max(len(counts), round(cfg.density * total))))
 
