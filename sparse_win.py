@@ -2126,7 +2126,7 @@ def small_dense(cfg: Config, fwd: int) -> dict:
         return {}
     info, full = DATASETS[cfg.dataset], build_model(**architecture(cfg, matched=False))
     per_weight, unowned = model_flops(full, (info["channels"], info["size"], info["size"]))
-    counts, total = weight_counts(full), sum(weight_counts(full).values())
+    total = sum((counts := weight_counts(full)).values())
     return dict(width=architecture(cfg)["width"], inference_ratio_full_width=fwd / forward_flops(per_weight, counts,
                 unowned), matched_weights=min(total, max(len(counts), round(cfg.density * total))))
 
