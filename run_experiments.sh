@@ -17,7 +17,7 @@
 # skips it when finished, so rerunning this script resumes the queue. With GPUS, each run's output goes to log.txt there.
 # The last step prints every summary as one table.
 #
-# The Fashion-MNIST study on the CPU (README "Does it reproduce?"; results/fashion-mnist/SEARCH.md
+# The Fashion-MNIST study on the CPU (results/fashion-mnist/README.md; results/fashion-mnist/SEARCH.md
 # chose its options):
 #
 #   bash run_experiments.sh --study         # 4 methods x 3 seeds at sparsity 0.8, Flying Bird sweep
@@ -72,7 +72,7 @@ if [ "$TASK" = overfit ]; then
   JOBS=${JOBS:-2}
   AA=${AA:-0}
   CH=0.79  # channel sparsity of rb-channel: weight density 0.199 (seed 0), the closest to the others' 0.2
-  # Pilot P4: dense PGD-AT fits its 500 training images and overfits (README "Does it reproduce?").
+  # Pilot P4: dense PGD-AT fits its 500 training images (results/fashion-mnist-overfit/README.md).
   STUDY=(--dataset fashion-mnist --device cpu --no-progress --data-dir "$DATA"
          --width 0.125 --train-subset 500 --no-augment --batch-size 32 --train-eps 25.5 --train-alpha 10
          --train-steps 3 --test-eps 25.5 --test-alpha 10 --test-steps 3 --epochs 120 --milestones 60 90
@@ -93,7 +93,7 @@ if [ "$TASK" = overfit ]; then
     [fb-s0.9]="--mode dynamic --sparsity 0.9"
     [fb-s0.95]="--mode dynamic --sparsity 0.95"
     [rb-channel-s$CH]="--mode static --ticket channel --sparsity $CH"  # thin network: ~0.2 of the weights
-    # the regularizers (README "Regularizers"): TRADES beta 6 and AWP gamma 0.005 as their papers; the EMA decay
+    # the regularizers (results/fashion-mnist-overfit/README.md): TRADES beta 6 and AWP gamma 0.005 as their papers; the EMA decay
     # 0.995 spans ~200 steps, 12 of the 120 epochs of 16 steps (CIFAR's 0.999 spans 3 of its 352-step epochs)
     [dense-trades]="--mode dense --loss trades --trades-beta 6"
     [dense-awp]="--mode dense --awp-gamma 0.005 --awp-warmup 10"

@@ -53,8 +53,15 @@ TICKETS = ("unstructured", "channel")  # Robust Bird's ticket kinds
 
 def check_choice(what: str, value, choices):
     if value not in choices:
-        raise SparseWinError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}")
+        raise SparseWinError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}"
+                             + did_you_mean(str(value), map(str, choices)))
     return value
+
+
+def did_you_mean(word: str, names) -> str:  # "; did you mean X?" naming the nearest of `names`, or ""
+    import difflib
+    close = difflib.get_close_matches(word, list(names), n=2, cutoff=0.8)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def autocast(device_type: str, bf16: bool):  # the one mixed-precision context: bf16 autocast, or nothing (fp32)
@@ -1127,16 +1134,7 @@ def load_model(path, *, device="cpu", architecture: dict | None = None) -> nn.Mo
 # === program: everything above this line is the library (torch only; copy the file down to here to use it)
 # Below, the program (python sparse_win.py ...) as the data flows: config, data, run, distributed, files, train, report.
 
-import argparse  # noqa: E402 (the program's imports sit with the program)
-import dataclasses  # noqa: E402
-import errno  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse, dataclasses, errno, hashlib, importlib.util, io, json, re, signal, sys, time  # noqa: E401, E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -1204,8 +1202,7 @@ class Config:
     fbplus_prune: float = option(0.4, "FB+: extra prune ratio (extra = ceil(p * ratio * nnz))")
     fbplus_grow: float = option(0.05, "FB+: extra growth ratio (grow (1 + ratio) x the pruned count)")
     fbplus_threshold: float = option(0.5, "FB+: fraction of the window that must agree")
-    ticket: str = option("unstructured", "RB: unstructured (weights, the paper) | channel (BatchNorm channels, "
-                         "Early-Bird: AT then trains a physically thinner network)", choices=TICKETS)
+    ticket: str = option("unstructured", "RB: unstructured (the paper) | channel (a thinner network)", choices=TICKETS)
     bn_l1: float = option(1e-4, "RB channel ticket: stage 1's L1 on BN scales (network slimming)", valid=AT_LEAST_0)
     eb_threshold: float = option(-1.0, "RB: mask distance at which the early bird emerged (-1: 0.08; channel 0.1)")
     eb_queue: int = option(5, "RB: FIFO length of recent ticket masks")
@@ -1213,8 +1210,7 @@ class Config:
     epochs: int = option(200, "adversarial training epochs", valid=POSITIVE)
     batch_size: int = option(128, "minibatch size", valid=POSITIVE)
     lr: float = option(0.1, "SGD learning rate")
-    milestones: tuple = option((), "epochs where lr is multiplied by 0.1 (default: the method's: 100 150; Robust "
-                                "Bird's AT stage 50 150, as released)", nargs="+", type=int)
+    milestones: tuple = option((), "epochs of lr x0.1 (default 100 150; Robust Bird's AT 50 150)", nargs="+", type=int)
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay")
     norm: str = option("linf", "attack norm", choices=NORMS)
@@ -1232,9 +1228,8 @@ class Config:
     device: str = option("auto", "where to run (auto: CUDA when there is one)", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of every random draw (data order, augmentation, attack starts, masks)")
     out: str = option("", "run directory (default runs/<dataset>-<mode>-s<sparsity>-seed<seed>)")
-    resume: str = option("no", "--resume: continue the run in --out from its last.pt; --resume auto: continue it, "
-                         "start it or, if finished, say so and exit 0 (a requeued job's command)", nargs="?",
-                         const="yes", negate="no", choices=("no", "yes", "auto"))
+    resume: str = option("no", "continue --out from its last.pt; --resume auto: continue, start, or exit 0 if finished",
+                         nargs="?", const="yes", negate="no", choices=("no", "yes", "auto"))
     stop_after_epoch: int = option(0, "stop after this epoch and keep last.pt, e.g. for time-limited jobs (0 = never)")
     checkpoint_every: int = option(0, "also write last.pt every N optimizer steps (0: at epoch ends)", valid=AT_LEAST_0)
     amp: bool | None = option(None, "bf16 autocast", switch="on for CUDA, off for CPU")
@@ -1244,26 +1239,22 @@ class Config:
     channels_last: bool | None = option(None, "channels_last memory format", switch="on for CUDA, off for CPU")
     progress: bool = option(True, "progress bar within each epoch (tqdm)")
     benchmark: bool = option(False, "print PGD-10 AT throughput for dense and sparse models, then exit")
-    train_attack: str = option("pgd", "pgd (PGD-K) | fgsm-rs (Fast AT, Wong et al. 2020: one 1.25 eps step from a "
-                                      "random start)", choices=ATTACKS[:2])
-    loss: str = option("ce", "AT objective: ce (PGD-AT, Madry et al. 2018) | trades (Zhang et al. 2019: CE(f(x), y) + "
-                       "beta KL(f(x) || f(x')), x' from its own KL attack)", choices=LOSSES)
+    train_attack: str = option("pgd", "PGD-K | fgsm-rs: Fast AT (Wong et al. 2020)", choices=ATTACKS[:2])
+    loss: str = option("ce", "ce: PGD-AT (Madry et al. 2018) | trades: TRADES (Zhang et al. 2019)", choices=LOSSES)
     trades_beta: float = option(6.0, "TRADES: beta, the weight of the KL term", valid=AT_LEAST_0)
     awp_gamma: float = option(0.0, "AWP (Wu et al. 2020): size of the adversarial weight perturbation relative to each "
                               "layer's norm (0 = off; 0.005 = the reference's)", valid=AT_LEAST_0)
     awp_warmup: int = option(10, "AWP's first epoch (from 1; the reference's 'epoch >= awp_warmup')", valid=AT_LEAST_0)
-    ema_decay: float = option(0.0, "weight averaging: EMA decay per step (0 = off; e.g. 0.999); the average is what "
-                              "is evaluated, chosen as best and saved", valid=FRACTION)
+    ema_decay: float = option(0.0, "weight averaging: EMA decay per step (0 = off); the average is evaluated and saved",
+                              valid=FRACTION)
     ticket_attack: str = option("none", "Robust Bird stage 1 (none: standard training, the paper)", choices=ATTACKS)
     eval: str = option("", "evaluate a checkpoint (best.pt, last.pt, or a run directory = its best.pt), then exit")
-    split: str = option("test", "--eval: the images (train: the run's training images, in eval mode, no "
-                             "augmentation: for the robust gap)", choices=("test", "val", "train"))
+    split: str = option("test", "--eval: the images (train: the run's, unaugmented)", choices=("test", "val", "train"))
     eval_steps: int = option(50, "--eval: PGD steps", valid=POSITIVE)
     restarts: int = option(5, "--eval: PGD restarts (robust only if every one fails)", valid=POSITIVE)
     attack: str = option("all", "--eval: the attacks (AutoAttack needs the pyautoattack package)", choices=EVAL_ATTACKS)
     aa_version: str = option("standard", "--eval: AutoAttack version", choices=("standard", "rand", "plus"))
-    aa_iters: int = option(0, "--eval: AutoAttack's iterations and Square's queries (0: 100 / 5000; others are "
-                           "quick checks, not standard AutoAttack)", valid=AT_LEAST_0)
+    aa_iters: int = option(0, "--eval: AutoAttack's iterations (0: standard; others: a quick check)", valid=AT_LEAST_0)
     check_subset: int = option(1000, "--eval: images for the gradient-masking checks (0 = all)", valid=AT_LEAST_0)
     force: bool = option(False, "--eval: overwrite the results file of an earlier evaluation with the same options")
     final_eval: str = option("none", "--eval best.pt and last.pt at the end", choices=("none", "autoattack"))
@@ -1273,22 +1264,12 @@ class Config:
         return 1.0 - self.sparsity
 
     def eps(self, train: bool) -> tuple[float, float]:  # (eps, alpha) in pixels, of the training or evaluation attack
-        eps = self.train_eps if self.train_eps > 0 else DATASETS[self.dataset]["eps"]
-        eps, alpha = (eps, self.train_alpha) if train else (self.test_eps if self.test_eps > 0 else eps,
-                                                             self.test_alpha)
-        return eps / 255, (alpha if alpha > 0 else eps / 4) / 255
+        r = resolved(self)
+        return (r.train_eps / 255, r.train_alpha / 255) if train else (r.test_eps / 255, r.test_alpha / 255)
 
     @property
     def eval_batch_size(self) -> int:  # evaluation: at least 256 (train() and --eval alike: the same SA, bit for bit)
         return max(self.batch_size, 256)
-
-    @property
-    def eb_threshold_used(self) -> float:
-        return self.eb_threshold if self.eb_threshold >= 0 else EB_THRESHOLD[self.ticket]
-
-    @property
-    def fbplus_start_epoch(self) -> int:
-        return self.fbplus_start if self.fbplus_start >= 0 else self.epochs // 2
 
     @property
     def run_dir(self) -> Path:
@@ -1301,10 +1282,12 @@ PRESETS = {
                      milestones=(4, 5), train_steps=5, test_steps=10, train_subset=3000,
                      eval_subset=500, gap_subset=500, update_interval=20, update_interval_late=25,
                      eb_max_epochs=3, batch_size=128, lr=0.05),
-    # A few steps of everything, for run_experiments.sh --smoke and the tests.
-    "smoke": dict(dataset="fashion-mnist", width=0.0625, epochs=2, milestones=(1,), train_steps=2,
+    # Seconds of Flying Bird+ (run_experiments.sh --smoke, the tests): a topology update every 2-3 steps, and its
+    # adaptive rule forced to fire (from epoch 0, window 1, threshold 0: extra pruning and growth in epoch 3).
+    "smoke": dict(dataset="fashion-mnist", width=0.0625, mode="dynamic+", epochs=3, milestones=(2,), train_steps=2,
                   test_steps=2, train_subset=256, eval_subset=64, gap_subset=64, update_interval=2,
-                  update_interval_late=3, eb_max_epochs=2, batch_size=64, progress=False),
+                  update_interval_late=3, fbplus_start=0, fbplus_window=1, fbplus_threshold=0.0, eb_max_epochs=2,
+                  batch_size=64, progress=False, out="runs/smoke"),
 }
 
 
@@ -1348,9 +1331,9 @@ def validate(cfg: Config, *, world: int = 1) -> Config:
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def splits(x, y, test: tuple) -> dict:  # the last tenth of (x, y) is validation (CIFAR: 5,000 of 50,000)
+def splits(x, y, test: tuple, source) -> dict:  # the last tenth of (x, y) is validation (CIFAR: 5,000 of 50,000)
     n = len(x) // 10
-    return dict(train=(x[:-n], y[:-n]), val=(x[-n:], y[-n:]), test=test)
+    return dict(train=(x[:-n], y[:-n]), val=(x[-n:], y[-n:]), test=test, source=str(source))  # source: the folder
 
 
 def torchvision_datasets(why: str):  # torchvision.datasets, or how to install it (the library needs torch alone)
@@ -1374,7 +1357,7 @@ def load_cifar(name: str, root: str, download: bool = False):
                              f"files ({files}) there, or run online with --download")
     (x, y), test = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
                      torch.tensor(d.targets, dtype=torch.long)) for d in parts]
-    return splits(x, y, test)
+    return splits(x, y, test, Path(root) / cls.base_folder)
 
 
 def _read_idx(path) -> torch.Tensor:  # an IDX file (MNIST format, optionally gzipped) as a uint8 tensor
@@ -1393,19 +1376,17 @@ def load_fashion_mnist(root: str, download: bool = False, debian_dir: str = DEBI
         if all(paths.values()):
             xs = {s: _read_idx(paths[s, "images"]).unsqueeze(1) for s in names}
             ys = {s: _read_idx(paths[s, "labels"]).long() for s in names}
-            return splits(xs["train"], ys["train"], (xs["test"], ys["test"]))
-    if download:
-        datasets = torchvision_datasets("downloading fashion-mnist")
-        try:
-            for t in (True, False):
-                datasets.FashionMNIST(root, train=t, download=True)
-        except Exception as e:
-            raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}, and the "
-                                 f"download failed ({type(e).__name__}); install Debian's dataset-fashion-mnist "
-                                 f"or put the four IDX files in {root}/FashionMNIST/raw")
-        return load_fashion_mnist(root, download=False, debian_dir=debian_dir)
-    raise SparseWinError(f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}; install "
-                         f"Debian's dataset-fashion-mnist or put the four IDX files there")
+            return splits(xs["train"], ys["train"], (xs["test"], ys["test"]), folder)
+    missing = (f"fashion-mnist not found in {root}/FashionMNIST/raw or {debian_dir}", "; install Debian's "
+               f"dataset-fashion-mnist or put the four IDX files in {root}/FashionMNIST/raw")
+    need(download, "".join(missing))
+    datasets = torchvision_datasets("downloading fashion-mnist")
+    try:
+        for t in (True, False):
+            datasets.FashionMNIST(root, train=t, download=True)
+    except Exception as e:
+        raise SparseWinError(f"{missing[0]}, and the download failed ({type(e).__name__}){missing[1]}")
+    return load_fashion_mnist(root, download=False, debian_dir=debian_dir)
 
 
 def load_tiny_imagenet(root: str):
@@ -1428,7 +1409,7 @@ def load_tiny_imagenet(root: str):
     ann = [line.split("\t")[:2] for line in (base / "val" / "val_annotations.txt").read_text().splitlines() if line]
     (x, y), test = read(train), read([(base / "val" / "images" / f, label[w]) for f, w in ann])
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed, seed-independent split
-    return splits(x[perm], y[perm], test)
+    return splits(x[perm], y[perm], test, base)
 
 
 def load_data(cfg: Config) -> dict:  # {'train'|'val'|'test': (uint8 images (N, C, H, W), int64 labels)} on the CPU
@@ -1440,7 +1421,7 @@ def load_data(cfg: Config) -> dict:  # {'train'|'val'|'test': (uint8 images (N, 
 
 def subsets(cfg: Config, data: dict) -> dict:  # the first --train-subset / --eval-subset images of each split (0 = all)
     n = dict(train=cfg.train_subset, val=cfg.eval_subset, test=cfg.eval_subset)
-    return {s: tuple(t[:n[s] or None] for t in xy) for s, xy in data.items()}
+    return {s: tuple(t[:n[s] or None] for t in data[s]) for s in n}
 
 
 # ----------------------------------------------------------------------------- the configured run
@@ -1464,8 +1445,9 @@ def model_for(cfg: Config) -> nn.Module:
 
 def method_for(cfg: Config) -> Method:
     """The configured method (--mode), with its constants from the config."""
+    cfg = resolved(cfg)
     if cfg.mode == "static":
-        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold_used,
+        return RobustBird(density=cfg.density, queue=cfg.eb_queue, threshold=cfg.eb_threshold,
                           max_epochs=cfg.eb_max_epochs, ticket=cfg.ticket, bn_l1=cfg.bn_l1)
     if cfg.mode not in ("dynamic", "dynamic+"):
         return Dense()
@@ -1473,8 +1455,23 @@ def method_for(cfg: Config) -> Method:
               death_rate=cfg.death_rate, death_rate_final=cfg.death_rate_final, interval=cfg.update_interval,
               interval_late=cfg.update_interval_late)
     return FlyingBird(**fb) if cfg.mode == "dynamic" else FlyingBirdPlus(
-        start_epoch=cfg.fbplus_start_epoch, window=cfg.fbplus_window, threshold=cfg.fbplus_threshold,
+        start_epoch=cfg.fbplus_start, window=cfg.fbplus_window, threshold=cfg.fbplus_threshold,
         prune_ratio=cfg.fbplus_prune, growth_ratio=cfg.fbplus_grow, **fb)
+
+
+def resolved(cfg: Config, cuda: bool = False) -> Config:
+    """cfg with each default that depends on something else made explicit, as config.json records it and --resume
+    compares it: the method's milestones, the early bird's threshold, FB+'s start, eps and steps (1/255), amp and
+    channels_last."""
+    train_eps = cfg.train_eps if cfg.train_eps > 0 else DATASETS[cfg.dataset]["eps"]
+    test_eps = cfg.test_eps if cfg.test_eps > 0 else train_eps
+    return dataclasses.replace(
+        cfg, milestones=tuple(cfg.milestones) or (RobustBird if cfg.mode == "static" else Method).milestones,
+        eb_threshold=cfg.eb_threshold if cfg.eb_threshold >= 0 else EB_THRESHOLD[cfg.ticket],
+        fbplus_start=cfg.fbplus_start if cfg.fbplus_start >= 0 else cfg.epochs // 2,
+        train_eps=train_eps, train_alpha=cfg.train_alpha if cfg.train_alpha > 0 else train_eps / 4, test_eps=test_eps,
+        test_alpha=cfg.test_alpha if cfg.test_alpha > 0 else test_eps / 4, amp=cuda if cfg.amp is None else cfg.amp,
+        channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
 
 
 def sgd(cfg: Config, net: nn.Module):
@@ -1520,9 +1517,6 @@ class Batches:
         n, b = len(self.y), self.batch_size
         return -(-n // b) - (self.drop_small and 0 < n % b < self.world)
 
-    def __iter__(self):
-        return self.epoch()
-
     def epoch(self, order: torch.Tensor | None = None, start: int = 0):  # from batch `start`; `order` resumes an epoch
         if self.shuffle and order is None:
             order = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
@@ -1536,6 +1530,8 @@ class Batches:
             lo = self.rank * q + min(self.rank, r)
             self.rows = (lo, lo + q + (self.rank < r), len(x))
             yield x[lo:self.rows[1]], self.y[idx][lo:self.rows[1]]
+
+    __iter__ = epoch  # a whole epoch, drawn afresh
 
     def start(self, x: torch.Tensor, **attack) -> torch.Tensor:  # attack_start for rows x, drawn for the whole batch
         lo, hi, n = self.rows
@@ -1552,9 +1548,9 @@ def batches_for(cfg: Config, data: dict, generator: torch.Generator, dist: Dist)
     return train, {s: Batches(*data[s], batch_size=cfg.eval_batch_size, **shard) for s in ("val", "test", "gap")}
 
 
-def fast_path(cfg: Config, net: nn.Module, cuda: bool, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
+def fast_path(cfg: Config, net: nn.Module, dist: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(net, core, model): net in channels_last (CUDA), SyncBatchNorm'd if asked; core compiled if asked; model DDP."""
-    if cuda if cfg.channels_last is None else cfg.channels_last:
+    if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -1768,11 +1764,11 @@ def check_resume(ck: dict, path: Path, config: dict, world: int):
     """Refuse in one line what is not this run's last.pt: a best.pt, other options, another number of processes."""
     if not {"run", "method", "optimizer"} <= set(ck):
         raise SparseWinError(f"{path} is not a resumable sparse_win checkpoint (best.pt? resume from last.pt)")
-    defaults = dataclasses.asdict(Config())
-    k = next((k for k in config if k not in RESUME_FREE and ck["config"].get(k, defaults[k]) != config[k]), None)
+    old = dataclasses.asdict(resolved(config_of(ck)))  # both sides resolved: a last.pt that recorded -1 for eps
+    k = next((k for k in config if k not in RESUME_FREE and old[k] != config[k]), None)
     if k is not None:
-        raise SparseWinError(f"{path} was written with another config ({k}: {ck['config'].get(k)!r}, now "
-                             f"{config[k]!r}); resume with the same options")
+        raise SparseWinError(f"{path} was written with another config ({k}: {old[k]!r}, now {config[k]!r}); resume "
+                             f"with the same options")
     if ck["run"].get("world", 1) != world:
         raise SparseWinError(f"{path} was written by {ck['run'].get('world', 1)} processes, now {world}: resume "
                              f"with the same number (the data shards and RNG streams depend on it)")
@@ -1802,6 +1798,7 @@ class RunState:
     ticket_flops: int = 0  # Robust Bird's stage 1
     ticket_images: int = 0
     thin: dict | None = None  # a channel ticket's thin_report
+    data: str = ""  # the folder the data were read from (by the latest process)
 
 
 class Trainer:
@@ -1809,13 +1806,14 @@ class Trainer:
 
     def __init__(self, cfg: Config, method: Method, *, device: torch.device, dist: Dist, input_shape: tuple,
                  stop: StopRequest | None = None, run_dir: Path | None = None, log=print):
+        cfg = resolved(cfg, cuda=device.type == "cuda")  # amp and channels_last: on for CUDA unless said otherwise
         self.cfg, self.method, self.device, self.dist = cfg, method, device, dist
         self.stop, self.run_dir, self.log = stop, run_dir, log
         net = model_for(cfg).to(device)
         per_weight, unowned = model_flops(net, input_shape)  # (per weight, constant, the dense network's forward)
         self.flops = (per_weight, unowned, forward_flops(per_weight, weight_counts(net), unowned))
-        self.amp = device.type == "cuda" if cfg.amp is None else cfg.amp  # the fast path: default on CUDA only
-        self.net, self.core, self.model = fast_path(cfg, net, device.type == "cuda", dist)
+        self.amp = cfg.amp  # bf16 autocast: the fast path
+        self.net, self.core, self.model = fast_path(cfg, net, dist)
         # data order, augmentation and attack starts: drawn for the global batch on every rank (same state)
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
         self.optimizer, self.scheduler = sgd(cfg, self.net)
@@ -1904,8 +1902,7 @@ class Trainer:
 
     def adopt(self, net: nn.Module):
         """Train slim's thinner `net` from now on (the caller makes a new optimizer); FLOPs per weight stay."""
-        self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.device.type == "cuda",
-                                                    self.dist)
+        self.net, self.core, self.model = fast_path(self.cfg, net.to(self.device), self.dist)
         self.method.model = self.net
 
     def evaluate(self, split: str) -> dict:
@@ -1986,14 +1983,15 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: contextlib.ExitStack
     """Everything before the first step: options, data on the device, the run directory locked (rank 0), last.pt."""
     dist = Dist()
     validate(cfg, world=dist.world)
+    device = resolve_device(cfg.device)
+    cfg = resolved(cfg, cuda=device.type == "cuda")  # the values used, as config.json records them
     method = method_for(cfg)
-    cfg = dataclasses.replace(cfg, milestones=tuple(cfg.milestones) or method.milestones,  # recorded as used
-                              eb_threshold=cfg.eb_threshold_used)
     log = log if dist.main else (lambda *a, **k: None)
     run_dir, resuming = check_run_dir(cfg, dist.world)
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, load_data(cfg)).items()}
+    data = load_data(cfg)
+    log(f"data: {cfg.dataset} from {(source := data['source'])}")
+    data = {s: (x.to(device), y.to(device)) for s, (x, y) in subsets(cfg, data).items()}
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     refused = None
     if dist.main:
@@ -2015,6 +2013,7 @@ def setup(cfg: Config, log, stop: StopRequest | None, lock: contextlib.ExitStack
         resume(t)
     else:
         log(f"starting {run_dir}")
+    t.run.data = source
     dist.share_masks(method.mask)  # rank 0's masks everywhere, from the first step
     if dist.main:
         write_metrics(run_dir, t.run.history)
@@ -2089,9 +2088,7 @@ def _progress(total: int, desc: str, enabled: bool):
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
     except ImportError:
-        class Null:
-            update = close = lambda self, *a: None  # noqa: E731
-        return Null()
+        return type("NoBar", (), dict(update=lambda self, n: None, close=lambda self: None))()
 
 
 # ----------------------------------------------------------------------------- report
@@ -2116,7 +2113,7 @@ def summarize(cfg: Config, run: RunState, ledger: FlopLedger, method: Method, fl
         ticket=cfg.ticket if cfg.mode == "static" else None, objective=objective_name(cfg),
         thin=run.thin,  # channel ticket: the thin network's size and measured speed (thin_report)
         active_weights=sum(method.layer_counts().values()), **small_dense(cfg, final_fwd),
-        updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown (+ FB+'s extras)
+        data=run.data, updates=run.updates,  # per topology update: step, epoch, p, density, pruned, grown, FB+'s
         **method.summary(), wall_seconds=run.wall)
 
 
@@ -2378,7 +2375,8 @@ def evaluate_checkpoint(path, *, split: str = "test", subset: int = 0, steps: in
     t0, ck_path = time.time(), Path(find_checkpoint(path))
     ck = read_checkpoint(ck_path)
     overrides = {k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES}
-    cfg = config_of(ck, device=device, **overrides)
+    step = {"test_alpha": -1.0} if "test_eps" in overrides else {}  # a new eps, given no step: eps / 4
+    cfg = config_of(ck, device=device, **{**step, **overrides})
     (eps, alpha), dev = cfg.eps(train=False), resolve_device(cfg.device)
     opts = dict(steps=steps, restarts=restarts, attack=attack, aa_version=aa_version, aa_iters=aa_iters,
                 check_subset=check_subset, seed=seed)
@@ -2528,8 +2526,10 @@ def benchmark(cfg: Config, log=print) -> list[dict]:
 def _parser() -> argparse.ArgumentParser:
     """The CLI, generated from Config's fields; a flag that is not given is absent from the result."""
     class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
-            raise SparseWinError(message)
+        def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise), + did you mean
+            bad = re.search(r"argument (--[\w-]+).*invalid choice: '([^']*)'|unrecognized arguments: (\S+)", message)
+            names = bad and (self._option_string_actions if bad[3] else self._option_string_actions[bad[1]].choices)
+            raise SparseWinError(message + (did_you_mean((bad[3] or bad[2]).split("=")[0], names) if bad else ""))
     def flag(name, v):  # a preset's value as the flags that set it
         f, v = "--" + name.replace("_", "-"), " ".join(map(str, v)) if isinstance(v, tuple) else v
         return (f if v else f"--no-{f[2:]}") if isinstance(v, bool) else f"{f} {v}"
@@ -2551,8 +2551,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """Config from the command line: preset values first, explicit flags over them."""
     args = vars(_parser().parse_args(argv))
     preset = args.get("preset", "")
-    if preset and preset not in PRESETS:
-        raise SparseWinError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if preset:
+        check_choice("preset", preset, PRESETS)
     values = {**PRESETS.get(preset, {}), **args}
     if "milestones" in values:
         values["milestones"] = tuple(values["milestones"])

@@ -20,7 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
-RUNS = {  # name -> extra flags over --preset smoke
+# The smoke preset as it was before it ran Flying Bird+ (dense AT, 2 epochs, FB+'s defaults), pinned so that a
+# revision from either side of that change runs the same commands.
+SMOKE_BEFORE = ["--mode", "dense", "--epochs", "2", "--milestones", "1", "--fbplus-start", "-1", "--fbplus-window", "4",
+                "--fbplus-threshold", "0.5"]
+RUNS = {  # name -> extra flags over --preset smoke and SMOKE_BEFORE
     "dense": ["--mode", "dense"],
     "static": ["--mode", "static"],
     "dynamic": ["--mode", "dynamic"],
@@ -29,12 +33,12 @@ RUNS = {  # name -> extra flags over --preset smoke
     "dynamic+ firing": ["--mode", "dynamic+", "--epochs", "3", "--fbplus-start", "0", "--fbplus-window", "1",
                         "--fbplus-threshold", "0"],
 }
-WALL = {"time", "wall_seconds"}
+WALL = {"time", "wall_seconds", "data"}  # and where the data were read from: records of the run, not results
 
 
 def run(code_dir: Path, out: Path, data: Path, extra: list[str]) -> str:
-    args = [sys.executable, "sparse_win.py", "--preset", "smoke", "--device", "cpu", "--data-dir", str(data),
-            "--no-download", "--out", str(out), *extra]
+    args = [sys.executable, "sparse_win.py", "--preset", "smoke", *SMOKE_BEFORE, "--device", "cpu", "--data-dir",
+            str(data), "--no-download", "--out", str(out), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     p = subprocess.run(args, cwd=code_dir, env=env, capture_output=True, text=True, timeout=1800)
     return "" if p.returncode == 0 else f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"

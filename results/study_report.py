@@ -246,17 +246,23 @@ def paired(groups: dict[str, list[dict]]) -> str:
     return sw.markdown_table(["variant", "seeds", *(f"{h} (- dense)" for h, _ in CLAIMS)], rows)
 
 
-def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
-    """table.md, curves.png, gap.png, sparsity.png, capacity.png of the overfit study; returns {variant: rows}.
-
-    Besides the VARIANTS, any other small-dense-* folder is read (a small dense AT of the capacity study)."""
-    runs_root, out_dir = Path(runs_root), Path(out_dir)
+def overfit_groups(runs_root: Path, test_n: int = 2000) -> dict[str, list[dict]]:
+    """{variant: its finished and evaluated runs' rows, by seed}: the VARIANTS and any other small-dense-* folder."""
     groups = {}
     extra = sorted(p.name for p in runs_root.glob("small-dense-*") if p.is_dir() and p.name not in VARIANTS)
     for v in [*VARIANTS, *extra]:
         rows = [r for d in sorted((runs_root / v).glob("seed*")) if (r := run_row(d, test_n)) is not None]
         if rows:
             groups[v] = sorted(rows, key=lambda r: r["seed"])
+    return groups
+
+
+def overfit_report(runs_root, out_dir, test_n: int = 2000, log=print) -> dict:
+    """table.md, curves.png, gap.png, sparsity.png, capacity.png of the overfit study; returns {variant: rows}.
+
+    Besides the VARIANTS, any other small-dense-* folder is read (a small dense AT of the capacity study)."""
+    runs_root, out_dir = Path(runs_root), Path(out_dir)
+    groups = overfit_groups(runs_root, test_n)
     if not groups:
         raise sw.SparseWinError(f"no finished and evaluated runs under {runs_root}")
     regularized = {f"{base}-{r}" for r in REGULARIZERS for base in ("dense", "fbplus-s0.8")}

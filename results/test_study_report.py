@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,49 @@ def run_study_script(flag: str, timeout: int) -> Path:
                          text=True, cwd=HERE, timeout=timeout, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return Path(out.stdout.splitlines()[-1].removeprefix("report in ")).parent
+
+
+def test_readme_quotes_the_committed_results():
+    """The numbers README.md quotes from results/ are the committed files': the second study's paired differences
+    (per seed), its FLOPs and the capacity pairing, the first study's FB+ gap, the demo and the H200's figures."""
+    readme = " ".join((HERE / "README.md").read_text().split())  # line breaks fall anywhere
+    root = HERE / "results"
+    groups = study_report.overfit_groups(root / "fashion-mnist-overfit" / "runs")
+    dense = {r["seed"]: r for r in groups["dense"]}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    seeds = lambda d: " (" + " / ".join(f"{x:+.2f}" for x in d) + ")"  # noqa: E731
+
+    def paired(v, key, per_seed=True):
+        d = [r[key] - dense[r["seed"]][key] for r in groups[v]]
+        return f"{mean(d):+.2f}" + (seeds(d) if per_seed else "")
+    methods = (("RB", "rb-s0.8"), ("FB", "fb-s0.8"), ("FB+", "fbplus-s0.8"))
+    quotes = [", ".join(f"{m} {paired(v, 'robust_gap')}" for m, v in methods),
+              ", ".join(f"{m} {paired(v, 'ra_diff', False)}" for m, v in methods),
+              ", ".join(f"{m} {paired(v, 'ra_best', False)}" for m, v in methods),
+              ", ".join(f"{m} {mean([r['inference_ratio'] for r in groups[v]]):.3f}" for m, v in methods),
+              f"dense AT: {mean([r['ra_diff'] for r in groups['dense']]):.2f}",
+              f"robust gap is {mean([r['robust_gap'] for r in groups['dense']]):.1f} points"]
+    fb = next(e for e in study_report.capacity_pairs(groups) if e["variant"] == "fb-s0.8")
+    assert fb["dense"] == "small-dense-w0.056"
+    quotes.append(f"FB {mean(fb['diffs']['robust_gap']):+.2f}{seeds(fb['diffs']['robust_gap'])}")
+    first = root / "fashion-mnist" / "runs"
+    gap = lambda v, k: json.loads((first / v / f"seed{k}" / "summary.json").read_text())["robust_gap"]  # noqa: E731
+    d = [gap("dynamic+-s0.8", k) - gap("dense-s0.8", k) for k in range(3)]
+    quotes.append(f"FB+'s {mean(d):+.2f}{seeds(d)}")
+    demo = json.loads((root / "demo-eval" / "demo-summary.json").read_text())
+    quotes.append(f"{round(demo['wall_seconds'] / 60)} minutes, RA best {demo['ra_best']:.2f}, SA best "
+                  f"{demo['sa_best']:.2f}, inference FLOPs {demo['inference_ratio']:.3f}x dense")
+    log = (root / "gpu-check-h200.log").read_text()
+    speed = {v: float(re.search(rf"^{v} +dense +([\d.]+) img/s", log, re.M)[1]) for v in ("fp32 eager",
+                                                                                    "bf16 channels_last")}
+    quotes += [f"{speed['fp32 eager']:,.0f} img/s for PGD-10 AT, bf16 + channels_last {speed['bf16 channels_last']:,.0f}"]
+    h200 = {n: json.loads((root / "demo-eval" / "earlier-rule-h200" / f"eval-best-test-n500-{n}.json").read_text())
+            for n in ("pgd20x1", "pgd50x5", "aa-standard")}
+    quotes.append(f"an H200 took {h200['pgd20x1']['wall_seconds']:.2f} s for PGD-20, {h200['pgd50x5']['wall_seconds']:.2f} "
+                  f"s for PGD-50 x 5 and {h200['aa-standard']['wall_seconds']:.2f} s for standard AutoAttack on 500 "
+                  f"images (RA {h200['pgd20x1']['pgd']['ra']:.2f}, {h200['pgd50x5']['pgd']['ra']:.2f}, "
+                  f"{h200['aa-standard']['autoattack']['ra']:.2f}")
+    assert [q for q in quotes if q not in readme] == []
 
 
 @pytest.mark.slow
