@@ -3151,7 +3151,7 @@ def check_fbplus_decisions(recs, updates, events, *, start, window, threshold):
     assert events == fired
 
 
-@pytest.mark.parametrize("arch", sw.ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "resnet18" else pytest.param(a, marks=pytest.mark.slow) for a in sw.ARCHS])
 def test_small_dense_width_is_the_nearest_weight_count(arch):
     """small_dense_width: no width gives a weight count nearer to the sparse model's active weights (a grid of
     widths that reaches every channel step, as a brute-force reference), for every architecture."""
@@ -3666,20 +3666,15 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_epoch(capsys, tmp_path
     assert last["ledger"]["steps"] == steps
 
 
-def test_divergence_with_a_huge_lr_is_one_line_and_strict_json(tmp_path, data_dir):
+def test_divergence_with_a_huge_lr_is_one_line_and_strict_json(tmp_path, data_dir, capsys):
     """The reported case: `--lr 1e8` used to train on with loss nan and write NaN into metrics.jsonl."""
-    p = subprocess.run([sys.executable, "sparse_win.py", *smoke(tmp_path / "run", data_dir, "--mode", "dense",
-                                                                "--lr", "1e8", "--epochs", 2)],
-                       cwd=HERE, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert p.returncode == sw.DIVERGED, p.stderr
-    lines = p.stderr.splitlines()
+    assert sw.main(smoke(tmp_path / "run", data_dir, "--mode", "dense", "--lr", "1e8", "--epochs", 2)) == sw.DIVERGED
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparse_win.py: error: training diverged") and "1e+08" in lines[0]
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         strict_loads(line)
 
 
-# Every kind of file a run writes, and when it is written: a failed write gives one line and exit 74,
-# removes its .tmp, keeps the previous version, and the run continues identically once there is space.
 # Every kind of file a run writes, and when it is written: a failed write gives one line and exit 74,
 # removes its .tmp, keeps the previous version, and the run continues identically once there is space.
 WRITES = ["config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png"]
@@ -3847,6 +3842,7 @@ def test_checkpoint_every_bounds_the_loss_of_a_kill(capsys, tmp_path, data_dir, 
     assert_same_run(fbplus_run, tmp_path / "run")
 
 
+@pytest.mark.slow  # test_stop_signal_mid_epoch_then_the_same_command_is_identical raises the signal in-process
 def test_sigterm_from_outside_stops_the_cli_with_143(tmp_path, data_dir):
     # unbuffered: a pipe makes the child's stdout block-buffered, and the "epoch 1" line would arrive
     # (and the signal be sent) only when some 50 epochs had filled the buffer
@@ -3875,7 +3871,7 @@ def test_cli_unwritable_out(capsys, tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_one_training_process_per_run_directory_and_no_stale_lock_after_a_kill(tmp_path, data_dir):
+def test_one_training_process_per_run_directory_and_no_stale_lock_after_a_kill(tmp_path, data_dir, capsys):
     """One writer per run directory: a resume typed while the run still trains exits 2, naming its pid;
     after a SIGKILL (no handler runs, the kernel drops the lock) the same resume continues the run."""
     args = smoke(tmp_path / "run", data_dir, "--mode", "dense", "--epochs", 500, "--train-subset", 64)
@@ -3893,10 +3889,9 @@ def test_one_training_process_per_run_directory_and_no_stale_lock_after_a_kill(t
         first.wait(timeout=60)
     assert (tmp_path / "run" / ".lock").exists()  # left behind, but no longer locked:
     epoch = load_ck(tmp_path / "run" / "last.pt")["run"]["epoch"]
-    resumed = subprocess.run([sys.executable, "sparse_win.py", *args, "--resume", "--stop-after-epoch", str(epoch + 1)],
-                             cwd=HERE, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"continuing {tmp_path / 'run'} at epoch {epoch}" in resumed.stdout
+    capsys.readouterr()
+    assert sw.main(args + ["--resume", "--stop-after-epoch", str(epoch + 1)]) == 0
+    assert f"continuing {tmp_path / 'run'} at epoch {epoch}" in capsys.readouterr().out
     assert load_ck(tmp_path / "run" / "last.pt")["run"]["epoch"] == epoch + 1
 
 
@@ -4754,6 +4749,7 @@ def test_run_experiments_checks_tiny_imagenet_before_the_first_run(tmp_path):
     assert "==" not in out.stdout and not (tmp_path / "runs").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_run_experiments_folders_are_the_single_run_defaults():
     """The script's run folders are the ones `python sparse_win.py` picks for the same options, so that the
     README's --eval examples name them."""
@@ -4874,6 +4870,7 @@ def test_every_mutation_of_the_mutation_check_still_applies():
     spec.loader.exec_module(mutants)
     src, tests = (HERE / "sparse_win.py").read_text(), (HERE / "test_sparse_win.py").read_text()
     assert [name for name, old, _, _ in mutants.MUTATIONS if src.count(old) != 1] == []
+    assert f"plants {len(mutants.MUTATIONS)} realistic bugs" in " ".join((HERE / "README.md").read_text().split())
     for name, _, _, selection in mutants.MUTATIONS:
         assert all(f"def {t.strip()}" in tests for t in selection.split(" or ")), name
 
