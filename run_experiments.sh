@@ -28,7 +28,7 @@
 # (stdout in log.txt there), skips finished runs, resumes stopped ones, then writes table.md,
 # curves.png, gap.png and sparsity.png into $REPORT (default: the folder above $OUT).
 #
-# The second Fashion-MNIST study, where dense AT overfits (no augmentation, 500 images, eps 0.1;
+# The second Fashion-MNIST study, where dense AT fits its training set (no augmentation, 500 images, eps 0.1;
 # results/fashion-mnist-overfit/):
 #
 #   bash run_experiments.sh --study-overfit        # 21 runs (variants below), each evaluated after training
