@@ -953,9 +953,9 @@ def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = 
     trades = check_choice("attack", kind, ATTACKS) != "none" and check_choice("loss", loss, LOSSES) == "trades"
     awp, masks = kind != "none" and awp_gamma > 0, method.mask.masks if method and method.mask else None
     attack = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator, start=start)
-    with autocast(x.device.type, bf16):
-        x_adv = (trades_attack(attack_model or model, x, **attack) if trades
-                 else perturb(attack_model or model, x, y, kind=kind, **attack))
+    attack_model, update_model = (m if m is not None else model for m in (attack_model, update_model))  # not `or`:
+    with autocast(x.device.type, bf16):  # a compiled module has no truth value
+        x_adv = trades_attack(attack_model, x, **attack) if trades else perturb(attack_model, x, y, kind=kind, **attack)
 
     def objective(f):  # (loss, logits on x_adv) of a forward f
         if trades:
@@ -967,7 +967,7 @@ def adversarial_step(model: nn.Module, x, y, optimizer, method: Method | None = 
              if awp else None)
     with perturbed(model, v):  # AWP: the gradient at w + v, then w restored exactly
         with autocast(x.device.type, bf16):
-            value, logits = objective(update_model or model)
+            value, logits = objective(update_model)
         if before_backward is not None:
             before_backward(value)
         optimizer.zero_grad(set_to_none=True)

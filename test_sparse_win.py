@@ -1742,6 +1742,33 @@ def test_weight_average_closed_form_and_masks():
     assert all(torch.equal(other.model.state_dict()[k], v) for k, v in out.items())
 
 
+class NoTruth(nn.Module):
+    """A wrapper without a truth value, as torch.compile's module: bool() calls len(), which raises."""
+
+    def __init__(self, m: nn.Module, calls: list):
+        super().__init__()
+        self.m, self.calls = m, calls
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        return self.m(x)
+
+    def __len__(self):
+        raise TypeError("NoTruth does not support len()")
+
+
+def test_adversarial_step_runs_the_given_attack_and_update_modules():
+    """attack_model / update_model (the program's compiled or DDP forwards) run the attack's forwards and the
+    update's; picked with `is None`, so a compiled module (no truth value) works (test_compile_on_cpu, slow)."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_cnn(gen)
+    x, y = torch.rand(6, 3, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    attack, update = [], []
+    sw.adversarial_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), eps=0.1, alpha=0.025, steps=3,
+                        generator=gen, attack_model=NoTruth(model, attack), update_model=NoTruth(model, update))
+    assert attack == [6, 6, 6] and update == [6]
+
+
 def test_adversarial_step_stops_a_bad_step_before_it_touches_the_weights():
     """before_backward(loss) runs before backward(): when it raises (the program's non-finite check), the weights,
     their gradients and the optimizer's momentum are as they were."""

@@ -74,6 +74,10 @@ MUTATIONS = [
     ("train: summary.json does not record where the data came from",
      "    t.run.data = source\n", "",
      "test_the_smoke_preset_runs_flying_bird_plus_and_records_the_values_used"),
+    ("library: adversarial_step picks attack_model / update_model with `or` (a compiled module has no truth value)",
+     "(m if m is not None else model for m in (attack_model, update_model))",
+     "(m or model for m in (attack_model, update_model))",
+     "test_adversarial_step_runs_the_given_attack_and_update_modules"),
     # -- the three of issue 15
     ("fb+: robust gap with its sign flipped (val RA - train RA)",
      'self.record(train_ra - val["ra"], val["adv_loss"])', 'self.record(val["ra"] - train_ra, val["adv_loss"])',
