@@ -4681,7 +4681,7 @@ def test_two_torchrun_nodes_equal_one_node_and_survive_a_killed_node(tmp_path, d
     port = free_port()
     nodes = [node(r, port, args) for r in (0, 1)]
     wait_for(d / "metrics.jsonl", nodes[0], timeout=600)
-    while "epoch" not in (d / "metrics.jsonl").read_text():  # an epoch done: kill node 0 in epoch 2
+    while "epoch" not in (d / "metrics.jsonl").read_text() or not (d / "last.pt").exists():  # kill in epoch 2
         assert nodes[0].poll() is None and nodes[1].poll() is None
         time.sleep(0.2)
     kill_tree(nodes[0].pid)
