@@ -3470,7 +3470,8 @@ def test_fgsm_rs_training_charges_one_attack_step(tmp_path, data_dir):
     assert json.loads((d / "config.json").read_text())["train_attack"] == "fgsm-rs"
 
 
-@pytest.mark.parametrize("ticket_attack, per_image", [("fgsm-rs", 5), ("pgd", 2 * K + 3)])
+@pytest.mark.parametrize("ticket_attack, per_image", [("fgsm-rs", 5), pytest.param("pgd", 2 * K + 3,
+                                                                                  marks=pytest.mark.slow)])
 def test_ticket_attack_of_robust_bird_stage_one(tmp_path, data_dir, static_run, ticket_attack, per_image):
     d = run_ok(smoke(tmp_path / "run", data_dir, "--mode", "static", "--epochs", 1, "--ticket-attack", ticket_attack))
     s = read_run(d)[1]
@@ -3741,7 +3742,8 @@ def io_runs(tmp_path_factory, data_dir):
     return full, base / "half"
 
 
-@pytest.mark.parametrize("name", WRITES + ["torch.save"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("metrics.jsonl", "curves.png")
+                                  else n for n in WRITES + ["torch.save"]])
 def test_io_error_is_one_line_and_loses_nothing(capsys, tmp_path, data_dir, monkeypatch, io_runs, name):
     import errno as errno_mod
     full, half = io_runs
@@ -3792,7 +3794,8 @@ def sigterm_at_pgd_call(monkeypatch, k: int, sig=signal.SIGTERM):
     monkeypatch.setattr(sw, "pgd", pgd)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_mid_epoch_then_the_same_command_is_identical(capsys, tmp_path, data_dir, monkeypatch, fbplus_run,
                                                                   sig):
     """SIGTERM (torchrun, Kubernetes) or SIGUSR1 (Slurm's --signal): stop after the step in flight with last.pt
@@ -4906,6 +4909,15 @@ def test_every_mutation_of_the_mutation_check_still_applies():
         assert all(f"def {t.strip()}" in tests for t in selection.split(" or ")), name
 
 
+def test_pyproject_deselects_slow_tests_and_skips_benchmarks():
+    """What test_plain_pytest_is_the_default_suite (slow) checks by running pytest, read from pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    options = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["addopts"].split() == ["-m", "'not", "slow'", "--benchmark-skip"]
+    assert {m.split(":")[0] for m in options["markers"]} == {"slow", "cuda"}
+
+
+@pytest.mark.slow
 def test_plain_pytest_is_the_default_suite():
     """`python -m pytest` with no flags (pyproject.toml): slow tests deselected, benchmarks skipped."""
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
