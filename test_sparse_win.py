@@ -1324,8 +1324,9 @@ def test_slim_computes_what_the_network_with_zeroed_channels_computes(arch, seed
             dict(zeroed.named_modules())[n].weight[~m] = 0
             dict(zeroed.named_modules())[n].bias[~m] = 0
     x = torch.rand(2, 3, 32, 32, generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(thin(x), zeroed(x), rtol=1e-4, atol=1e-5)  # summation order differs
+    with torch.no_grad():  # loosened: random BN statistics give VGG-16 logits near 3e7, where float32's summation
+        ref = zeroed(x)  # order alone moved one by 2e-4 of its size (seed 10, frac 0.6875); a wrong channel moves it all
+        torch.testing.assert_close(thin(x), ref, rtol=1e-3, atol=1e-5 * max(1.0, float(ref.abs().max())))
     groups, thin_mods = sw.channel_groups(net), dict(thin.named_modules())
     outputs, inputs = ({groups[n][i]: m for n, m in keep.items()} for i in (0, 1))
     for name in outputs.keys() | inputs.keys():  # the surviving weights, kept (a VGG conv loses both kinds)
